@@ -1,0 +1,496 @@
+//! The conformance suite every metadata engine must pass unchanged.
+//!
+//! Each check takes a freshly made, unformatted engine. An engine's test file expands
+//! [`meta_conformance_tests!`](crate::meta_conformance_tests) with a function that makes one, so
+//! that each check is its own test.
+
+use crate::*;
+
+/// Expands to one `#[test]` per conformance check, each on an engine made by `$make`, an
+/// expression callable as `$make()` that returns `(engine, guard)`; the guard lives until the
+/// check ends (e.g. a temporary directory).
+#[macro_export]
+macro_rules! meta_conformance_tests {
+    ($make:expr) => {
+        $crate::meta_conformance_tests!(@each $make;
+            format_and_root, format_mismatch, create_lookup_getattr, names_are_checked,
+            mkdir_rmdir_nlink, unlink_frees_and_queues_slices, unlink_of_open_file_is_deferred,
+            hard_links, symlinks, rename_simple_and_replace, rename_flags, rename_directories,
+            rename_into_own_subtree_fails, setattr_and_times, setgid_directories, xattrs,
+            slices_and_length, truncate_clips_slices, fallocate_modes, readdir_cookies_are_stable,
+            sessions_free_kept_files, slice_ids_are_unique, usage_counts);
+    };
+    (@each $make:expr; $($name:ident),*) => {
+        $(
+            #[test]
+            fn $name() {
+                let (meta, _guard) = ($make)();
+                $crate::conformance::$name(&*meta);
+            }
+        )*
+    };
+}
+
+fn formatted(m: &dyn Meta) {
+    m.format(&sample_format(), 0, 0).expect("format");
+}
+
+/// The format the checks use.
+pub fn sample_format() -> Format {
+    Format {
+        name: "conf".into(),
+        uuid: "00000000-0000-0000-0000-000000000000".into(),
+        storage: "file".into(),
+        bucket: "/nowhere".into(),
+        block_size: 4 << 20,
+        trash_days: 0,
+        capacity: 0,
+        inodes: 0,
+    }
+}
+
+fn node(kind: FileKind, mode: u32) -> NewNode {
+    NewNode {
+        kind,
+        mode,
+        uid: 1000,
+        gid: 1000,
+        rdev: 0,
+        symlink: None,
+        groups: vec![1000],
+    }
+}
+
+fn file(m: &dyn Meta, parent: Ino, name: &str) -> Attr {
+    m.mknod(parent, name.as_bytes(), &node(FileKind::File, 0o644)).expect("create file")
+}
+
+fn dir(m: &dyn Meta, parent: Ino, name: &str) -> Attr {
+    m.mknod(parent, name.as_bytes(), &node(FileKind::Dir, 0o755)).expect("mkdir")
+}
+
+fn closed(_: Ino) -> bool {
+    false
+}
+
+fn err<T: std::fmt::Debug>(r: Result<T>) -> i32 {
+    r.expect_err("operation should fail").errno()
+}
+
+fn names(m: &dyn Meta, d: Ino) -> Vec<String> {
+    let mut out: Vec<String> = m
+        .readdir(d, 0, 100_000)
+        .unwrap()
+        .into_iter()
+        .map(|e| String::from_utf8(e.name).unwrap())
+        .collect();
+    out.sort();
+    out
+}
+
+fn data_slice(id: u64, pos: u32, len: u32) -> Slice {
+    Slice { id, size: len, off: 0, len, pos }
+}
+
+/// A new volume has a root directory and keeps its settings.
+pub fn format_and_root(m: &dyn Meta) {
+    assert!(matches!(m.load_format(), Err(MetaError::NotFormatted)));
+    m.format(&sample_format(), 7, 8).unwrap();
+    assert_eq!(m.load_format().unwrap(), sample_format());
+    let root = m.getattr(ROOT_INO).unwrap();
+    assert_eq!((root.kind, root.nlink, root.uid, root.gid), (FileKind::Dir, 2, 7, 8));
+    assert_eq!(m.lookup(ROOT_INO, b"..").unwrap().ino, ROOT_INO);
+    // Formatting again with the same layout is accepted and keeps the data.
+    file(m, ROOT_INO, "kept");
+    m.format(&sample_format(), 0, 0).unwrap();
+    m.lookup(ROOT_INO, b"kept").unwrap();
+}
+
+/// Formatting over a volume with another layout fails and changes nothing.
+pub fn format_mismatch(m: &dyn Meta) {
+    formatted(m);
+    let mut other = sample_format();
+    other.block_size = 1 << 20;
+    assert!(matches!(m.format(&other, 0, 0), Err(MetaError::FormatMismatch(_))));
+    assert_eq!(m.load_format().unwrap().block_size, 4 << 20);
+}
+
+/// Created inodes are found by name and carry what was asked.
+pub fn create_lookup_getattr(m: &dyn Meta) {
+    formatted(m);
+    let a = file(m, ROOT_INO, "a");
+    assert_eq!((a.kind, a.mode, a.uid, a.gid, a.nlink, a.length), (FileKind::File, 0o644, 1000, 1000, 1, 0));
+    assert_eq!(m.lookup(ROOT_INO, b"a").unwrap(), a);
+    assert_eq!(m.getattr(a.ino).unwrap(), a);
+    assert_eq!(err(m.mknod(ROOT_INO, b"a", &node(FileKind::File, 0o600))), libc::EEXIST);
+    assert_eq!(err(m.lookup(ROOT_INO, b"b")), libc::ENOENT);
+    assert_eq!(err(m.mknod(a.ino, b"x", &node(FileKind::File, 0o600))), libc::ENOTDIR);
+    let mut fifo = node(FileKind::Fifo, 0o600);
+    fifo.rdev = 0;
+    assert_eq!(m.mknod(ROOT_INO, b"p", &fifo).unwrap().kind, FileKind::Fifo);
+}
+
+/// Names too long or malformed are refused.
+pub fn names_are_checked(m: &dyn Meta) {
+    formatted(m);
+    let long = "x".repeat(NAME_MAX + 1);
+    assert_eq!(err(m.mknod(ROOT_INO, long.as_bytes(), &node(FileKind::File, 0o644))), libc::ENAMETOOLONG);
+    assert_eq!(err(m.lookup(ROOT_INO, long.as_bytes())), libc::ENAMETOOLONG);
+    file(m, ROOT_INO, &"y".repeat(NAME_MAX));
+}
+
+/// Directories count their subdirectories in nlink and are removed only when empty.
+pub fn mkdir_rmdir_nlink(m: &dyn Meta) {
+    formatted(m);
+    let d = dir(m, ROOT_INO, "d");
+    assert_eq!(d.nlink, 2);
+    assert_eq!(m.getattr(ROOT_INO).unwrap().nlink, 3);
+    dir(m, d.ino, "sub");
+    file(m, d.ino, "f");
+    assert_eq!(m.getattr(d.ino).unwrap().nlink, 3);
+    assert_eq!(err(m.rmdir(ROOT_INO, b"d")), libc::ENOTEMPTY);
+    assert_eq!(err(m.rmdir(d.ino, b"f")), libc::ENOTDIR);
+    assert_eq!(err(m.unlink(d.ino, b"sub", 1, &closed)), libc::EISDIR);
+    m.rmdir(d.ino, b"sub").unwrap();
+    m.unlink(d.ino, b"f", 1, &closed).unwrap();
+    m.rmdir(ROOT_INO, b"d").unwrap();
+    assert_eq!(m.getattr(ROOT_INO).unwrap().nlink, 2);
+    assert_eq!(err(m.getattr(d.ino)), libc::ENOENT);
+}
+
+/// Unlinking the last name frees the inode and queues its data slices for deletion.
+pub fn unlink_frees_and_queues_slices(m: &dyn Meta) {
+    formatted(m);
+    let f = file(m, ROOT_INO, "f");
+    let id = m.next_slice_ids(1).unwrap();
+    m.write_slices(f.ino, &[ChunkSlice { chunk: 0, slice: data_slice(id, 0, 100) }], Timestamp::now())
+        .unwrap();
+    m.unlink(ROOT_INO, b"f", 1, &closed).unwrap();
+    assert_eq!(err(m.getattr(f.ino)), libc::ENOENT);
+    assert_eq!(m.pending_deletions(10).unwrap(), vec![FreedSlice { id, size: 100 }]);
+    m.ack_deletions(&[id]).unwrap();
+    assert!(m.pending_deletions(10).unwrap().is_empty());
+}
+
+/// An unlinked file that is open stays until its session releases it.
+pub fn unlink_of_open_file_is_deferred(m: &dyn Meta) {
+    formatted(m);
+    let sid = m.new_session(&session()).unwrap();
+    let f = file(m, ROOT_INO, "f");
+    let id = m.next_slice_ids(1).unwrap();
+    m.write_slices(f.ino, &[ChunkSlice { chunk: 0, slice: data_slice(id, 0, 10) }], Timestamp::now())
+        .unwrap();
+    let open = |ino: Ino| ino == f.ino;
+    m.unlink(ROOT_INO, b"f", sid, &open).unwrap();
+    assert_eq!(err(m.lookup(ROOT_INO, b"f")), libc::ENOENT);
+    let a = m.getattr(f.ino).unwrap();
+    assert_eq!((a.nlink, a.length), (0, 10));
+    assert_eq!(m.read_chunk(f.ino, 0).unwrap().len(), 1);
+    assert!(m.pending_deletions(10).unwrap().is_empty());
+    m.release(f.ino, sid).unwrap();
+    assert_eq!(err(m.getattr(f.ino)), libc::ENOENT);
+    assert_eq!(m.pending_deletions(10).unwrap().len(), 1);
+}
+
+fn session() -> SessionInfo {
+    SessionInfo {
+        sid: 0,
+        host: "h".into(),
+        pid: 1,
+        mountpoint: "/mnt".into(),
+        version: "t".into(),
+        started: 0,
+        heartbeat: 0,
+    }
+}
+
+/// Hard links share one inode and count in nlink; directories cannot be linked.
+pub fn hard_links(m: &dyn Meta) {
+    formatted(m);
+    let f = file(m, ROOT_INO, "f");
+    let d = dir(m, ROOT_INO, "d");
+    let l = m.link(f.ino, d.ino, b"g").unwrap();
+    assert_eq!((l.ino, l.nlink), (f.ino, 2));
+    assert!(l.ctime >= f.ctime);
+    assert_eq!(err(m.link(d.ino, ROOT_INO, b"dl")), libc::EPERM);
+    assert_eq!(err(m.link(f.ino, ROOT_INO, b"f")), libc::EEXIST);
+    m.unlink(ROOT_INO, b"f", 1, &closed).unwrap();
+    assert_eq!(m.lookup(d.ino, b"g").unwrap().nlink, 1);
+    assert!(m.pending_deletions(10).unwrap().is_empty());
+}
+
+/// Symlinks keep their target verbatim.
+pub fn symlinks(m: &dyn Meta) {
+    formatted(m);
+    let mut n = node(FileKind::Symlink, 0o777);
+    n.symlink = Some(b"../some/where".to_vec());
+    let s = m.mknod(ROOT_INO, b"s", &n).unwrap();
+    assert_eq!((s.kind, s.length), (FileKind::Symlink, 13));
+    assert_eq!(m.readlink(s.ino).unwrap(), b"../some/where");
+    let f = file(m, ROOT_INO, "f");
+    assert_eq!(err(m.readlink(f.ino)), libc::EINVAL);
+    n.symlink = Some(vec![b'a'; SYMLINK_MAX + 1]);
+    assert_eq!(err(m.mknod(ROOT_INO, b"t", &n)), libc::ENAMETOOLONG);
+}
+
+/// Rename moves a name, replacing a target of a compatible kind atomically.
+pub fn rename_simple_and_replace(m: &dyn Meta) {
+    formatted(m);
+    let a = file(m, ROOT_INO, "a");
+    let b = file(m, ROOT_INO, "b");
+    let none = RenameFlags::default();
+    m.rename(ROOT_INO, b"a", ROOT_INO, b"c", none, 1, &closed).unwrap();
+    assert_eq!(m.lookup(ROOT_INO, b"c").unwrap().ino, a.ino);
+    assert_eq!(err(m.lookup(ROOT_INO, b"a")), libc::ENOENT);
+    m.rename(ROOT_INO, b"c", ROOT_INO, b"b", none, 1, &closed).unwrap();
+    assert_eq!(m.lookup(ROOT_INO, b"b").unwrap().ino, a.ino);
+    assert_eq!(err(m.getattr(b.ino)), libc::ENOENT);
+    assert_eq!(names(m, ROOT_INO), vec!["b"]);
+    // Two names of one inode: nothing happens.
+    m.link(a.ino, ROOT_INO, b"h").unwrap();
+    m.rename(ROOT_INO, b"b", ROOT_INO, b"h", none, 1, &closed).unwrap();
+    assert_eq!(names(m, ROOT_INO), vec!["b", "h"]);
+    assert_eq!(err(m.rename(ROOT_INO, b"zz", ROOT_INO, b"y", none, 1, &closed)), libc::ENOENT);
+}
+
+/// RENAME_NOREPLACE and RENAME_EXCHANGE.
+pub fn rename_flags(m: &dyn Meta) {
+    formatted(m);
+    let a = file(m, ROOT_INO, "a");
+    let d = dir(m, ROOT_INO, "d");
+    let noreplace = RenameFlags { noreplace: true, exchange: false };
+    let exchange = RenameFlags { noreplace: false, exchange: true };
+    assert_eq!(err(m.rename(ROOT_INO, b"a", ROOT_INO, b"d", noreplace, 1, &closed)), libc::EEXIST);
+    assert_eq!(err(m.rename(ROOT_INO, b"a", ROOT_INO, b"zz", exchange, 1, &closed)), libc::ENOENT);
+    let sub = dir(m, d.ino, "sub");
+    m.rename(ROOT_INO, b"a", d.ino, b"sub", exchange, 1, &closed).unwrap();
+    assert_eq!(m.lookup(ROOT_INO, b"a").unwrap().ino, sub.ino);
+    assert_eq!(m.lookup(d.ino, b"sub").unwrap().ino, a.ino);
+    // The directory moved from d to the root: link counts follow.
+    assert_eq!(m.getattr(d.ino).unwrap().nlink, 2);
+    assert_eq!(m.getattr(ROOT_INO).unwrap().nlink, 4);
+    assert_eq!(m.lookup(ROOT_INO, b"a").unwrap().parent, ROOT_INO);
+    assert_eq!(m.lookup(sub.ino, b"..").unwrap().ino, ROOT_INO);
+}
+
+/// Directory renames respect kinds, emptiness and link counts.
+pub fn rename_directories(m: &dyn Meta) {
+    formatted(m);
+    let none = RenameFlags::default();
+    let a = dir(m, ROOT_INO, "a");
+    let b = dir(m, ROOT_INO, "b");
+    file(m, ROOT_INO, "f");
+    let full = dir(m, ROOT_INO, "full");
+    file(m, full.ino, "x");
+    assert_eq!(err(m.rename(ROOT_INO, b"a", ROOT_INO, b"f", none, 1, &closed)), libc::ENOTDIR);
+    assert_eq!(err(m.rename(ROOT_INO, b"f", ROOT_INO, b"a", none, 1, &closed)), libc::EISDIR);
+    assert_eq!(err(m.rename(ROOT_INO, b"a", ROOT_INO, b"full", none, 1, &closed)), libc::ENOTEMPTY);
+    m.rename(ROOT_INO, b"a", b.ino, b"a2", none, 1, &closed).unwrap();
+    assert_eq!(m.getattr(ROOT_INO).unwrap().nlink, 4);
+    assert_eq!(m.getattr(b.ino).unwrap().nlink, 3);
+    assert_eq!(m.lookup(a.ino, b"..").unwrap().ino, b.ino);
+    // Replace an empty directory.
+    let e = dir(m, ROOT_INO, "e");
+    m.rename(b.ino, b"a2", ROOT_INO, b"e", none, 1, &closed).unwrap();
+    assert_eq!(err(m.getattr(e.ino)), libc::ENOENT);
+    assert_eq!(m.getattr(ROOT_INO).unwrap().nlink, 5);
+    assert_eq!(m.getattr(b.ino).unwrap().nlink, 2);
+}
+
+/// A directory never moves below itself.
+pub fn rename_into_own_subtree_fails(m: &dyn Meta) {
+    formatted(m);
+    let a = dir(m, ROOT_INO, "a");
+    let b = dir(m, a.ino, "b");
+    let c = dir(m, b.ino, "c");
+    let none = RenameFlags::default();
+    assert_eq!(err(m.rename(ROOT_INO, b"a", c.ino, b"x", none, 1, &closed)), libc::EINVAL);
+    assert_eq!(err(m.rename(ROOT_INO, b"a", a.ino, b"x", none, 1, &closed)), libc::EINVAL);
+    m.rename(b.ino, b"c", ROOT_INO, b"c", none, 1, &closed).unwrap();
+}
+
+/// setattr changes what is asked and moves ctime.
+pub fn setattr_and_times(m: &dyn Meta) {
+    formatted(m);
+    let f = file(m, ROOT_INO, "f");
+    let t = Timestamp { sec: 1_000_000, nsec: 5 };
+    let a = m
+        .setattr(
+            f.ino,
+            &SetAttr { mode: Some(0o4711), uid: Some(5), gid: Some(6), atime: Some(t), mtime: Some(t), ctime: None },
+        )
+        .unwrap();
+    assert_eq!((a.mode, a.uid, a.gid, a.atime, a.mtime), (0o4711, 5, 6, t, t));
+    assert!(a.ctime > t);
+    assert_eq!(m.getattr(f.ino).unwrap(), a);
+    let before = m.getattr(ROOT_INO).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    file(m, ROOT_INO, "g");
+    let after = m.getattr(ROOT_INO).unwrap();
+    assert!(after.mtime > before.mtime && after.ctime > before.ctime);
+    assert_eq!(err(m.setattr(999_999, &SetAttr::default())), libc::ENOENT);
+}
+
+/// Inodes made in a setgid directory take its group; subdirectories inherit the bit.
+pub fn setgid_directories(m: &dyn Meta) {
+    formatted(m);
+    let d = dir(m, ROOT_INO, "d");
+    m.setattr(d.ino, &SetAttr { mode: Some(0o2775), gid: Some(50), ..Default::default() }).unwrap();
+    let f = file(m, d.ino, "f");
+    assert_eq!(f.gid, 50);
+    let sub = dir(m, d.ino, "sub");
+    assert_eq!((sub.gid, sub.mode & libc::S_ISGID), (50, libc::S_ISGID));
+    // A non-member's new setgid file loses the bit.
+    let g = m.mknod(d.ino, b"g", &node(FileKind::File, 0o2755)).unwrap();
+    assert_eq!(g.mode, 0o755);
+    let mut member = node(FileKind::File, 0o2755);
+    member.groups.push(50);
+    assert_eq!(m.mknod(d.ino, b"h", &member).unwrap().mode, 0o2755);
+}
+
+/// Extended attributes with create/replace semantics.
+pub fn xattrs(m: &dyn Meta) {
+    formatted(m);
+    let f = file(m, ROOT_INO, "f");
+    assert_eq!(err(m.getxattr(f.ino, b"user.a")), libc::ENODATA);
+    m.setxattr(f.ino, b"user.a", b"1", XattrMode::Any).unwrap();
+    assert_eq!(err(m.setxattr(f.ino, b"user.a", b"2", XattrMode::Create)), libc::EEXIST);
+    assert_eq!(err(m.setxattr(f.ino, b"user.b", b"2", XattrMode::Replace)), libc::ENODATA);
+    m.setxattr(f.ino, b"user.a", b"3", XattrMode::Replace).unwrap();
+    m.setxattr(f.ino, b"user.b", b"", XattrMode::Create).unwrap();
+    assert_eq!(m.getxattr(f.ino, b"user.a").unwrap(), b"3");
+    assert_eq!(m.getxattr(f.ino, b"user.b").unwrap(), b"");
+    assert_eq!(m.listxattr(f.ino).unwrap(), vec![b"user.a".to_vec(), b"user.b".to_vec()]);
+    m.removexattr(f.ino, b"user.a").unwrap();
+    assert_eq!(err(m.removexattr(f.ino, b"user.a")), libc::ENODATA);
+    assert_eq!(err(m.setxattr(f.ino, b"user.big", &vec![0; XATTR_VALUE_MAX + 1], XattrMode::Any)), libc::E2BIG);
+}
+
+/// Committed slices come back in id order and extend the length.
+pub fn slices_and_length(m: &dyn Meta) {
+    formatted(m);
+    let f = file(m, ROOT_INO, "f");
+    let first = m.next_slice_ids(3).unwrap();
+    let t = Timestamp { sec: 42, nsec: 0 };
+    let s2 = data_slice(first + 2, 10, 5);
+    let s0 = data_slice(first, 0, 100);
+    let s1 = data_slice(first + 1, 0, 7);
+    let a = m
+        .write_slices(
+            f.ino,
+            &[ChunkSlice { chunk: 0, slice: s2 }, ChunkSlice { chunk: 0, slice: s0 }, ChunkSlice { chunk: 2, slice: s1 }],
+            t,
+        )
+        .unwrap();
+    assert_eq!(a.length, 2 * CHUNK_SIZE + 7);
+    assert_eq!((a.mtime, a.ctime), (t, t));
+    assert_eq!(m.read_chunk(f.ino, 0).unwrap(), vec![s0, s2]);
+    assert_eq!(m.read_chunk(f.ino, 1).unwrap(), vec![]);
+    // A commit never shrinks a file.
+    let s3 = data_slice(m.next_slice_ids(1).unwrap(), 0, 1);
+    assert_eq!(m.write_slices(f.ino, &[ChunkSlice { chunk: 0, slice: s3 }], t).unwrap().length, a.length);
+}
+
+/// Truncation removes slices past the end and cuts the one straddling it.
+pub fn truncate_clips_slices(m: &dyn Meta) {
+    formatted(m);
+    let f = file(m, ROOT_INO, "f");
+    let id = m.next_slice_ids(2).unwrap();
+    let s0 = data_slice(id, 0, 1000);
+    let s1 = data_slice(id + 1, 0, 1000);
+    m.write_slices(f.ino, &[ChunkSlice { chunk: 0, slice: s0 }, ChunkSlice { chunk: 1, slice: s1 }], Timestamp::now())
+        .unwrap();
+    let a = m.truncate(f.ino, 500, Timestamp::now()).unwrap();
+    assert_eq!(a.length, 500);
+    assert_eq!(m.read_chunk(f.ino, 0).unwrap(), vec![Slice { len: 500, ..s0 }]);
+    assert!(m.read_chunk(f.ino, 1).unwrap().is_empty());
+    assert_eq!(m.pending_deletions(10).unwrap(), vec![FreedSlice { id: id + 1, size: 1000 }]);
+    assert_eq!(m.truncate(f.ino, 10 * CHUNK_SIZE, Timestamp::now()).unwrap().length, 10 * CHUNK_SIZE);
+    assert_eq!(m.read_chunk(f.ino, 0).unwrap().len(), 1);
+    let d = dir(m, ROOT_INO, "d");
+    assert_eq!(err(m.truncate(d.ino, 0, Timestamp::now())), libc::EISDIR);
+}
+
+/// fallocate extends, keeps size, punches holes and zeroes ranges.
+pub fn fallocate_modes(m: &dyn Meta) {
+    formatted(m);
+    let f = file(m, ROOT_INO, "f");
+    assert_eq!(m.fallocate(f.ino, FallocMode::Allocate { keep_size: false }, 0, 4096).unwrap().length, 4096);
+    assert_eq!(m.fallocate(f.ino, FallocMode::Allocate { keep_size: true }, 0, 1 << 20).unwrap().length, 4096);
+    let a = m.fallocate(f.ino, FallocMode::PunchHole, 100, 10_000).unwrap();
+    assert_eq!(a.length, 4096);
+    let zeros = m.read_chunk(f.ino, 0).unwrap();
+    assert_eq!(zeros.len(), 1);
+    assert!(zeros[0].is_zero());
+    assert_eq!((zeros[0].pos, zeros[0].len), (100, 3996));
+    let a = m.fallocate(f.ino, FallocMode::ZeroRange { keep_size: false }, CHUNK_SIZE - 10, 20).unwrap();
+    assert_eq!(a.length, CHUNK_SIZE + 10);
+    assert_eq!(m.read_chunk(f.ino, 1).unwrap().len(), 1);
+}
+
+/// Listing resumes after a cookie even when entries come and go in between.
+pub fn readdir_cookies_are_stable(m: &dyn Meta) {
+    formatted(m);
+    let d = dir(m, ROOT_INO, "d");
+    for i in 0..50 {
+        file(m, d.ino, &format!("f{i:02}"));
+    }
+    let first = m.readdir(d.ino, 0, 20).unwrap();
+    assert_eq!(first.len(), 20);
+    let resume = first.last().unwrap().cookie;
+    // Remove some already listed, some not yet listed, and add new ones.
+    m.unlink(d.ino, b"f00", 1, &closed).unwrap();
+    m.unlink(d.ino, b"f30", 1, &closed).unwrap();
+    file(m, d.ino, "new");
+    let mut rest = Vec::new();
+    let mut cookie = resume;
+    loop {
+        let page = m.readdir(d.ino, cookie, 7).unwrap();
+        let Some(last) = page.last() else { break };
+        cookie = last.cookie;
+        rest.extend(page.into_iter().map(|e| String::from_utf8(e.name).unwrap()));
+    }
+    let mut expected: Vec<String> = (20..50).filter(|i| *i != 30).map(|i| format!("f{i:02}")).collect();
+    expected.push("new".into());
+    assert_eq!(rest, expected);
+    assert_eq!(err(m.readdir(first[1].ino, 0, 10)), libc::ENOTDIR);
+}
+
+/// Closing a session frees the unlinked files it kept open.
+pub fn sessions_free_kept_files(m: &dyn Meta) {
+    formatted(m);
+    let sid = m.new_session(&session()).unwrap();
+    let other = m.new_session(&session()).unwrap();
+    assert_eq!(m.sessions().unwrap().len(), 2);
+    m.heartbeat(sid).unwrap();
+    let f = file(m, ROOT_INO, "f");
+    m.unlink(ROOT_INO, b"f", sid, &|_| true).unwrap();
+    m.getattr(f.ino).unwrap();
+    m.release(f.ino, other).unwrap();
+    m.getattr(f.ino).unwrap();
+    m.close_session(sid).unwrap();
+    assert_eq!(err(m.getattr(f.ino)), libc::ENOENT);
+    assert_eq!(m.sessions().unwrap().iter().map(|s| s.sid).collect::<Vec<_>>(), vec![other]);
+}
+
+/// Slice ids are never handed out twice.
+pub fn slice_ids_are_unique(m: &dyn Meta) {
+    formatted(m);
+    let a = m.next_slice_ids(10).unwrap();
+    let b = m.next_slice_ids(1).unwrap();
+    let c = m.next_slice_ids(5).unwrap();
+    assert!(a >= 1);
+    assert_eq!(b, a + 10);
+    assert_eq!(c, b + 1);
+}
+
+/// Usage follows file lengths (in 4 KiB units) and inode counts.
+pub fn usage_counts(m: &dyn Meta) {
+    formatted(m);
+    assert_eq!(m.usage().unwrap(), Usage { space: 0, inodes: 1 });
+    let f = file(m, ROOT_INO, "f");
+    m.truncate(f.ino, 5000, Timestamp::now()).unwrap();
+    assert_eq!(m.usage().unwrap(), Usage { space: 8192, inodes: 2 });
+    m.unlink(ROOT_INO, b"f", 1, &closed).unwrap();
+    assert_eq!(m.usage().unwrap(), Usage { space: 0, inodes: 1 });
+}

@@ -1,0 +1,113 @@
+//! Metadata engines of tidefs.
+//!
+//! Every engine implements [`Meta`], whose methods are filesystem operations: each one is a
+//! single atomic transaction in the engine, so a crash leaves either all of an operation or none
+//! of it. The [`conformance`] suite states the behaviour every engine must have; each engine runs
+//! it unchanged.
+
+pub mod conformance;
+mod error;
+mod sqlite;
+mod types;
+mod url;
+
+pub use error::{MetaError, Result};
+pub use sqlite::SqliteMeta;
+pub use types::*;
+pub use url::{open, MetaUrl};
+
+/// A metadata engine: inodes, directory entries, slice lists, xattrs, sessions and counters of
+/// one volume.
+///
+/// Permission checks are not done here (the caller does them); every other rule of POSIX
+/// namespaces is: names are unique in a directory, directories are removed only when empty, a
+/// directory is never moved below itself, link counts and timestamps follow Linux.
+pub trait Meta: Send + Sync {
+    /// The engine's name, for logs and status.
+    fn engine(&self) -> &'static str;
+
+    /// Formats the volume, or accepts an existing format with the same layout (updating its
+    /// changeable settings). Fails with [`MetaError::FormatMismatch`] for another layout.
+    fn format(&self, format: &Format, root_uid: u32, root_gid: u32) -> Result<()>;
+    /// The volume's settings; [`MetaError::NotFormatted`] if it was never formatted.
+    fn load_format(&self) -> Result<Format>;
+
+    /// Registers a mounted client and returns its session id.
+    fn new_session(&self, info: &SessionInfo) -> Result<u64>;
+    /// Records that session `sid` is alive.
+    fn heartbeat(&self, sid: u64) -> Result<()>;
+    /// Ends session `sid`, freeing files it kept alive after their last unlink.
+    fn close_session(&self, sid: u64) -> Result<()>;
+    /// Every registered session.
+    fn sessions(&self) -> Result<Vec<SessionInfo>>;
+
+    /// Space and inodes in use.
+    fn usage(&self) -> Result<Usage>;
+
+    /// The inode named `name` in directory `parent`.
+    fn lookup(&self, parent: Ino, name: &[u8]) -> Result<Attr>;
+    /// The attributes of `ino`.
+    fn getattr(&self, ino: Ino) -> Result<Attr>;
+    /// Changes mode, owner, group or times of `ino`.
+    fn setattr(&self, ino: Ino, set: &SetAttr) -> Result<Attr>;
+    /// Sets the length of file `ino`; bytes past a shrink are gone, an extension reads as zeros.
+    fn truncate(&self, ino: Ino, length: u64, mtime: Timestamp) -> Result<Attr>;
+    /// Allocates or zeroes `[off, off + len)` of file `ino`.
+    fn fallocate(&self, ino: Ino, mode: FallocMode, off: u64, len: u64) -> Result<Attr>;
+
+    /// Creates a file, directory, symlink or special node `name` in `parent`.
+    fn mknod(&self, parent: Ino, name: &[u8], node: &NewNode) -> Result<Attr>;
+    /// Adds the name `name` in `parent` for the existing non-directory `ino`.
+    fn link(&self, ino: Ino, parent: Ino, name: &[u8]) -> Result<Attr>;
+    /// Removes the non-directory `name` from `parent`. An inode left with no name is freed,
+    /// unless `is_open` says it is open, in which case session `sid` keeps it until
+    /// [`Meta::release`].
+    fn unlink(&self, parent: Ino, name: &[u8], sid: u64, is_open: &dyn Fn(Ino) -> bool)
+        -> Result<()>;
+    /// Removes the empty directory `name` from `parent`.
+    fn rmdir(&self, parent: Ino, name: &[u8]) -> Result<()>;
+    /// Renames atomically; a replaced target is treated as by [`Meta::unlink`].
+    #[allow(clippy::too_many_arguments)]
+    fn rename(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        new_parent: Ino,
+        new_name: &[u8],
+        flags: RenameFlags,
+        sid: u64,
+        is_open: &dyn Fn(Ino) -> bool,
+    ) -> Result<()>;
+    /// The target of symlink `ino`.
+    fn readlink(&self, ino: Ino) -> Result<Vec<u8>>;
+    /// Up to `limit` entries of directory `ino` that come after `cookie` (0: from the start),
+    /// without `.` and `..`.
+    fn readdir(&self, ino: Ino, cookie: u64, limit: usize) -> Result<Vec<DirEntry>>;
+
+    /// The value of xattr `name` of `ino`.
+    fn getxattr(&self, ino: Ino, name: &[u8]) -> Result<Vec<u8>>;
+    /// Sets xattr `name` of `ino`.
+    fn setxattr(&self, ino: Ino, name: &[u8], value: &[u8], mode: XattrMode) -> Result<()>;
+    /// The names of the xattrs of `ino`.
+    fn listxattr(&self, ino: Ino) -> Result<Vec<Vec<u8>>>;
+    /// Removes xattr `name` of `ino`.
+    fn removexattr(&self, ino: Ino, name: &[u8]) -> Result<()>;
+
+    /// The slices of chunk `chunk` of file `ino`, in increasing id order.
+    fn read_chunk(&self, ino: Ino, chunk: u32) -> Result<Vec<Slice>>;
+    /// Commits slices whose data is durable in the object store, extending the length to cover
+    /// them and setting mtime and ctime.
+    fn write_slices(&self, ino: Ino, slices: &[ChunkSlice], mtime: Timestamp) -> Result<Attr>;
+    /// Reserves `n` consecutive slice ids and returns the first.
+    fn next_slice_ids(&self, n: u64) -> Result<u64>;
+
+    /// Called on the last close of `ino` in session `sid`: frees it if it has no name left.
+    fn release(&self, ino: Ino, sid: u64) -> Result<()>;
+    /// Up to `limit` slices freed by earlier operations whose objects are still to delete.
+    fn pending_deletions(&self, limit: usize) -> Result<Vec<FreedSlice>>;
+    /// Forgets freed slices whose objects are now deleted.
+    fn ack_deletions(&self, ids: &[u64]) -> Result<()>;
+
+    /// Makes every committed operation durable against power loss, not only process crashes.
+    fn sync(&self) -> Result<()>;
+}

@@ -1,0 +1,1105 @@
+//! The embedded engine: one SQLite database file in WAL mode.
+//!
+//! Every [`Meta`] operation is one transaction. Writers take the database's write lock at the
+//! start (`BEGIN IMMEDIATE`), so concurrent writers never deadlock on lock upgrades; readers run
+//! in parallel with them thanks to WAL. Commits use `synchronous=NORMAL`: a committed
+//! transaction survives a crash of the process at once, and survives power loss after
+//! [`Meta::sync`], which checkpoints the WAL (fsync) — the filesystem calls it on fsync(2).
+
+use crate::types::*;
+use crate::{Meta, MetaError, Result};
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS setting (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS counter (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS node (
+    ino INTEGER PRIMARY KEY, kind INTEGER NOT NULL, mode INTEGER NOT NULL,
+    uid INTEGER NOT NULL, gid INTEGER NOT NULL, rdev INTEGER NOT NULL, nlink INTEGER NOT NULL,
+    length INTEGER NOT NULL, atime INTEGER NOT NULL, mtime INTEGER NOT NULL,
+    ctime INTEGER NOT NULL, parent INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS edge (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, parent INTEGER NOT NULL, name BLOB NOT NULL,
+    ino INTEGER NOT NULL, kind INTEGER NOT NULL, UNIQUE (parent, name));
+CREATE INDEX IF NOT EXISTS edge_by_parent ON edge (parent, id);
+CREATE TABLE IF NOT EXISTS symlink (ino INTEGER PRIMARY KEY, target BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS xattr (
+    ino INTEGER NOT NULL, name BLOB NOT NULL, value BLOB NOT NULL, PRIMARY KEY (ino, name))
+    WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS slice (
+    ino INTEGER NOT NULL, chunk INTEGER NOT NULL, id INTEGER NOT NULL, size INTEGER NOT NULL,
+    off INTEGER NOT NULL, len INTEGER NOT NULL, pos INTEGER NOT NULL,
+    PRIMARY KEY (ino, chunk, id)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS session (
+    sid INTEGER PRIMARY KEY AUTOINCREMENT, host TEXT NOT NULL, pid INTEGER NOT NULL,
+    mountpoint TEXT NOT NULL, version TEXT NOT NULL, started INTEGER NOT NULL,
+    heartbeat INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS sustained (
+    sid INTEGER NOT NULL, ino INTEGER NOT NULL, PRIMARY KEY (sid, ino)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS deleted_slice (id INTEGER PRIMARY KEY, size INTEGER NOT NULL);
+";
+
+const NODE_COLUMNS: &str =
+    "ino, kind, mode, uid, gid, rdev, nlink, length, atime, mtime, ctime, parent";
+
+/// The SQLite metadata engine.
+pub struct SqliteMeta {
+    path: PathBuf,
+    pool: Mutex<Vec<Connection>>,
+}
+
+impl std::fmt::Debug for SqliteMeta {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteMeta").field("path", &self.path).finish()
+    }
+}
+
+fn ts_to_db(t: Timestamp) -> i64 {
+    t.sec.saturating_mul(1_000_000_000).saturating_add(t.nsec as i64)
+}
+
+fn ts_from_db(v: i64) -> Timestamp {
+    Timestamp { sec: v.div_euclid(1_000_000_000), nsec: v.rem_euclid(1_000_000_000) as u32 }
+}
+
+fn unix_now() -> i64 {
+    Timestamp::now().sec
+}
+
+fn round_space(length: u64) -> i64 {
+    (length.div_ceil(4096) * 4096) as i64
+}
+
+fn check_name(name: &[u8]) -> Result<()> {
+    if name.len() > NAME_MAX {
+        return Err(MetaError::NameTooLong);
+    }
+    if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') {
+        return Err(MetaError::Invalid);
+    }
+    Ok(())
+}
+
+fn row_to_attr(row: &rusqlite::Row<'_>) -> rusqlite::Result<Attr> {
+    let kind: u8 = row.get(1)?;
+    Ok(Attr {
+        ino: row.get::<_, i64>(0)? as u64,
+        kind: FileKind::from_code(kind).unwrap_or(FileKind::File),
+        mode: row.get(2)?,
+        uid: row.get(3)?,
+        gid: row.get(4)?,
+        rdev: row.get(5)?,
+        nlink: row.get(6)?,
+        length: row.get::<_, i64>(7)? as u64,
+        atime: ts_from_db(row.get(8)?),
+        mtime: ts_from_db(row.get(9)?),
+        ctime: ts_from_db(row.get(10)?),
+        parent: row.get::<_, i64>(11)? as u64,
+    })
+}
+
+fn get_node(tx: &Connection, ino: Ino) -> Result<Attr> {
+    tx.query_row(
+        &format!("SELECT {NODE_COLUMNS} FROM node WHERE ino = ?1"),
+        [ino as i64],
+        row_to_attr,
+    )
+    .optional()?
+    .ok_or(MetaError::NotFound)
+}
+
+fn put_node(tx: &Connection, a: &Attr) -> Result<()> {
+    tx.execute(
+        &format!("INSERT OR REPLACE INTO node ({NODE_COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12)"),
+        params![
+            a.ino as i64,
+            a.kind.code(),
+            a.mode,
+            a.uid,
+            a.gid,
+            a.rdev,
+            a.nlink,
+            a.length as i64,
+            ts_to_db(a.atime),
+            ts_to_db(a.mtime),
+            ts_to_db(a.ctime),
+            a.parent as i64
+        ],
+    )?;
+    Ok(())
+}
+
+fn get_dir(tx: &Connection, ino: Ino) -> Result<Attr> {
+    let a = get_node(tx, ino)?;
+    if a.kind != FileKind::Dir {
+        return Err(MetaError::NotDir);
+    }
+    Ok(a)
+}
+
+fn find_edge(tx: &Connection, parent: Ino, name: &[u8]) -> Result<Option<(Ino, FileKind)>> {
+    Ok(tx
+        .query_row(
+            "SELECT ino, kind FROM edge WHERE parent = ?1 AND name = ?2",
+            params![parent as i64, name],
+            |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, u8>(1)?)),
+        )
+        .optional()?
+        .map(|(ino, k)| (ino, FileKind::from_code(k).unwrap_or(FileKind::File))))
+}
+
+fn add_edge(tx: &Connection, parent: Ino, name: &[u8], ino: Ino, kind: FileKind) -> Result<()> {
+    tx.execute(
+        "INSERT INTO edge (parent, name, ino, kind) VALUES (?1, ?2, ?3, ?4)",
+        params![parent as i64, name, ino as i64, kind.code()],
+    )?;
+    Ok(())
+}
+
+fn remove_edge(tx: &Connection, parent: Ino, name: &[u8]) -> Result<()> {
+    tx.execute(
+        "DELETE FROM edge WHERE parent = ?1 AND name = ?2",
+        params![parent as i64, name],
+    )?;
+    Ok(())
+}
+
+fn bump_counter(tx: &Connection, name: &str, delta: i64) -> Result<i64> {
+    tx.execute(
+        "INSERT INTO counter (name, value) VALUES (?1, ?2)
+         ON CONFLICT (name) DO UPDATE SET value = value + ?2",
+        params![name, delta],
+    )?;
+    Ok(tx.query_row("SELECT value FROM counter WHERE name = ?1", [name], |r| r.get(0))?)
+}
+
+fn counter(tx: &Connection, name: &str) -> Result<i64> {
+    Ok(tx
+        .query_row("SELECT value FROM counter WHERE name = ?1", [name], |r| r.get(0))
+        .optional()?
+        .unwrap_or(0))
+}
+
+fn dir_is_empty(tx: &Connection, ino: Ino) -> Result<bool> {
+    Ok(tx
+        .query_row("SELECT 1 FROM edge WHERE parent = ?1 LIMIT 1", [ino as i64], |_| Ok(()))
+        .optional()?
+        .is_none())
+}
+
+/// Moves every slice of `ino` with chunk/position at or past `length` out of the file: whole
+/// slices go to the deletion queue, a slice straddling `length` is cut short.
+fn drop_slices_past(tx: &Connection, ino: Ino, length: u64) -> Result<()> {
+    let first_chunk = (length / CHUNK_SIZE) as i64;
+    let cut = (length % CHUNK_SIZE) as i64;
+    let mut stmt = tx.prepare(
+        "SELECT chunk, id, size, pos, len FROM slice WHERE ino = ?1 AND chunk >= ?2",
+    )?;
+    let rows: Vec<(i64, i64, i64, i64, i64)> = stmt
+        .query_map(params![ino as i64, first_chunk], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    for (chunk, id, size, pos, len) in rows {
+        if chunk > first_chunk || pos >= cut {
+            tx.execute(
+                "DELETE FROM slice WHERE ino = ?1 AND chunk = ?2 AND id = ?3",
+                params![ino as i64, chunk, id],
+            )?;
+            if size > 0 {
+                tx.execute(
+                    "INSERT OR IGNORE INTO deleted_slice (id, size) VALUES (?1, ?2)",
+                    params![id, size],
+                )?;
+            }
+        } else if pos + len > cut {
+            tx.execute(
+                "UPDATE slice SET len = ?4 WHERE ino = ?1 AND chunk = ?2 AND id = ?3",
+                params![ino as i64, chunk, id, cut - pos],
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// Deletes inode `ino` and everything it owns; its slices go to the deletion queue.
+fn free_inode(tx: &Connection, a: &Attr) -> Result<()> {
+    let ino = a.ino as i64;
+    tx.execute(
+        "INSERT OR IGNORE INTO deleted_slice (id, size)
+         SELECT id, size FROM slice WHERE ino = ?1 AND size > 0",
+        [ino],
+    )?;
+    tx.execute("DELETE FROM slice WHERE ino = ?1", [ino])?;
+    tx.execute("DELETE FROM xattr WHERE ino = ?1", [ino])?;
+    tx.execute("DELETE FROM symlink WHERE ino = ?1", [ino])?;
+    tx.execute("DELETE FROM node WHERE ino = ?1", [ino])?;
+    if a.kind == FileKind::File {
+        bump_counter(tx, "used_space", -round_space(a.length))?;
+    }
+    bump_counter(tx, "used_inodes", -1)?;
+    Ok(())
+}
+
+/// Drops one name of a non-directory `target`: frees it when no name is left, unless it is
+/// open, in which case session `sid` keeps it alive.
+fn unlink_inode(
+    tx: &Connection,
+    mut target: Attr,
+    now: Timestamp,
+    sid: u64,
+    is_open: &dyn Fn(Ino) -> bool,
+) -> Result<()> {
+    target.nlink = target.nlink.saturating_sub(1);
+    target.ctime = now;
+    if target.nlink > 0 {
+        return put_node(tx, &target);
+    }
+    if is_open(target.ino) {
+        put_node(tx, &target)?;
+        tx.execute(
+            "INSERT OR IGNORE INTO sustained (sid, ino) VALUES (?1, ?2)",
+            params![sid as i64, target.ino as i64],
+        )?;
+        return Ok(());
+    }
+    free_inode(tx, &target)
+}
+
+/// Frees `ino` if nothing names or holds it any more.
+fn free_if_orphan(tx: &Connection, ino: Ino) -> Result<()> {
+    let Ok(a) = get_node(tx, ino) else { return Ok(()) };
+    let held: bool = tx
+        .query_row("SELECT 1 FROM sustained WHERE ino = ?1 LIMIT 1", [ino as i64], |_| Ok(()))
+        .optional()?
+        .is_some();
+    if a.nlink == 0 && !held {
+        free_inode(tx, &a)?;
+    }
+    Ok(())
+}
+
+fn touch_dir(tx: &Connection, dir: &mut Attr, now: Timestamp) -> Result<()> {
+    dir.mtime = now;
+    dir.ctime = now;
+    put_node(tx, dir)
+}
+
+impl SqliteMeta {
+    /// Opens the database at `path`. With `create` a missing file is created; without it a
+    /// missing file is [`MetaError::NotFormatted`].
+    pub fn open(path: &Path, create: bool) -> Result<Self> {
+        if !create && !path.exists() {
+            return Err(MetaError::NotFormatted);
+        }
+        let meta = SqliteMeta { path: path.to_path_buf(), pool: Mutex::new(Vec::new()) };
+        let conn = meta.connect(create)?;
+        meta.put_conn(conn);
+        Ok(meta)
+    }
+
+    fn connect(&self, create: bool) -> Result<Connection> {
+        let mut flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        if create {
+            flags |= OpenFlags::SQLITE_OPEN_CREATE;
+        }
+        let conn = Connection::open_with_flags(&self.path, flags).map_err(|e| {
+            MetaError::Engine(format!("cannot open {}: {e}", self.path.display()))
+        })?;
+        conn.busy_timeout(Duration::from_secs(60))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "OFF")?;
+        Ok(conn)
+    }
+
+    fn take_conn(&self) -> Result<Connection> {
+        let pooled = self.pool.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        match pooled {
+            Some(c) => Ok(c),
+            None => self.connect(false),
+        }
+    }
+
+    fn put_conn(&self, conn: Connection) {
+        let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        if pool.len() < 32 {
+            pool.push(conn);
+        }
+    }
+
+    fn read<T>(&self, f: impl FnOnce(&Transaction<'_>) -> Result<T>) -> Result<T> {
+        self.txn(TransactionBehavior::Deferred, f)
+    }
+
+    fn write<T>(&self, f: impl FnOnce(&Transaction<'_>) -> Result<T>) -> Result<T> {
+        self.txn(TransactionBehavior::Immediate, f)
+    }
+
+    fn txn<T>(
+        &self,
+        behavior: TransactionBehavior,
+        f: impl FnOnce(&Transaction<'_>) -> Result<T>,
+    ) -> Result<T> {
+        let mut conn = self.take_conn()?;
+        let result = (|| {
+            let tx = conn.transaction_with_behavior(behavior)?;
+            let out = f(&tx)?;
+            tx.commit()?;
+            Ok(out)
+        })();
+        self.put_conn(conn);
+        result
+    }
+}
+
+impl Meta for SqliteMeta {
+    fn engine(&self) -> &'static str {
+        "sqlite3"
+    }
+
+    fn format(&self, format: &Format, root_uid: u32, root_gid: u32) -> Result<()> {
+        self.write(|tx| {
+            tx.execute_batch(SCHEMA)?;
+            let existing: Option<String> = tx
+                .query_row("SELECT value FROM setting WHERE name = 'format'", [], |r| r.get(0))
+                .optional()?;
+            if let Some(existing) = existing {
+                let old: Format = serde_json::from_str(&existing)
+                    .map_err(|e| MetaError::Engine(format!("corrupt format record: {e}")))?;
+                if !old.same_layout(format) {
+                    return Err(MetaError::FormatMismatch(format!(
+                        "name {:?}, storage {}, bucket {}, block size {} (asked: name {:?}, storage {}, bucket {}, block size {})",
+                        old.name, old.storage, old.bucket, old.block_size,
+                        format.name, format.storage, format.bucket, format.block_size
+                    )));
+                }
+                let mut updated = old.clone();
+                updated.trash_days = format.trash_days;
+                updated.capacity = format.capacity;
+                updated.inodes = format.inodes;
+                let json = serde_json::to_string(&updated).expect("format serializes");
+                tx.execute("UPDATE setting SET value = ?1 WHERE name = 'format'", [json])?;
+                return Ok(());
+            }
+            let json = serde_json::to_string(format).expect("format serializes");
+            tx.execute("INSERT INTO setting (name, value) VALUES ('format', ?1)", [json])?;
+            let now = Timestamp::now();
+            put_node(
+                tx,
+                &Attr {
+                    ino: ROOT_INO,
+                    kind: FileKind::Dir,
+                    mode: 0o777,
+                    uid: root_uid,
+                    gid: root_gid,
+                    rdev: 0,
+                    nlink: 2,
+                    length: 4096,
+                    atime: now,
+                    mtime: now,
+                    ctime: now,
+                    parent: ROOT_INO,
+                },
+            )?;
+            tx.execute_batch(
+                "INSERT INTO counter VALUES ('next_ino', 2), ('next_slice', 1),
+                 ('used_space', 0), ('used_inodes', 1);",
+            )?;
+            Ok(())
+        })
+    }
+
+    fn load_format(&self) -> Result<Format> {
+        self.read(|tx| {
+            let has_table: bool = tx
+                .query_row(
+                    "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'setting'",
+                    [],
+                    |_| Ok(()),
+                )
+                .optional()?
+                .is_some();
+            if !has_table {
+                return Err(MetaError::NotFormatted);
+            }
+            let json: String = tx
+                .query_row("SELECT value FROM setting WHERE name = 'format'", [], |r| r.get(0))
+                .optional()?
+                .ok_or(MetaError::NotFormatted)?;
+            serde_json::from_str(&json)
+                .map_err(|e| MetaError::Engine(format!("corrupt format record: {e}")))
+        })
+    }
+
+    fn new_session(&self, info: &SessionInfo) -> Result<u64> {
+        self.write(|tx| {
+            let now = unix_now();
+            tx.execute(
+                "INSERT INTO session (host, pid, mountpoint, version, started, heartbeat)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
+                params![info.host, info.pid, info.mountpoint, info.version, now],
+            )?;
+            Ok(tx.last_insert_rowid() as u64)
+        })
+    }
+
+    fn heartbeat(&self, sid: u64) -> Result<()> {
+        self.write(|tx| {
+            tx.execute(
+                "UPDATE session SET heartbeat = ?2 WHERE sid = ?1",
+                params![sid as i64, unix_now()],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn close_session(&self, sid: u64) -> Result<()> {
+        self.write(|tx| {
+            let inos: Vec<i64> = tx
+                .prepare("SELECT ino FROM sustained WHERE sid = ?1")?
+                .query_map([sid as i64], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            tx.execute("DELETE FROM sustained WHERE sid = ?1", [sid as i64])?;
+            for ino in inos {
+                free_if_orphan(tx, ino as u64)?;
+            }
+            tx.execute("DELETE FROM session WHERE sid = ?1", [sid as i64])?;
+            Ok(())
+        })
+    }
+
+    fn sessions(&self) -> Result<Vec<SessionInfo>> {
+        self.read(|tx| {
+            let mut stmt = tx.prepare(
+                "SELECT sid, host, pid, mountpoint, version, started, heartbeat FROM session
+                 ORDER BY sid",
+            )?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok(SessionInfo {
+                        sid: r.get::<_, i64>(0)? as u64,
+                        host: r.get(1)?,
+                        pid: r.get(2)?,
+                        mountpoint: r.get(3)?,
+                        version: r.get(4)?,
+                        started: r.get(5)?,
+                        heartbeat: r.get(6)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn usage(&self) -> Result<Usage> {
+        self.read(|tx| {
+            Ok(Usage {
+                space: counter(tx, "used_space")?.max(0) as u64,
+                inodes: counter(tx, "used_inodes")?.max(0) as u64,
+            })
+        })
+    }
+
+    fn lookup(&self, parent: Ino, name: &[u8]) -> Result<Attr> {
+        if name.len() > NAME_MAX {
+            return Err(MetaError::NameTooLong);
+        }
+        self.read(|tx| {
+            let dir = get_dir(tx, parent)?;
+            match name {
+                b"." => return Ok(dir),
+                b".." => return get_node(tx, dir.parent),
+                _ => {}
+            }
+            let (ino, _) = find_edge(tx, parent, name)?.ok_or(MetaError::NotFound)?;
+            get_node(tx, ino)
+        })
+    }
+
+    fn getattr(&self, ino: Ino) -> Result<Attr> {
+        self.read(|tx| get_node(tx, ino))
+    }
+
+    fn setattr(&self, ino: Ino, set: &SetAttr) -> Result<Attr> {
+        self.write(|tx| {
+            let mut a = get_node(tx, ino)?;
+            let mut changed = false;
+            if let Some(mode) = set.mode {
+                a.mode = mode & 0o7777;
+                changed = true;
+            }
+            if let Some(uid) = set.uid {
+                a.uid = uid;
+                changed = true;
+            }
+            if let Some(gid) = set.gid {
+                a.gid = gid;
+                changed = true;
+            }
+            if let Some(t) = set.atime {
+                a.atime = t;
+                changed = true;
+            }
+            if let Some(t) = set.mtime {
+                a.mtime = t;
+                changed = true;
+            }
+            if let Some(t) = set.ctime {
+                a.ctime = t;
+            } else if changed {
+                a.ctime = Timestamp::now();
+            }
+            put_node(tx, &a)?;
+            Ok(a)
+        })
+    }
+
+    fn truncate(&self, ino: Ino, length: u64, mtime: Timestamp) -> Result<Attr> {
+        self.write(|tx| {
+            let mut a = get_node(tx, ino)?;
+            match a.kind {
+                FileKind::File => {}
+                FileKind::Dir => return Err(MetaError::IsDir),
+                _ => return Err(MetaError::Invalid),
+            }
+            if length < a.length {
+                drop_slices_past(tx, ino, length)?;
+            }
+            bump_counter(tx, "used_space", round_space(length) - round_space(a.length))?;
+            a.length = length;
+            a.mtime = mtime;
+            a.ctime = mtime;
+            put_node(tx, &a)?;
+            Ok(a)
+        })
+    }
+
+    fn fallocate(&self, ino: Ino, mode: FallocMode, off: u64, len: u64) -> Result<Attr> {
+        let end = off.checked_add(len).ok_or(MetaError::FileTooLarge)?;
+        self.write(|tx| {
+            let mut a = get_node(tx, ino)?;
+            match a.kind {
+                FileKind::File => {}
+                FileKind::Dir => return Err(MetaError::IsDir),
+                _ => return Err(MetaError::NotSupported),
+            }
+            let (zero, keep_size) = match mode {
+                FallocMode::Allocate { keep_size } => (false, keep_size),
+                FallocMode::PunchHole => (true, true),
+                FallocMode::ZeroRange { keep_size } => (true, keep_size),
+            };
+            let now = Timestamp::now();
+            if zero {
+                let zero_end = if keep_size { end.min(a.length) } else { end };
+                let mut at = off;
+                while at < zero_end {
+                    let chunk = at / CHUNK_SIZE;
+                    let pos = at % CHUNK_SIZE;
+                    let n = (CHUNK_SIZE - pos).min(zero_end - at);
+                    let id = bump_counter(tx, "next_slice", 1)? - 1;
+                    tx.execute(
+                        "INSERT INTO slice (ino, chunk, id, size, off, len, pos)
+                         VALUES (?1, ?2, ?3, 0, 0, ?4, ?5)",
+                        params![ino as i64, chunk as i64, id, n as i64, pos as i64],
+                    )?;
+                    at += n;
+                }
+                a.mtime = now;
+            }
+            if !keep_size && end > a.length {
+                bump_counter(tx, "used_space", round_space(end) - round_space(a.length))?;
+                a.length = end;
+                a.mtime = now;
+            }
+            a.ctime = now;
+            put_node(tx, &a)?;
+            Ok(a)
+        })
+    }
+
+    fn mknod(&self, parent: Ino, name: &[u8], node: &NewNode) -> Result<Attr> {
+        check_name(name)?;
+        if let Some(target) = &node.symlink {
+            if target.len() > SYMLINK_MAX {
+                return Err(MetaError::NameTooLong);
+            }
+        }
+        self.write(|tx| {
+            let mut dir = get_dir(tx, parent)?;
+            if dir.nlink == 0 {
+                return Err(MetaError::NotFound);
+            }
+            if find_edge(tx, parent, name)?.is_some() {
+                return Err(MetaError::Exists);
+            }
+            if node.kind == FileKind::Dir && dir.nlink >= LINK_MAX {
+                return Err(MetaError::TooManyLinks);
+            }
+            let fmt: Option<String> = tx
+                .query_row("SELECT value FROM setting WHERE name = 'format'", [], |r| r.get(0))
+                .optional()?;
+            if let Some(fmt) = fmt.and_then(|f| serde_json::from_str::<Format>(&f).ok()) {
+                if fmt.inodes > 0 && counter(tx, "used_inodes")? as u64 >= fmt.inodes {
+                    return Err(MetaError::NoSpace);
+                }
+            }
+            let ino = bump_counter(tx, "next_ino", 1)? as u64 - 1;
+            let now = Timestamp::now();
+            let mut mode = node.mode & 0o7777;
+            let mut gid = node.gid;
+            if dir.mode & libc::S_ISGID != 0 {
+                gid = dir.gid;
+                if node.kind == FileKind::Dir {
+                    mode |= libc::S_ISGID;
+                }
+            }
+            if node.kind != FileKind::Dir
+                && mode & libc::S_ISGID != 0
+                && node.uid != 0
+                && !node.groups.contains(&gid)
+            {
+                mode &= !libc::S_ISGID;
+            }
+            let length = match (&node.symlink, node.kind) {
+                (Some(t), _) => t.len() as u64,
+                (None, FileKind::Dir) => 4096,
+                _ => 0,
+            };
+            let attr = Attr {
+                ino,
+                kind: node.kind,
+                mode,
+                uid: node.uid,
+                gid,
+                rdev: node.rdev,
+                nlink: if node.kind == FileKind::Dir { 2 } else { 1 },
+                length,
+                atime: now,
+                mtime: now,
+                ctime: now,
+                parent,
+            };
+            put_node(tx, &attr)?;
+            if let Some(target) = &node.symlink {
+                tx.execute(
+                    "INSERT INTO symlink (ino, target) VALUES (?1, ?2)",
+                    params![ino as i64, target],
+                )?;
+            }
+            add_edge(tx, parent, name, ino, node.kind)?;
+            if node.kind == FileKind::Dir {
+                dir.nlink += 1;
+            }
+            touch_dir(tx, &mut dir, now)?;
+            bump_counter(tx, "used_inodes", 1)?;
+            Ok(attr)
+        })
+    }
+
+    fn link(&self, ino: Ino, parent: Ino, name: &[u8]) -> Result<Attr> {
+        check_name(name)?;
+        self.write(|tx| {
+            let mut dir = get_dir(tx, parent)?;
+            if dir.nlink == 0 {
+                return Err(MetaError::NotFound);
+            }
+            let mut a = get_node(tx, ino)?;
+            if a.kind == FileKind::Dir {
+                return Err(MetaError::NotPermitted);
+            }
+            if a.nlink == 0 {
+                return Err(MetaError::NotFound);
+            }
+            if a.nlink >= LINK_MAX {
+                return Err(MetaError::TooManyLinks);
+            }
+            if find_edge(tx, parent, name)?.is_some() {
+                return Err(MetaError::Exists);
+            }
+            let now = Timestamp::now();
+            add_edge(tx, parent, name, ino, a.kind)?;
+            a.nlink += 1;
+            a.ctime = now;
+            a.parent = parent;
+            put_node(tx, &a)?;
+            touch_dir(tx, &mut dir, now)?;
+            Ok(a)
+        })
+    }
+
+    fn unlink(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        sid: u64,
+        is_open: &dyn Fn(Ino) -> bool,
+    ) -> Result<()> {
+        if name.len() > NAME_MAX {
+            return Err(MetaError::NameTooLong);
+        }
+        self.write(|tx| {
+            let mut dir = get_dir(tx, parent)?;
+            let (ino, kind) = find_edge(tx, parent, name)?.ok_or(MetaError::NotFound)?;
+            if kind == FileKind::Dir {
+                return Err(MetaError::IsDir);
+            }
+            let now = Timestamp::now();
+            remove_edge(tx, parent, name)?;
+            touch_dir(tx, &mut dir, now)?;
+            let target = get_node(tx, ino)?;
+            unlink_inode(tx, target, now, sid, is_open)
+        })
+    }
+
+    fn rmdir(&self, parent: Ino, name: &[u8]) -> Result<()> {
+        match name {
+            b"." => return Err(MetaError::Invalid),
+            b".." => return Err(MetaError::NotEmpty),
+            _ if name.len() > NAME_MAX => return Err(MetaError::NameTooLong),
+            _ => {}
+        }
+        self.write(|tx| {
+            let mut dir = get_dir(tx, parent)?;
+            let (ino, kind) = find_edge(tx, parent, name)?.ok_or(MetaError::NotFound)?;
+            if kind != FileKind::Dir {
+                return Err(MetaError::NotDir);
+            }
+            if !dir_is_empty(tx, ino)? {
+                return Err(MetaError::NotEmpty);
+            }
+            let now = Timestamp::now();
+            remove_edge(tx, parent, name)?;
+            dir.nlink = dir.nlink.saturating_sub(1);
+            touch_dir(tx, &mut dir, now)?;
+            let target = get_node(tx, ino)?;
+            free_inode(tx, &target)
+        })
+    }
+
+    fn rename(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        new_parent: Ino,
+        new_name: &[u8],
+        flags: RenameFlags,
+        sid: u64,
+        is_open: &dyn Fn(Ino) -> bool,
+    ) -> Result<()> {
+        if name.len() > NAME_MAX {
+            return Err(MetaError::NameTooLong);
+        }
+        check_name(new_name)?;
+        if flags.exchange && flags.noreplace {
+            return Err(MetaError::Invalid);
+        }
+        self.write(|tx| {
+            let mut src_dir = get_dir(tx, parent)?;
+            let (ino, kind) = find_edge(tx, parent, name)?.ok_or(MetaError::NotFound)?;
+            let same_dir = parent == new_parent;
+            let mut dst_dir = if same_dir { src_dir.clone() } else { get_dir(tx, new_parent)? };
+            if dst_dir.nlink == 0 {
+                return Err(MetaError::NotFound);
+            }
+            let dst = find_edge(tx, new_parent, new_name)?;
+            if same_dir && name == new_name {
+                // Renaming a name onto itself changes nothing.
+                return if flags.noreplace { Err(MetaError::Exists) } else { Ok(()) };
+            }
+            // A directory may not move below itself.
+            if !same_dir {
+                let mut at = new_parent;
+                while at != ROOT_INO {
+                    if at == ino {
+                        return Err(MetaError::Invalid);
+                    }
+                    at = get_node(tx, at)?.parent;
+                }
+                if let (true, Some((dst_ino, FileKind::Dir))) = (flags.exchange, dst) {
+                    let mut at = parent;
+                    while at != ROOT_INO {
+                        if at == dst_ino {
+                            return Err(MetaError::Invalid);
+                        }
+                        at = get_node(tx, at)?.parent;
+                    }
+                }
+            }
+            let now = Timestamp::now();
+            let mut moved = get_node(tx, ino)?;
+            if flags.exchange {
+                let (dst_ino, dst_kind) = dst.ok_or(MetaError::NotFound)?;
+                let mut other = get_node(tx, dst_ino)?;
+                tx.execute(
+                    "UPDATE edge SET ino = ?3, kind = ?4 WHERE parent = ?1 AND name = ?2",
+                    params![parent as i64, name, dst_ino as i64, dst_kind.code()],
+                )?;
+                tx.execute(
+                    "UPDATE edge SET ino = ?3, kind = ?4 WHERE parent = ?1 AND name = ?2",
+                    params![new_parent as i64, new_name, ino as i64, kind.code()],
+                )?;
+                if !same_dir {
+                    if kind == FileKind::Dir && dst_kind != FileKind::Dir {
+                        src_dir.nlink -= 1;
+                        dst_dir.nlink += 1;
+                    } else if kind != FileKind::Dir && dst_kind == FileKind::Dir {
+                        src_dir.nlink += 1;
+                        dst_dir.nlink -= 1;
+                    }
+                }
+                moved.parent = new_parent;
+                moved.ctime = now;
+                other.parent = parent;
+                other.ctime = now;
+                put_node(tx, &moved)?;
+                put_node(tx, &other)?;
+            } else {
+                if let Some((dst_ino, dst_kind)) = dst {
+                    if flags.noreplace {
+                        return Err(MetaError::Exists);
+                    }
+                    if dst_ino == ino {
+                        // Two names of one inode: rename does nothing.
+                        return Ok(());
+                    }
+                    match (kind == FileKind::Dir, dst_kind == FileKind::Dir) {
+                        (true, false) => return Err(MetaError::NotDir),
+                        (false, true) => return Err(MetaError::IsDir),
+                        _ => {}
+                    }
+                    let target = get_node(tx, dst_ino)?;
+                    remove_edge(tx, new_parent, new_name)?;
+                    if dst_kind == FileKind::Dir {
+                        if !dir_is_empty(tx, dst_ino)? {
+                            return Err(MetaError::NotEmpty);
+                        }
+                        dst_dir.nlink -= 1;
+                        free_inode(tx, &target)?;
+                    } else {
+                        unlink_inode(tx, target, now, sid, is_open)?;
+                    }
+                }
+                remove_edge(tx, parent, name)?;
+                add_edge(tx, new_parent, new_name, ino, kind)?;
+                if kind == FileKind::Dir && !same_dir {
+                    src_dir.nlink -= 1;
+                    dst_dir.nlink += 1;
+                }
+                moved.parent = new_parent;
+                moved.ctime = now;
+                put_node(tx, &moved)?;
+            }
+            if same_dir {
+                touch_dir(tx, &mut dst_dir, now)?;
+            } else {
+                touch_dir(tx, &mut src_dir, now)?;
+                touch_dir(tx, &mut dst_dir, now)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn readlink(&self, ino: Ino) -> Result<Vec<u8>> {
+        self.read(|tx| {
+            let a = get_node(tx, ino)?;
+            if a.kind != FileKind::Symlink {
+                return Err(MetaError::Invalid);
+            }
+            tx.query_row("SELECT target FROM symlink WHERE ino = ?1", [ino as i64], |r| r.get(0))
+                .optional()?
+                .ok_or(MetaError::NotFound)
+        })
+    }
+
+    fn readdir(&self, ino: Ino, cookie: u64, limit: usize) -> Result<Vec<DirEntry>> {
+        self.read(|tx| {
+            get_dir(tx, ino)?;
+            let mut stmt = tx.prepare_cached(
+                "SELECT id, name, ino, kind FROM edge WHERE parent = ?1 AND id > ?2
+                 ORDER BY id LIMIT ?3",
+            )?;
+            let rows = stmt
+                .query_map(params![ino as i64, cookie as i64, limit as i64], |r| {
+                    Ok(DirEntry {
+                        cookie: r.get::<_, i64>(0)? as u64,
+                        name: r.get(1)?,
+                        ino: r.get::<_, i64>(2)? as u64,
+                        kind: FileKind::from_code(r.get(3)?).unwrap_or(FileKind::File),
+                    })
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn getxattr(&self, ino: Ino, name: &[u8]) -> Result<Vec<u8>> {
+        self.read(|tx| {
+            get_node(tx, ino)?;
+            tx.query_row(
+                "SELECT value FROM xattr WHERE ino = ?1 AND name = ?2",
+                params![ino as i64, name],
+                |r| r.get(0),
+            )
+            .optional()?
+            .ok_or(MetaError::NoData)
+        })
+    }
+
+    fn setxattr(&self, ino: Ino, name: &[u8], value: &[u8], mode: XattrMode) -> Result<()> {
+        if name.is_empty() {
+            return Err(MetaError::Invalid);
+        }
+        if name.len() > NAME_MAX {
+            return Err(MetaError::NameTooLong);
+        }
+        if value.len() > XATTR_VALUE_MAX {
+            return Err(MetaError::TooBig);
+        }
+        self.write(|tx| {
+            let mut a = get_node(tx, ino)?;
+            let exists = tx
+                .query_row(
+                    "SELECT 1 FROM xattr WHERE ino = ?1 AND name = ?2",
+                    params![ino as i64, name],
+                    |_| Ok(()),
+                )
+                .optional()?
+                .is_some();
+            match (mode, exists) {
+                (XattrMode::Create, true) => return Err(MetaError::Exists),
+                (XattrMode::Replace, false) => return Err(MetaError::NoData),
+                _ => {}
+            }
+            tx.execute(
+                "INSERT OR REPLACE INTO xattr (ino, name, value) VALUES (?1, ?2, ?3)",
+                params![ino as i64, name, value],
+            )?;
+            a.ctime = Timestamp::now();
+            put_node(tx, &a)
+        })
+    }
+
+    fn listxattr(&self, ino: Ino) -> Result<Vec<Vec<u8>>> {
+        self.read(|tx| {
+            get_node(tx, ino)?;
+            let names = tx
+                .prepare("SELECT name FROM xattr WHERE ino = ?1 ORDER BY name")?
+                .query_map([ino as i64], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            Ok(names)
+        })
+    }
+
+    fn removexattr(&self, ino: Ino, name: &[u8]) -> Result<()> {
+        self.write(|tx| {
+            let mut a = get_node(tx, ino)?;
+            let n = tx.execute(
+                "DELETE FROM xattr WHERE ino = ?1 AND name = ?2",
+                params![ino as i64, name],
+            )?;
+            if n == 0 {
+                return Err(MetaError::NoData);
+            }
+            a.ctime = Timestamp::now();
+            put_node(tx, &a)
+        })
+    }
+
+    fn read_chunk(&self, ino: Ino, chunk: u32) -> Result<Vec<Slice>> {
+        self.read(|tx| {
+            let mut stmt = tx.prepare_cached(
+                "SELECT id, size, off, len, pos FROM slice WHERE ino = ?1 AND chunk = ?2
+                 ORDER BY id",
+            )?;
+            let rows = stmt
+                .query_map(params![ino as i64, chunk], |r| {
+                    Ok(Slice {
+                        id: r.get::<_, i64>(0)? as u64,
+                        size: r.get(1)?,
+                        off: r.get(2)?,
+                        len: r.get(3)?,
+                        pos: r.get(4)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn write_slices(&self, ino: Ino, slices: &[ChunkSlice], mtime: Timestamp) -> Result<Attr> {
+        self.write(|tx| {
+            let mut a = get_node(tx, ino)?;
+            if a.kind != FileKind::File {
+                return Err(MetaError::Invalid);
+            }
+            let mut end = a.length;
+            for cs in slices {
+                let s = cs.slice;
+                tx.execute(
+                    "INSERT OR REPLACE INTO slice (ino, chunk, id, size, off, len, pos)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    params![ino as i64, cs.chunk, s.id as i64, s.size, s.off, s.len, s.pos],
+                )?;
+                end = end.max(cs.chunk as u64 * CHUNK_SIZE + s.pos as u64 + s.len as u64);
+            }
+            bump_counter(tx, "used_space", round_space(end) - round_space(a.length))?;
+            a.length = end;
+            a.mtime = mtime;
+            a.ctime = mtime;
+            put_node(tx, &a)?;
+            Ok(a)
+        })
+    }
+
+    fn next_slice_ids(&self, n: u64) -> Result<u64> {
+        self.write(|tx| Ok((bump_counter(tx, "next_slice", n as i64)? as u64) - n))
+    }
+
+    fn release(&self, ino: Ino, sid: u64) -> Result<()> {
+        self.write(|tx| {
+            let n = tx.execute(
+                "DELETE FROM sustained WHERE sid = ?1 AND ino = ?2",
+                params![sid as i64, ino as i64],
+            )?;
+            if n > 0 {
+                free_if_orphan(tx, ino)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn pending_deletions(&self, limit: usize) -> Result<Vec<FreedSlice>> {
+        self.read(|tx| {
+            let rows = tx
+                .prepare("SELECT id, size FROM deleted_slice ORDER BY id LIMIT ?1")?
+                .query_map([limit as i64], |r| {
+                    Ok(FreedSlice { id: r.get::<_, i64>(0)? as u64, size: r.get(1)? })
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn ack_deletions(&self, ids: &[u64]) -> Result<()> {
+        self.write(|tx| {
+            let mut stmt = tx.prepare_cached("DELETE FROM deleted_slice WHERE id = ?1")?;
+            for id in ids {
+                stmt.execute([*id as i64])?;
+            }
+            Ok(())
+        })
+    }
+
+    fn sync(&self) -> Result<()> {
+        let conn = self.take_conn()?;
+        let result = conn
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+            .map_err(MetaError::from);
+        self.put_conn(conn);
+        result
+    }
+}
