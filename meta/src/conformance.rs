@@ -62,11 +62,13 @@ fn node(kind: FileKind, mode: u32) -> NewNode {
 }
 
 fn file(m: &dyn Meta, parent: Ino, name: &str) -> Attr {
-    m.mknod(parent, name.as_bytes(), &node(FileKind::File, 0o644)).expect("create file")
+    m.mknod(parent, name.as_bytes(), &node(FileKind::File, 0o644))
+        .expect("create file")
 }
 
 fn dir(m: &dyn Meta, parent: Ino, name: &str) -> Attr {
-    m.mknod(parent, name.as_bytes(), &node(FileKind::Dir, 0o755)).expect("mkdir")
+    m.mknod(parent, name.as_bytes(), &node(FileKind::Dir, 0o755))
+        .expect("mkdir")
 }
 
 fn closed(_: Ino) -> bool {
@@ -89,7 +91,13 @@ fn names(m: &dyn Meta, d: Ino) -> Vec<String> {
 }
 
 fn data_slice(id: u64, pos: u32, len: u32) -> Slice {
-    Slice { id, size: len, off: 0, len, pos }
+    Slice {
+        id,
+        size: len,
+        off: 0,
+        len,
+        pos,
+    }
 }
 
 /// A new volume has a root directory and keeps its settings.
@@ -98,7 +106,10 @@ pub fn format_and_root(m: &dyn Meta) {
     m.format(&sample_format(), 7, 8).unwrap();
     assert_eq!(m.load_format().unwrap(), sample_format());
     let root = m.getattr(ROOT_INO).unwrap();
-    assert_eq!((root.kind, root.nlink, root.uid, root.gid), (FileKind::Dir, 2, 7, 8));
+    assert_eq!(
+        (root.kind, root.nlink, root.uid, root.gid),
+        (FileKind::Dir, 2, 7, 8)
+    );
     assert_eq!(m.lookup(ROOT_INO, b"..").unwrap().ino, ROOT_INO);
     // Formatting again with the same layout is accepted and keeps the data.
     file(m, ROOT_INO, "kept");
@@ -111,7 +122,10 @@ pub fn format_mismatch(m: &dyn Meta) {
     formatted(m);
     let mut other = sample_format();
     other.block_size = 1 << 20;
-    assert!(matches!(m.format(&other, 0, 0), Err(MetaError::FormatMismatch(_))));
+    assert!(matches!(
+        m.format(&other, 0, 0),
+        Err(MetaError::FormatMismatch(_))
+    ));
     assert_eq!(m.load_format().unwrap().block_size, 4 << 20);
 }
 
@@ -119,12 +133,21 @@ pub fn format_mismatch(m: &dyn Meta) {
 pub fn create_lookup_getattr(m: &dyn Meta) {
     formatted(m);
     let a = file(m, ROOT_INO, "a");
-    assert_eq!((a.kind, a.mode, a.uid, a.gid, a.nlink, a.length), (FileKind::File, 0o644, 1000, 1000, 1, 0));
+    assert_eq!(
+        (a.kind, a.mode, a.uid, a.gid, a.nlink, a.length),
+        (FileKind::File, 0o644, 1000, 1000, 1, 0)
+    );
     assert_eq!(m.lookup(ROOT_INO, b"a").unwrap(), a);
     assert_eq!(m.getattr(a.ino).unwrap(), a);
-    assert_eq!(err(m.mknod(ROOT_INO, b"a", &node(FileKind::File, 0o600))), libc::EEXIST);
+    assert_eq!(
+        err(m.mknod(ROOT_INO, b"a", &node(FileKind::File, 0o600))),
+        libc::EEXIST
+    );
     assert_eq!(err(m.lookup(ROOT_INO, b"b")), libc::ENOENT);
-    assert_eq!(err(m.mknod(a.ino, b"x", &node(FileKind::File, 0o600))), libc::ENOTDIR);
+    assert_eq!(
+        err(m.mknod(a.ino, b"x", &node(FileKind::File, 0o600))),
+        libc::ENOTDIR
+    );
     let mut fifo = node(FileKind::Fifo, 0o600);
     fifo.rdev = 0;
     assert_eq!(m.mknod(ROOT_INO, b"p", &fifo).unwrap().kind, FileKind::Fifo);
@@ -134,7 +157,10 @@ pub fn create_lookup_getattr(m: &dyn Meta) {
 pub fn names_are_checked(m: &dyn Meta) {
     formatted(m);
     let long = "x".repeat(NAME_MAX + 1);
-    assert_eq!(err(m.mknod(ROOT_INO, long.as_bytes(), &node(FileKind::File, 0o644))), libc::ENAMETOOLONG);
+    assert_eq!(
+        err(m.mknod(ROOT_INO, long.as_bytes(), &node(FileKind::File, 0o644))),
+        libc::ENAMETOOLONG
+    );
     assert_eq!(err(m.lookup(ROOT_INO, long.as_bytes())), libc::ENAMETOOLONG);
     file(m, ROOT_INO, &"y".repeat(NAME_MAX));
 }
@@ -163,11 +189,21 @@ pub fn unlink_frees_and_queues_slices(m: &dyn Meta) {
     formatted(m);
     let f = file(m, ROOT_INO, "f");
     let id = m.next_slice_ids(1).unwrap();
-    m.write_slices(f.ino, &[ChunkSlice { chunk: 0, slice: data_slice(id, 0, 100) }], Timestamp::now())
-        .unwrap();
+    m.write_slices(
+        f.ino,
+        &[ChunkSlice {
+            chunk: 0,
+            slice: data_slice(id, 0, 100),
+        }],
+        Timestamp::now(),
+    )
+    .unwrap();
     m.unlink(ROOT_INO, b"f", 1, &closed).unwrap();
     assert_eq!(err(m.getattr(f.ino)), libc::ENOENT);
-    assert_eq!(m.pending_deletions(10).unwrap(), vec![FreedSlice { id, size: 100 }]);
+    assert_eq!(
+        m.pending_deletions(10).unwrap(),
+        vec![FreedSlice { id, size: 100 }]
+    );
     m.ack_deletions(&[id]).unwrap();
     assert!(m.pending_deletions(10).unwrap().is_empty());
 }
@@ -178,8 +214,15 @@ pub fn unlink_of_open_file_is_deferred(m: &dyn Meta) {
     let sid = m.new_session(&session()).unwrap();
     let f = file(m, ROOT_INO, "f");
     let id = m.next_slice_ids(1).unwrap();
-    m.write_slices(f.ino, &[ChunkSlice { chunk: 0, slice: data_slice(id, 0, 10) }], Timestamp::now())
-        .unwrap();
+    m.write_slices(
+        f.ino,
+        &[ChunkSlice {
+            chunk: 0,
+            slice: data_slice(id, 0, 10),
+        }],
+        Timestamp::now(),
+    )
+    .unwrap();
     let open = |ino: Ino| ino == f.ino;
     m.unlink(ROOT_INO, b"f", sid, &open).unwrap();
     assert_eq!(err(m.lookup(ROOT_INO, b"f")), libc::ENOENT);
@@ -239,18 +282,24 @@ pub fn rename_simple_and_replace(m: &dyn Meta) {
     let a = file(m, ROOT_INO, "a");
     let b = file(m, ROOT_INO, "b");
     let none = RenameFlags::default();
-    m.rename(ROOT_INO, b"a", ROOT_INO, b"c", none, 1, &closed).unwrap();
+    m.rename(ROOT_INO, b"a", ROOT_INO, b"c", none, 1, &closed)
+        .unwrap();
     assert_eq!(m.lookup(ROOT_INO, b"c").unwrap().ino, a.ino);
     assert_eq!(err(m.lookup(ROOT_INO, b"a")), libc::ENOENT);
-    m.rename(ROOT_INO, b"c", ROOT_INO, b"b", none, 1, &closed).unwrap();
+    m.rename(ROOT_INO, b"c", ROOT_INO, b"b", none, 1, &closed)
+        .unwrap();
     assert_eq!(m.lookup(ROOT_INO, b"b").unwrap().ino, a.ino);
     assert_eq!(err(m.getattr(b.ino)), libc::ENOENT);
     assert_eq!(names(m, ROOT_INO), vec!["b"]);
     // Two names of one inode: nothing happens.
     m.link(a.ino, ROOT_INO, b"h").unwrap();
-    m.rename(ROOT_INO, b"b", ROOT_INO, b"h", none, 1, &closed).unwrap();
+    m.rename(ROOT_INO, b"b", ROOT_INO, b"h", none, 1, &closed)
+        .unwrap();
     assert_eq!(names(m, ROOT_INO), vec!["b", "h"]);
-    assert_eq!(err(m.rename(ROOT_INO, b"zz", ROOT_INO, b"y", none, 1, &closed)), libc::ENOENT);
+    assert_eq!(
+        err(m.rename(ROOT_INO, b"zz", ROOT_INO, b"y", none, 1, &closed)),
+        libc::ENOENT
+    );
 }
 
 /// RENAME_NOREPLACE and RENAME_EXCHANGE.
@@ -258,12 +307,25 @@ pub fn rename_flags(m: &dyn Meta) {
     formatted(m);
     let a = file(m, ROOT_INO, "a");
     let d = dir(m, ROOT_INO, "d");
-    let noreplace = RenameFlags { noreplace: true, exchange: false };
-    let exchange = RenameFlags { noreplace: false, exchange: true };
-    assert_eq!(err(m.rename(ROOT_INO, b"a", ROOT_INO, b"d", noreplace, 1, &closed)), libc::EEXIST);
-    assert_eq!(err(m.rename(ROOT_INO, b"a", ROOT_INO, b"zz", exchange, 1, &closed)), libc::ENOENT);
+    let noreplace = RenameFlags {
+        noreplace: true,
+        exchange: false,
+    };
+    let exchange = RenameFlags {
+        noreplace: false,
+        exchange: true,
+    };
+    assert_eq!(
+        err(m.rename(ROOT_INO, b"a", ROOT_INO, b"d", noreplace, 1, &closed)),
+        libc::EEXIST
+    );
+    assert_eq!(
+        err(m.rename(ROOT_INO, b"a", ROOT_INO, b"zz", exchange, 1, &closed)),
+        libc::ENOENT
+    );
     let sub = dir(m, d.ino, "sub");
-    m.rename(ROOT_INO, b"a", d.ino, b"sub", exchange, 1, &closed).unwrap();
+    m.rename(ROOT_INO, b"a", d.ino, b"sub", exchange, 1, &closed)
+        .unwrap();
     assert_eq!(m.lookup(ROOT_INO, b"a").unwrap().ino, sub.ino);
     assert_eq!(m.lookup(d.ino, b"sub").unwrap().ino, a.ino);
     // The directory moved from d to the root: link counts follow.
@@ -282,16 +344,27 @@ pub fn rename_directories(m: &dyn Meta) {
     file(m, ROOT_INO, "f");
     let full = dir(m, ROOT_INO, "full");
     file(m, full.ino, "x");
-    assert_eq!(err(m.rename(ROOT_INO, b"a", ROOT_INO, b"f", none, 1, &closed)), libc::ENOTDIR);
-    assert_eq!(err(m.rename(ROOT_INO, b"f", ROOT_INO, b"a", none, 1, &closed)), libc::EISDIR);
-    assert_eq!(err(m.rename(ROOT_INO, b"a", ROOT_INO, b"full", none, 1, &closed)), libc::ENOTEMPTY);
-    m.rename(ROOT_INO, b"a", b.ino, b"a2", none, 1, &closed).unwrap();
+    assert_eq!(
+        err(m.rename(ROOT_INO, b"a", ROOT_INO, b"f", none, 1, &closed)),
+        libc::ENOTDIR
+    );
+    assert_eq!(
+        err(m.rename(ROOT_INO, b"f", ROOT_INO, b"a", none, 1, &closed)),
+        libc::EISDIR
+    );
+    assert_eq!(
+        err(m.rename(ROOT_INO, b"a", ROOT_INO, b"full", none, 1, &closed)),
+        libc::ENOTEMPTY
+    );
+    m.rename(ROOT_INO, b"a", b.ino, b"a2", none, 1, &closed)
+        .unwrap();
     assert_eq!(m.getattr(ROOT_INO).unwrap().nlink, 4);
     assert_eq!(m.getattr(b.ino).unwrap().nlink, 3);
     assert_eq!(m.lookup(a.ino, b"..").unwrap().ino, b.ino);
     // Replace an empty directory.
     let e = dir(m, ROOT_INO, "e");
-    m.rename(b.ino, b"a2", ROOT_INO, b"e", none, 1, &closed).unwrap();
+    m.rename(b.ino, b"a2", ROOT_INO, b"e", none, 1, &closed)
+        .unwrap();
     assert_eq!(err(m.getattr(e.ino)), libc::ENOENT);
     assert_eq!(m.getattr(ROOT_INO).unwrap().nlink, 5);
     assert_eq!(m.getattr(b.ino).unwrap().nlink, 2);
@@ -304,23 +377,43 @@ pub fn rename_into_own_subtree_fails(m: &dyn Meta) {
     let b = dir(m, a.ino, "b");
     let c = dir(m, b.ino, "c");
     let none = RenameFlags::default();
-    assert_eq!(err(m.rename(ROOT_INO, b"a", c.ino, b"x", none, 1, &closed)), libc::EINVAL);
-    assert_eq!(err(m.rename(ROOT_INO, b"a", a.ino, b"x", none, 1, &closed)), libc::EINVAL);
-    m.rename(b.ino, b"c", ROOT_INO, b"c", none, 1, &closed).unwrap();
+    assert_eq!(
+        err(m.rename(ROOT_INO, b"a", c.ino, b"x", none, 1, &closed)),
+        libc::EINVAL
+    );
+    assert_eq!(
+        err(m.rename(ROOT_INO, b"a", a.ino, b"x", none, 1, &closed)),
+        libc::EINVAL
+    );
+    m.rename(b.ino, b"c", ROOT_INO, b"c", none, 1, &closed)
+        .unwrap();
 }
 
 /// setattr changes what is asked and moves ctime.
 pub fn setattr_and_times(m: &dyn Meta) {
     formatted(m);
     let f = file(m, ROOT_INO, "f");
-    let t = Timestamp { sec: 1_000_000, nsec: 5 };
+    let t = Timestamp {
+        sec: 1_000_000,
+        nsec: 5,
+    };
     let a = m
         .setattr(
             f.ino,
-            &SetAttr { mode: Some(0o4711), uid: Some(5), gid: Some(6), atime: Some(t), mtime: Some(t), ctime: None },
+            &SetAttr {
+                mode: Some(0o4711),
+                uid: Some(5),
+                gid: Some(6),
+                atime: Some(t),
+                mtime: Some(t),
+                ctime: None,
+            },
         )
         .unwrap();
-    assert_eq!((a.mode, a.uid, a.gid, a.atime, a.mtime), (0o4711, 5, 6, t, t));
+    assert_eq!(
+        (a.mode, a.uid, a.gid, a.atime, a.mtime),
+        (0o4711, 5, 6, t, t)
+    );
     assert!(a.ctime > t);
     assert_eq!(m.getattr(f.ino).unwrap(), a);
     let before = m.getattr(ROOT_INO).unwrap();
@@ -335,7 +428,15 @@ pub fn setattr_and_times(m: &dyn Meta) {
 pub fn setgid_directories(m: &dyn Meta) {
     formatted(m);
     let d = dir(m, ROOT_INO, "d");
-    m.setattr(d.ino, &SetAttr { mode: Some(0o2775), gid: Some(50), ..Default::default() }).unwrap();
+    m.setattr(
+        d.ino,
+        &SetAttr {
+            mode: Some(0o2775),
+            gid: Some(50),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let f = file(m, d.ino, "f");
     assert_eq!(f.gid, 50);
     let sub = dir(m, d.ino, "sub");
@@ -354,16 +455,35 @@ pub fn xattrs(m: &dyn Meta) {
     let f = file(m, ROOT_INO, "f");
     assert_eq!(err(m.getxattr(f.ino, b"user.a")), libc::ENODATA);
     m.setxattr(f.ino, b"user.a", b"1", XattrMode::Any).unwrap();
-    assert_eq!(err(m.setxattr(f.ino, b"user.a", b"2", XattrMode::Create)), libc::EEXIST);
-    assert_eq!(err(m.setxattr(f.ino, b"user.b", b"2", XattrMode::Replace)), libc::ENODATA);
-    m.setxattr(f.ino, b"user.a", b"3", XattrMode::Replace).unwrap();
-    m.setxattr(f.ino, b"user.b", b"", XattrMode::Create).unwrap();
+    assert_eq!(
+        err(m.setxattr(f.ino, b"user.a", b"2", XattrMode::Create)),
+        libc::EEXIST
+    );
+    assert_eq!(
+        err(m.setxattr(f.ino, b"user.b", b"2", XattrMode::Replace)),
+        libc::ENODATA
+    );
+    m.setxattr(f.ino, b"user.a", b"3", XattrMode::Replace)
+        .unwrap();
+    m.setxattr(f.ino, b"user.b", b"", XattrMode::Create)
+        .unwrap();
     assert_eq!(m.getxattr(f.ino, b"user.a").unwrap(), b"3");
     assert_eq!(m.getxattr(f.ino, b"user.b").unwrap(), b"");
-    assert_eq!(m.listxattr(f.ino).unwrap(), vec![b"user.a".to_vec(), b"user.b".to_vec()]);
+    assert_eq!(
+        m.listxattr(f.ino).unwrap(),
+        vec![b"user.a".to_vec(), b"user.b".to_vec()]
+    );
     m.removexattr(f.ino, b"user.a").unwrap();
     assert_eq!(err(m.removexattr(f.ino, b"user.a")), libc::ENODATA);
-    assert_eq!(err(m.setxattr(f.ino, b"user.big", &vec![0; XATTR_VALUE_MAX + 1], XattrMode::Any)), libc::E2BIG);
+    assert_eq!(
+        err(m.setxattr(
+            f.ino,
+            b"user.big",
+            &vec![0; XATTR_VALUE_MAX + 1],
+            XattrMode::Any
+        )),
+        libc::E2BIG
+    );
 }
 
 /// Committed slices come back in id order and extend the length.
@@ -378,7 +498,20 @@ pub fn slices_and_length(m: &dyn Meta) {
     let a = m
         .write_slices(
             f.ino,
-            &[ChunkSlice { chunk: 0, slice: s2 }, ChunkSlice { chunk: 0, slice: s0 }, ChunkSlice { chunk: 2, slice: s1 }],
+            &[
+                ChunkSlice {
+                    chunk: 0,
+                    slice: s2,
+                },
+                ChunkSlice {
+                    chunk: 0,
+                    slice: s0,
+                },
+                ChunkSlice {
+                    chunk: 2,
+                    slice: s1,
+                },
+            ],
             t,
         )
         .unwrap();
@@ -388,7 +521,19 @@ pub fn slices_and_length(m: &dyn Meta) {
     assert_eq!(m.read_chunk(f.ino, 1).unwrap(), vec![]);
     // A commit never shrinks a file.
     let s3 = data_slice(m.next_slice_ids(1).unwrap(), 0, 1);
-    assert_eq!(m.write_slices(f.ino, &[ChunkSlice { chunk: 0, slice: s3 }], t).unwrap().length, a.length);
+    assert_eq!(
+        m.write_slices(
+            f.ino,
+            &[ChunkSlice {
+                chunk: 0,
+                slice: s3
+            }],
+            t
+        )
+        .unwrap()
+        .length,
+        a.length
+    );
 }
 
 /// Truncation removes slices past the end and cuts the one straddling it.
@@ -398,14 +543,41 @@ pub fn truncate_clips_slices(m: &dyn Meta) {
     let id = m.next_slice_ids(2).unwrap();
     let s0 = data_slice(id, 0, 1000);
     let s1 = data_slice(id + 1, 0, 1000);
-    m.write_slices(f.ino, &[ChunkSlice { chunk: 0, slice: s0 }, ChunkSlice { chunk: 1, slice: s1 }], Timestamp::now())
-        .unwrap();
+    m.write_slices(
+        f.ino,
+        &[
+            ChunkSlice {
+                chunk: 0,
+                slice: s0,
+            },
+            ChunkSlice {
+                chunk: 1,
+                slice: s1,
+            },
+        ],
+        Timestamp::now(),
+    )
+    .unwrap();
     let a = m.truncate(f.ino, 500, Timestamp::now()).unwrap();
     assert_eq!(a.length, 500);
-    assert_eq!(m.read_chunk(f.ino, 0).unwrap(), vec![Slice { len: 500, ..s0 }]);
+    assert_eq!(
+        m.read_chunk(f.ino, 0).unwrap(),
+        vec![Slice { len: 500, ..s0 }]
+    );
     assert!(m.read_chunk(f.ino, 1).unwrap().is_empty());
-    assert_eq!(m.pending_deletions(10).unwrap(), vec![FreedSlice { id: id + 1, size: 1000 }]);
-    assert_eq!(m.truncate(f.ino, 10 * CHUNK_SIZE, Timestamp::now()).unwrap().length, 10 * CHUNK_SIZE);
+    assert_eq!(
+        m.pending_deletions(10).unwrap(),
+        vec![FreedSlice {
+            id: id + 1,
+            size: 1000
+        }]
+    );
+    assert_eq!(
+        m.truncate(f.ino, 10 * CHUNK_SIZE, Timestamp::now())
+            .unwrap()
+            .length,
+        10 * CHUNK_SIZE
+    );
     assert_eq!(m.read_chunk(f.ino, 0).unwrap().len(), 1);
     let d = dir(m, ROOT_INO, "d");
     assert_eq!(err(m.truncate(d.ino, 0, Timestamp::now())), libc::EISDIR);
@@ -415,15 +587,34 @@ pub fn truncate_clips_slices(m: &dyn Meta) {
 pub fn fallocate_modes(m: &dyn Meta) {
     formatted(m);
     let f = file(m, ROOT_INO, "f");
-    assert_eq!(m.fallocate(f.ino, FallocMode::Allocate { keep_size: false }, 0, 4096).unwrap().length, 4096);
-    assert_eq!(m.fallocate(f.ino, FallocMode::Allocate { keep_size: true }, 0, 1 << 20).unwrap().length, 4096);
-    let a = m.fallocate(f.ino, FallocMode::PunchHole, 100, 10_000).unwrap();
+    assert_eq!(
+        m.fallocate(f.ino, FallocMode::Allocate { keep_size: false }, 0, 4096)
+            .unwrap()
+            .length,
+        4096
+    );
+    assert_eq!(
+        m.fallocate(f.ino, FallocMode::Allocate { keep_size: true }, 0, 1 << 20)
+            .unwrap()
+            .length,
+        4096
+    );
+    let a = m
+        .fallocate(f.ino, FallocMode::PunchHole, 100, 10_000)
+        .unwrap();
     assert_eq!(a.length, 4096);
     let zeros = m.read_chunk(f.ino, 0).unwrap();
     assert_eq!(zeros.len(), 1);
     assert!(zeros[0].is_zero());
     assert_eq!((zeros[0].pos, zeros[0].len), (100, 3996));
-    let a = m.fallocate(f.ino, FallocMode::ZeroRange { keep_size: false }, CHUNK_SIZE - 10, 20).unwrap();
+    let a = m
+        .fallocate(
+            f.ino,
+            FallocMode::ZeroRange { keep_size: false },
+            CHUNK_SIZE - 10,
+            20,
+        )
+        .unwrap();
     assert_eq!(a.length, CHUNK_SIZE + 10);
     assert_eq!(m.read_chunk(f.ino, 1).unwrap().len(), 1);
 }
@@ -450,7 +641,10 @@ pub fn readdir_cookies_are_stable(m: &dyn Meta) {
         cookie = last.cookie;
         rest.extend(page.into_iter().map(|e| String::from_utf8(e.name).unwrap()));
     }
-    let mut expected: Vec<String> = (20..50).filter(|i| *i != 30).map(|i| format!("f{i:02}")).collect();
+    let mut expected: Vec<String> = (20..50)
+        .filter(|i| *i != 30)
+        .map(|i| format!("f{i:02}"))
+        .collect();
     expected.push("new".into());
     assert_eq!(rest, expected);
     assert_eq!(err(m.readdir(first[1].ino, 0, 10)), libc::ENOTDIR);
@@ -470,7 +664,14 @@ pub fn sessions_free_kept_files(m: &dyn Meta) {
     m.getattr(f.ino).unwrap();
     m.close_session(sid).unwrap();
     assert_eq!(err(m.getattr(f.ino)), libc::ENOENT);
-    assert_eq!(m.sessions().unwrap().iter().map(|s| s.sid).collect::<Vec<_>>(), vec![other]);
+    assert_eq!(
+        m.sessions()
+            .unwrap()
+            .iter()
+            .map(|s| s.sid)
+            .collect::<Vec<_>>(),
+        vec![other]
+    );
 }
 
 /// Slice ids are never handed out twice.
@@ -487,10 +688,28 @@ pub fn slice_ids_are_unique(m: &dyn Meta) {
 /// Usage follows file lengths (in 4 KiB units) and inode counts.
 pub fn usage_counts(m: &dyn Meta) {
     formatted(m);
-    assert_eq!(m.usage().unwrap(), Usage { space: 0, inodes: 1 });
+    assert_eq!(
+        m.usage().unwrap(),
+        Usage {
+            space: 0,
+            inodes: 1
+        }
+    );
     let f = file(m, ROOT_INO, "f");
     m.truncate(f.ino, 5000, Timestamp::now()).unwrap();
-    assert_eq!(m.usage().unwrap(), Usage { space: 8192, inodes: 2 });
+    assert_eq!(
+        m.usage().unwrap(),
+        Usage {
+            space: 8192,
+            inodes: 2
+        }
+    );
     m.unlink(ROOT_INO, b"f", 1, &closed).unwrap();
-    assert_eq!(m.usage().unwrap(), Usage { space: 0, inodes: 1 });
+    assert_eq!(
+        m.usage().unwrap(),
+        Usage {
+            space: 0,
+            inodes: 1
+        }
+    );
 }

@@ -62,8 +62,13 @@ pub trait Meta: Send + Sync {
     /// Removes the non-directory `name` from `parent`. An inode left with no name is freed,
     /// unless `is_open` says it is open, in which case session `sid` keeps it until
     /// [`Meta::release`].
-    fn unlink(&self, parent: Ino, name: &[u8], sid: u64, is_open: &dyn Fn(Ino) -> bool)
-        -> Result<()>;
+    fn unlink(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        sid: u64,
+        is_open: &dyn Fn(Ino) -> bool,
+    ) -> Result<()>;
     /// Removes the empty directory `name` from `parent`.
     fn rmdir(&self, parent: Ino, name: &[u8]) -> Result<()>;
     /// Renames atomically; a replaced target is treated as by [`Meta::unlink`].

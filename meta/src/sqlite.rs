@@ -8,7 +8,9 @@
 
 use crate::types::*;
 use crate::{Meta, MetaError, Result};
-use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior};
+use rusqlite::{
+    params, Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior,
+};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -53,16 +55,23 @@ pub struct SqliteMeta {
 
 impl std::fmt::Debug for SqliteMeta {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SqliteMeta").field("path", &self.path).finish()
+        f.debug_struct("SqliteMeta")
+            .field("path", &self.path)
+            .finish()
     }
 }
 
 fn ts_to_db(t: Timestamp) -> i64 {
-    t.sec.saturating_mul(1_000_000_000).saturating_add(t.nsec as i64)
+    t.sec
+        .saturating_mul(1_000_000_000)
+        .saturating_add(t.nsec as i64)
 }
 
 fn ts_from_db(v: i64) -> Timestamp {
-    Timestamp { sec: v.div_euclid(1_000_000_000), nsec: v.rem_euclid(1_000_000_000) as u32 }
+    Timestamp {
+        sec: v.div_euclid(1_000_000_000),
+        nsec: v.rem_euclid(1_000_000_000) as u32,
+    }
 }
 
 fn unix_now() -> i64 {
@@ -173,19 +182,29 @@ fn bump_counter(tx: &Connection, name: &str, delta: i64) -> Result<i64> {
          ON CONFLICT (name) DO UPDATE SET value = value + ?2",
         params![name, delta],
     )?;
-    Ok(tx.query_row("SELECT value FROM counter WHERE name = ?1", [name], |r| r.get(0))?)
+    Ok(
+        tx.query_row("SELECT value FROM counter WHERE name = ?1", [name], |r| {
+            r.get(0)
+        })?,
+    )
 }
 
 fn counter(tx: &Connection, name: &str) -> Result<i64> {
     Ok(tx
-        .query_row("SELECT value FROM counter WHERE name = ?1", [name], |r| r.get(0))
+        .query_row("SELECT value FROM counter WHERE name = ?1", [name], |r| {
+            r.get(0)
+        })
         .optional()?
         .unwrap_or(0))
 }
 
 fn dir_is_empty(tx: &Connection, ino: Ino) -> Result<bool> {
     Ok(tx
-        .query_row("SELECT 1 FROM edge WHERE parent = ?1 LIMIT 1", [ino as i64], |_| Ok(()))
+        .query_row(
+            "SELECT 1 FROM edge WHERE parent = ?1 LIMIT 1",
+            [ino as i64],
+            |_| Ok(()),
+        )
         .optional()?
         .is_none())
 }
@@ -195,9 +214,8 @@ fn dir_is_empty(tx: &Connection, ino: Ino) -> Result<bool> {
 fn drop_slices_past(tx: &Connection, ino: Ino, length: u64) -> Result<()> {
     let first_chunk = (length / CHUNK_SIZE) as i64;
     let cut = (length % CHUNK_SIZE) as i64;
-    let mut stmt = tx.prepare(
-        "SELECT chunk, id, size, pos, len FROM slice WHERE ino = ?1 AND chunk >= ?2",
-    )?;
+    let mut stmt =
+        tx.prepare("SELECT chunk, id, size, pos, len FROM slice WHERE ino = ?1 AND chunk >= ?2")?;
     let rows: Vec<(i64, i64, i64, i64, i64)> = stmt
         .query_map(params![ino as i64, first_chunk], |r| {
             Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
@@ -271,9 +289,15 @@ fn unlink_inode(
 
 /// Frees `ino` if nothing names or holds it any more.
 fn free_if_orphan(tx: &Connection, ino: Ino) -> Result<()> {
-    let Ok(a) = get_node(tx, ino) else { return Ok(()) };
+    let Ok(a) = get_node(tx, ino) else {
+        return Ok(());
+    };
     let held: bool = tx
-        .query_row("SELECT 1 FROM sustained WHERE ino = ?1 LIMIT 1", [ino as i64], |_| Ok(()))
+        .query_row(
+            "SELECT 1 FROM sustained WHERE ino = ?1 LIMIT 1",
+            [ino as i64],
+            |_| Ok(()),
+        )
         .optional()?
         .is_some();
     if a.nlink == 0 && !held {
@@ -295,7 +319,10 @@ impl SqliteMeta {
         if !create && !path.exists() {
             return Err(MetaError::NotFormatted);
         }
-        let meta = SqliteMeta { path: path.to_path_buf(), pool: Mutex::new(Vec::new()) };
+        let meta = SqliteMeta {
+            path: path.to_path_buf(),
+            pool: Mutex::new(Vec::new()),
+        };
         let conn = meta.connect(create)?;
         meta.put_conn(conn);
         Ok(meta)
@@ -306,9 +333,8 @@ impl SqliteMeta {
         if create {
             flags |= OpenFlags::SQLITE_OPEN_CREATE;
         }
-        let conn = Connection::open_with_flags(&self.path, flags).map_err(|e| {
-            MetaError::Engine(format!("cannot open {}: {e}", self.path.display()))
-        })?;
+        let conn = Connection::open_with_flags(&self.path, flags)
+            .map_err(|e| MetaError::Engine(format!("cannot open {}: {e}", self.path.display())))?;
         conn.busy_timeout(Duration::from_secs(60))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
@@ -427,7 +453,9 @@ impl Meta for SqliteMeta {
                 return Err(MetaError::NotFormatted);
             }
             let json: String = tx
-                .query_row("SELECT value FROM setting WHERE name = 'format'", [], |r| r.get(0))
+                .query_row("SELECT value FROM setting WHERE name = 'format'", [], |r| {
+                    r.get(0)
+                })
                 .optional()?
                 .ok_or(MetaError::NotFormatted)?;
             serde_json::from_str(&json)
@@ -569,7 +597,11 @@ impl Meta for SqliteMeta {
             if length < a.length {
                 drop_slices_past(tx, ino, length)?;
             }
-            bump_counter(tx, "used_space", round_space(length) - round_space(a.length))?;
+            bump_counter(
+                tx,
+                "used_space",
+                round_space(length) - round_space(a.length),
+            )?;
             a.length = length;
             a.mtime = mtime;
             a.ctime = mtime;
@@ -640,7 +672,9 @@ impl Meta for SqliteMeta {
                 return Err(MetaError::TooManyLinks);
             }
             let fmt: Option<String> = tx
-                .query_row("SELECT value FROM setting WHERE name = 'format'", [], |r| r.get(0))
+                .query_row("SELECT value FROM setting WHERE name = 'format'", [], |r| {
+                    r.get(0)
+                })
                 .optional()?;
             if let Some(fmt) = fmt.and_then(|f| serde_json::from_str::<Format>(&f).ok()) {
                 if fmt.inodes > 0 && counter(tx, "used_inodes")? as u64 >= fmt.inodes {
@@ -801,14 +835,22 @@ impl Meta for SqliteMeta {
             let mut src_dir = get_dir(tx, parent)?;
             let (ino, kind) = find_edge(tx, parent, name)?.ok_or(MetaError::NotFound)?;
             let same_dir = parent == new_parent;
-            let mut dst_dir = if same_dir { src_dir.clone() } else { get_dir(tx, new_parent)? };
+            let mut dst_dir = if same_dir {
+                src_dir.clone()
+            } else {
+                get_dir(tx, new_parent)?
+            };
             if dst_dir.nlink == 0 {
                 return Err(MetaError::NotFound);
             }
             let dst = find_edge(tx, new_parent, new_name)?;
             if same_dir && name == new_name {
                 // Renaming a name onto itself changes nothing.
-                return if flags.noreplace { Err(MetaError::Exists) } else { Ok(()) };
+                return if flags.noreplace {
+                    Err(MetaError::Exists)
+                } else {
+                    Ok(())
+                };
             }
             // A directory may not move below itself.
             if !same_dir {
@@ -909,9 +951,13 @@ impl Meta for SqliteMeta {
             if a.kind != FileKind::Symlink {
                 return Err(MetaError::Invalid);
             }
-            tx.query_row("SELECT target FROM symlink WHERE ino = ?1", [ino as i64], |r| r.get(0))
-                .optional()?
-                .ok_or(MetaError::NotFound)
+            tx.query_row(
+                "SELECT target FROM symlink WHERE ino = ?1",
+                [ino as i64],
+                |r| r.get(0),
+            )
+            .optional()?
+            .ok_or(MetaError::NotFound)
         })
     }
 
@@ -1042,7 +1088,15 @@ impl Meta for SqliteMeta {
                 tx.execute(
                     "INSERT OR REPLACE INTO slice (ino, chunk, id, size, off, len, pos)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                    params![ino as i64, cs.chunk, s.id as i64, s.size, s.off, s.len, s.pos],
+                    params![
+                        ino as i64,
+                        cs.chunk,
+                        s.id as i64,
+                        s.size,
+                        s.off,
+                        s.len,
+                        s.pos
+                    ],
                 )?;
                 end = end.max(cs.chunk as u64 * CHUNK_SIZE + s.pos as u64 + s.len as u64);
             }
@@ -1077,7 +1131,10 @@ impl Meta for SqliteMeta {
             let rows = tx
                 .prepare("SELECT id, size FROM deleted_slice ORDER BY id LIMIT ?1")?
                 .query_map([limit as i64], |r| {
-                    Ok(FreedSlice { id: r.get::<_, i64>(0)? as u64, size: r.get(1)? })
+                    Ok(FreedSlice {
+                        id: r.get::<_, i64>(0)? as u64,
+                        size: r.get(1)?,
+                    })
                 })?
                 .collect::<rusqlite::Result<_>>()?;
             Ok(rows)

@@ -43,7 +43,10 @@ impl Timestamp {
 impl From<SystemTime> for Timestamp {
     fn from(t: SystemTime) -> Self {
         match t.duration_since(UNIX_EPOCH) {
-            Ok(d) => Timestamp { sec: d.as_secs() as i64, nsec: d.subsec_nanos() },
+            Ok(d) => Timestamp {
+                sec: d.as_secs() as i64,
+                nsec: d.subsec_nanos(),
+            },
             Err(e) => {
                 let d = e.duration();
                 let (mut sec, mut nsec) = (-(d.as_secs() as i64), d.subsec_nanos());

@@ -34,6 +34,13 @@ impl MetaUrl {
             )),
         }
     }
+
+    /// The local file holding the metadata, for engines that keep it in one.
+    pub fn local_file(&self) -> Option<&std::path::Path> {
+        match self {
+            MetaUrl::Sqlite(p) => Some(p),
+        }
+    }
 }
 
 /// Opens the engine named by `url`. With `create`, a missing database is created (for format);
@@ -62,8 +69,14 @@ mod tests {
 
     #[test]
     fn rejects_bad_urls() {
-        assert!(MetaUrl::parse("/tmp/a.db").unwrap_err().contains("SCHEME://"));
-        assert!(MetaUrl::parse("mysql://x").unwrap_err().contains("unknown engine"));
-        assert!(MetaUrl::parse("sqlite3://").unwrap_err().contains("missing"));
+        assert!(MetaUrl::parse("/tmp/a.db")
+            .unwrap_err()
+            .contains("SCHEME://"));
+        assert!(MetaUrl::parse("mysql://x")
+            .unwrap_err()
+            .contains("unknown engine"));
+        assert!(MetaUrl::parse("sqlite3://")
+            .unwrap_err()
+            .contains("missing"));
     }
 }

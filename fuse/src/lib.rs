@@ -1,0 +1,771 @@
+//! The FUSE edge of tidefs: the only crate that knows the kernel protocol.
+//!
+//! It adapts kernel requests to a [`Vfs`], maps errors to errno, and mounts with fuser. Requests
+//! are served by several request loops (one cloned `/dev/fuse` descriptor each), so a slow read
+//! never holds up requests for other files or other ranges.
+
+use fuser::{
+    AccessFlags, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, OpenFlags, ReplyAttr, ReplyCreate,
+    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
+    ReplyXattr, Request, Session, SessionACL, TimeOrNow, WriteFlags,
+};
+use std::ffi::OsStr;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tidefs_meta::{Attr, FileKind, Ino, RenameFlags, SetAttr, Timestamp};
+
+/// Who makes a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ctx {
+    /// Effective user id of the caller.
+    pub uid: u32,
+    /// Effective group id of the caller.
+    pub gid: u32,
+    /// Process id of the caller (0 for kernel-internal requests).
+    pub pid: u32,
+}
+
+/// An error that stands for one errno at the system-call boundary.
+pub trait ToErrno: std::fmt::Display {
+    /// The errno to return to the kernel.
+    fn errno(&self) -> i32;
+}
+
+/// One directory listing entry, including `.` and `..`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListEntry {
+    /// Inode number.
+    pub ino: Ino,
+    /// Kind of inode.
+    pub kind: FileKind,
+    /// Name.
+    pub name: Vec<u8>,
+    /// Offset that resumes the listing right after this entry.
+    pub next: u64,
+}
+
+/// Filesystem statistics for statfs(2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StatFs {
+    /// Total space in bytes.
+    pub total_bytes: u64,
+    /// Free space in bytes.
+    pub free_bytes: u64,
+    /// Total inodes.
+    pub total_inodes: u64,
+    /// Free inodes.
+    pub free_inodes: u64,
+    /// Block size reported to callers.
+    pub block_size: u32,
+}
+
+/// The filesystem operations the kernel asks for, in terms of tidefs types.
+///
+/// Permission checks on paths are done by the kernel (`default_permissions`); implementations
+/// apply the rules the kernel leaves to filesystems (setgid inheritance and such).
+pub trait Vfs: Send + Sync + 'static {
+    /// Error of every operation.
+    type Error: ToErrno;
+
+    /// The inode `name` in `parent`.
+    fn lookup(&self, ctx: Ctx, parent: Ino, name: &[u8]) -> Result<Attr, Self::Error>;
+    /// Attributes of `ino`, including writes not yet committed.
+    fn getattr(&self, ino: Ino) -> Result<Attr, Self::Error>;
+    /// Changes attributes; `size` truncates or extends a file.
+    fn setattr(
+        &self,
+        ctx: Ctx,
+        ino: Ino,
+        set: SetAttr,
+        size: Option<u64>,
+    ) -> Result<Attr, Self::Error>;
+    /// Target of a symlink.
+    fn readlink(&self, ino: Ino) -> Result<Vec<u8>, Self::Error>;
+    /// Creates a non-directory, non-symlink node.
+    fn mknod(
+        &self,
+        ctx: Ctx,
+        parent: Ino,
+        name: &[u8],
+        mode: u32,
+        rdev: u32,
+    ) -> Result<Attr, Self::Error>;
+    /// Creates a directory.
+    fn mkdir(&self, ctx: Ctx, parent: Ino, name: &[u8], mode: u32) -> Result<Attr, Self::Error>;
+    /// Creates a symlink.
+    fn symlink(
+        &self,
+        ctx: Ctx,
+        parent: Ino,
+        name: &[u8],
+        target: &[u8],
+    ) -> Result<Attr, Self::Error>;
+    /// Removes a non-directory name.
+    fn unlink(&self, ctx: Ctx, parent: Ino, name: &[u8]) -> Result<(), Self::Error>;
+    /// Removes an empty directory.
+    fn rmdir(&self, ctx: Ctx, parent: Ino, name: &[u8]) -> Result<(), Self::Error>;
+    /// Renames atomically.
+    fn rename(
+        &self,
+        ctx: Ctx,
+        parent: Ino,
+        name: &[u8],
+        new_parent: Ino,
+        new_name: &[u8],
+        flags: RenameFlags,
+    ) -> Result<(), Self::Error>;
+    /// Adds a hard link.
+    fn link(&self, ctx: Ctx, ino: Ino, new_parent: Ino, name: &[u8]) -> Result<Attr, Self::Error>;
+    /// Opens a file; returns a handle.
+    fn open(&self, ctx: Ctx, ino: Ino, flags: i32) -> Result<u64, Self::Error>;
+    /// Creates and opens a file; returns its attributes and a handle.
+    fn create(
+        &self,
+        ctx: Ctx,
+        parent: Ino,
+        name: &[u8],
+        mode: u32,
+        flags: i32,
+    ) -> Result<(Attr, u64), Self::Error>;
+    /// Reads up to `size` bytes at `offset` (short only at end of file).
+    fn read(&self, ino: Ino, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>, Self::Error>;
+    /// Writes `data` at `offset`; returns the bytes written.
+    fn write(&self, ino: Ino, fh: u64, offset: u64, data: &[u8]) -> Result<u32, Self::Error>;
+    /// Called at each close(2) of a descriptor: makes written data durable and committed.
+    fn flush(&self, ino: Ino, fh: u64) -> Result<(), Self::Error>;
+    /// Called when the last descriptor of a handle goes away.
+    fn release(&self, ino: Ino, fh: u64) -> Result<(), Self::Error>;
+    /// Makes written data and metadata durable.
+    fn fsync(&self, ino: Ino, fh: u64, datasync: bool) -> Result<(), Self::Error>;
+    /// Entries of directory `ino` after `offset` (0: from the start), at most `limit`.
+    fn readdir(&self, ino: Ino, offset: u64, limit: usize) -> Result<Vec<ListEntry>, Self::Error>;
+    /// Space and inode statistics.
+    fn statfs(&self) -> Result<StatFs, Self::Error>;
+    /// Sets an xattr; `flags` are XATTR_CREATE / XATTR_REPLACE.
+    fn setxattr(&self, ino: Ino, name: &[u8], value: &[u8], flags: i32) -> Result<(), Self::Error>;
+    /// Value of an xattr.
+    fn getxattr(&self, ino: Ino, name: &[u8]) -> Result<Vec<u8>, Self::Error>;
+    /// Names of the xattrs, each followed by a NUL byte.
+    fn listxattr(&self, ino: Ino) -> Result<Vec<u8>, Self::Error>;
+    /// Removes an xattr.
+    fn removexattr(&self, ino: Ino, name: &[u8]) -> Result<(), Self::Error>;
+    /// fallocate(2) with its `mode` flags.
+    fn fallocate(
+        &self,
+        ino: Ino,
+        fh: u64,
+        offset: u64,
+        len: u64,
+        mode: i32,
+    ) -> Result<(), Self::Error>;
+    /// Called once when the kernel ends the session: flush and release everything.
+    fn destroy(&self);
+}
+
+/// Kernel cache timeouts and request concurrency of a mount.
+#[derive(Clone, Debug)]
+pub struct MountConfig {
+    /// Name shown as the mount source.
+    pub fsname: String,
+    /// How long the kernel may cache attributes.
+    pub attr_ttl: Duration,
+    /// How long the kernel may cache a file name lookup.
+    pub entry_ttl: Duration,
+    /// How long the kernel may cache a directory name lookup.
+    pub dir_entry_ttl: Duration,
+    /// Number of request loops.
+    pub threads: usize,
+    /// Let users other than the mounting one in (`allow_other`).
+    pub allow_other: bool,
+    /// Mount read-only.
+    pub read_only: bool,
+}
+
+impl Default for MountConfig {
+    fn default() -> Self {
+        MountConfig {
+            fsname: "tidefs".into(),
+            attr_ttl: Duration::from_secs(1),
+            entry_ttl: Duration::from_secs(1),
+            dir_entry_ttl: Duration::from_secs(1),
+            threads: 16,
+            allow_other: true,
+            read_only: false,
+        }
+    }
+}
+
+/// Largest write the kernel sends in one request.
+pub const MAX_WRITE: u32 = 1 << 20;
+
+struct Adapter<V: Vfs> {
+    vfs: Arc<V>,
+    config: MountConfig,
+}
+
+fn errno<E: ToErrno>(e: E) -> Errno {
+    let n = e.errno();
+    if n == libc::EIO {
+        tracing::warn!(error = %e, "request failed with EIO");
+    } else {
+        tracing::debug!(error = %e, errno = n, "request failed");
+    }
+    Errno::from_i32(n)
+}
+
+fn ctx(req: &Request) -> Ctx {
+    Ctx {
+        uid: req.uid(),
+        gid: req.gid(),
+        pid: req.pid(),
+    }
+}
+
+fn file_type(kind: FileKind) -> FileType {
+    match kind {
+        FileKind::File => FileType::RegularFile,
+        FileKind::Dir => FileType::Directory,
+        FileKind::Symlink => FileType::Symlink,
+        FileKind::Fifo => FileType::NamedPipe,
+        FileKind::Socket => FileType::Socket,
+        FileKind::CharDev => FileType::CharDevice,
+        FileKind::BlockDev => FileType::BlockDevice,
+    }
+}
+
+fn time(t: Option<TimeOrNow>) -> Option<Timestamp> {
+    t.map(|t| match t {
+        TimeOrNow::SpecificTime(t) => Timestamp::from(t),
+        TimeOrNow::Now => Timestamp::now(),
+    })
+}
+
+impl<V: Vfs> Adapter<V> {
+    fn attr(&self, a: &Attr) -> FileAttr {
+        FileAttr {
+            ino: INodeNo(a.ino),
+            size: a.length,
+            blocks: a.length.div_ceil(512),
+            atime: a.atime.into(),
+            mtime: a.mtime.into(),
+            ctime: a.ctime.into(),
+            crtime: a.ctime.into(),
+            kind: file_type(a.kind),
+            perm: (a.mode & 0o7777) as u16,
+            nlink: a.nlink,
+            uid: a.uid,
+            gid: a.gid,
+            rdev: a.rdev,
+            blksize: 4096,
+            flags: 0,
+        }
+    }
+
+    fn entry(&self, reply: ReplyEntry, result: Result<Attr, V::Error>) {
+        match result {
+            Ok(a) => {
+                let ttl = if a.kind == FileKind::Dir {
+                    self.config.dir_entry_ttl
+                } else {
+                    self.config.entry_ttl
+                };
+                reply.entry_with_ttls(&ttl, &self.config.attr_ttl, &self.attr(&a), Generation(0));
+            }
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn empty(reply: ReplyEmpty, result: Result<(), V::Error>) {
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+}
+
+impl<V: Vfs> Filesystem for Adapter<V> {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
+        if let Err(max) = config.set_max_write(MAX_WRITE) {
+            config.set_max_write(max).ok();
+        }
+        let wanted = InitFlags::FUSE_PARALLEL_DIROPS | InitFlags::FUSE_ASYNC_READ;
+        config.add_capabilities(wanted & config.capabilities()).ok();
+        Ok(())
+    }
+
+    fn destroy(&mut self) {
+        self.vfs.destroy();
+    }
+
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let _s = tracing::debug_span!("lookup", parent = parent.0).entered();
+        self.entry(reply, self.vfs.lookup(ctx(req), parent.0, name.as_bytes()));
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let _s = tracing::debug_span!("getattr", ino = ino.0).entered();
+        match self.vfs.getattr(ino.0) {
+            Ok(a) => reply.attr(&self.config.attr_ttl, &self.attr(&a)),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn setattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let _s = tracing::debug_span!("setattr", ino = ino.0).entered();
+        let set = SetAttr {
+            mode: mode.map(|m| m & 0o7777),
+            uid,
+            gid,
+            atime: time(atime),
+            mtime: time(mtime),
+            ctime: ctime.map(Timestamp::from),
+        };
+        match self.vfs.setattr(ctx(req), ino.0, set, size) {
+            Ok(a) => reply.attr(&self.config.attr_ttl, &self.attr(&a)),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let _s = tracing::debug_span!("readlink", ino = ino.0).entered();
+        match self.vfs.readlink(ino.0) {
+            Ok(t) => reply.data(&t),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let _s = tracing::debug_span!("mknod", parent = parent.0).entered();
+        self.entry(
+            reply,
+            self.vfs
+                .mknod(ctx(req), parent.0, name.as_bytes(), mode, rdev),
+        );
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let _s = tracing::debug_span!("mkdir", parent = parent.0).entered();
+        self.entry(
+            reply,
+            self.vfs.mkdir(ctx(req), parent.0, name.as_bytes(), mode),
+        );
+    }
+
+    fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _s = tracing::debug_span!("unlink", parent = parent.0).entered();
+        Self::empty(reply, self.vfs.unlink(ctx(req), parent.0, name.as_bytes()));
+    }
+
+    fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _s = tracing::debug_span!("rmdir", parent = parent.0).entered();
+        Self::empty(reply, self.vfs.rmdir(ctx(req), parent.0, name.as_bytes()));
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let _s = tracing::debug_span!("symlink", parent = parent.0).entered();
+        let target = target.as_os_str().as_bytes();
+        self.entry(
+            reply,
+            self.vfs
+                .symlink(ctx(req), parent.0, link_name.as_bytes(), target),
+        );
+    }
+
+    fn rename(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: fuser::RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let _s =
+            tracing::debug_span!("rename", parent = parent.0, newparent = newparent.0).entered();
+        if flags.contains(fuser::RenameFlags::RENAME_WHITEOUT) {
+            return reply.error(Errno::from_i32(libc::EINVAL));
+        }
+        let flags = RenameFlags {
+            noreplace: flags.contains(fuser::RenameFlags::RENAME_NOREPLACE),
+            exchange: flags.contains(fuser::RenameFlags::RENAME_EXCHANGE),
+        };
+        Self::empty(
+            reply,
+            self.vfs.rename(
+                ctx(req),
+                parent.0,
+                name.as_bytes(),
+                newparent.0,
+                newname.as_bytes(),
+                flags,
+            ),
+        );
+    }
+
+    fn link(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let _s = tracing::debug_span!("link", ino = ino.0, newparent = newparent.0).entered();
+        self.entry(
+            reply,
+            self.vfs
+                .link(ctx(req), ino.0, newparent.0, newname.as_bytes()),
+        );
+    }
+
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let _s = tracing::debug_span!("open", ino = ino.0).entered();
+        match self.vfs.open(ctx(req), ino.0, flags.0) {
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let _s = tracing::debug_span!("read", ino = ino.0, offset, size).entered();
+        match self.vfs.read(ino.0, fh.0, offset, size) {
+            Ok(data) => reply.data(&data),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let _s = tracing::debug_span!("write", ino = ino.0, offset, len = data.len()).entered();
+        match self.vfs.write(ino.0, fh.0, offset, data) {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        let _s = tracing::debug_span!("flush", ino = ino.0).entered();
+        Self::empty(reply, self.vfs.flush(ino.0, fh.0));
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        let _s = tracing::debug_span!("release", ino = ino.0).entered();
+        Self::empty(reply, self.vfs.release(ino.0, fh.0));
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let _s = tracing::debug_span!("fsync", ino = ino.0).entered();
+        Self::empty(reply, self.vfs.fsync(ino.0, fh.0, datasync));
+    }
+
+    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        reply.opened(FileHandle(0), FopenFlags::empty());
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let _s = tracing::debug_span!("readdir", ino = ino.0, offset).entered();
+        match self.vfs.readdir(ino.0, offset, 256) {
+            Ok(entries) => {
+                for e in entries {
+                    let name = OsStr::from_bytes(&e.name);
+                    if reply.add(INodeNo(e.ino), e.next, file_type(e.kind), name) {
+                        break;
+                    }
+                }
+                reply.ok();
+            }
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        match self.vfs.statfs() {
+            Ok(s) => {
+                let bs = s.block_size as u64;
+                reply.statfs(
+                    s.total_bytes / bs,
+                    s.free_bytes / bs,
+                    s.free_bytes / bs,
+                    s.total_inodes,
+                    s.free_inodes,
+                    s.block_size,
+                    255,
+                    s.block_size,
+                );
+            }
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let _s = tracing::debug_span!("setxattr", ino = ino.0).entered();
+        Self::empty(
+            reply,
+            self.vfs.setxattr(ino.0, name.as_bytes(), value, flags),
+        );
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let _s = tracing::debug_span!("getxattr", ino = ino.0).entered();
+        xattr_reply(reply, size, self.vfs.getxattr(ino.0, name.as_bytes()));
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let _s = tracing::debug_span!("listxattr", ino = ino.0).entered();
+        xattr_reply(reply, size, self.vfs.listxattr(ino.0));
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _s = tracing::debug_span!("removexattr", ino = ino.0).entered();
+        Self::empty(reply, self.vfs.removexattr(ino.0, name.as_bytes()));
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        // With default_permissions the kernel checks access itself; this is never reached.
+        reply.ok();
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let _s = tracing::debug_span!("create", parent = parent.0).entered();
+        match self
+            .vfs
+            .create(ctx(req), parent.0, name.as_bytes(), mode, flags)
+        {
+            Ok((a, fh)) => reply.created(
+                &self.config.entry_ttl,
+                &self.attr(&a),
+                Generation(0),
+                FileHandle(fh),
+                FopenFlags::empty(),
+            ),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        let _s = tracing::debug_span!("fallocate", ino = ino.0, offset, length).entered();
+        Self::empty(reply, self.vfs.fallocate(ino.0, fh.0, offset, length, mode));
+    }
+}
+
+fn xattr_reply<E: ToErrno>(reply: ReplyXattr, size: u32, result: Result<Vec<u8>, E>) {
+    match result {
+        Ok(v) if size == 0 => reply.size(v.len() as u32),
+        Ok(v) if v.len() > size as usize => reply.error(Errno::from_i32(libc::ERANGE)),
+        Ok(v) => reply.data(&v),
+        Err(e) => reply.error(errno(e)),
+    }
+}
+
+/// A mounted filesystem. Dropping it unmounts.
+pub struct Mounted {
+    session: Option<fuser::BackgroundSession>,
+    unmounter: Option<fuser::SessionUnmounter>,
+}
+
+impl std::fmt::Debug for Mounted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mounted").finish_non_exhaustive()
+    }
+}
+
+impl Mounted {
+    /// A handle that can unmount from another thread (given out once).
+    pub fn take_unmounter(&mut self) -> Option<Unmounter> {
+        self.unmounter.take().map(Unmounter)
+    }
+
+    /// Waits until the filesystem is unmounted (by `umount`, by [`Unmounter`] or by the kernel).
+    pub fn join(mut self) -> io::Result<()> {
+        match self.session.take() {
+            Some(s) => s.join(),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Unmounts a [`Mounted`] filesystem from any thread.
+pub struct Unmounter(fuser::SessionUnmounter);
+
+impl std::fmt::Debug for Unmounter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Unmounter").finish_non_exhaustive()
+    }
+}
+
+impl Unmounter {
+    /// Unmounts; the request loops then end and [`Vfs::destroy`] runs.
+    pub fn unmount(&mut self) -> io::Result<()> {
+        self.0.unmount()
+    }
+}
+
+/// Mounts `vfs` at `mountpoint` and serves it from background request loops.
+///
+/// As root it mounts with mount(2); otherwise through fusermount3.
+pub fn mount<V: Vfs>(vfs: Arc<V>, mountpoint: &Path, config: MountConfig) -> io::Result<Mounted> {
+    let mut options = vec![
+        MountOption::FSName(config.fsname.clone()),
+        MountOption::Subtype("tidefs".into()),
+        MountOption::DefaultPermissions,
+        MountOption::NoAtime,
+    ];
+    if config.read_only {
+        options.push(MountOption::RO);
+    }
+    if unsafe { libc::geteuid() } == 0 {
+        options.push(MountOption::Dev);
+        options.push(MountOption::Suid);
+    }
+    let mut fuser_config = Config::default();
+    fuser_config.mount_options = options;
+    fuser_config.acl = if config.allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
+    fuser_config.n_threads = Some(config.threads.max(1));
+    fuser_config.clone_fd = true;
+    let adapter = Adapter { vfs, config };
+    let mut session = Session::new(adapter, mountpoint, &fuser_config)?;
+    let unmounter = session.unmount_callable();
+    let session = session.spawn()?;
+    Ok(Mounted {
+        session: Some(session),
+        unmounter: Some(unmounter),
+    })
+}

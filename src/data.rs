@@ -1,0 +1,459 @@
+//! The data path: buffering writes into slices, uploading their blocks, committing them, and
+//! reading a file's bytes back through the block cache.
+//!
+//! Durability rule: a slice is committed to metadata only after every one of its blocks is
+//! durable in the object store, so metadata never points at missing data, whatever crashes.
+
+use crate::error::FsError;
+use crate::layout::{Layout, CHUNK_SIZE};
+use crate::object::{ObjectStore, StoreError};
+use crate::slices::{resolve, Source};
+use bytes::Bytes;
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use tidefs_cache::BlockCache;
+use tidefs_meta::{ChunkSlice, Ino, Meta, Slice, Timestamp};
+use tokio::runtime::Handle;
+use tokio::task::JoinHandle;
+
+/// Largest file size accepted (as ext4 with 4 KiB blocks: 16 TiB).
+pub const MAX_FILE_SIZE: u64 = 16 << 40;
+
+/// Slice ids reserved from metadata at a time.
+const ID_BATCH: u64 = 1024;
+
+/// Pending slices per file before a write forces a commit.
+pub const MAX_PENDING_SLICES: usize = 512;
+
+/// What the data path of a mount shares.
+pub struct DataCtx {
+    /// Metadata engine.
+    pub meta: Arc<dyn Meta>,
+    /// Object store.
+    pub store: Arc<dyn ObjectStore>,
+    /// Block cache.
+    pub cache: BlockCache,
+    /// Block naming.
+    pub layout: Layout,
+    /// Runtime running uploads and fetches.
+    pub rt: Handle,
+    /// Bytes written but not yet committed, over all files.
+    pub buffered: AtomicU64,
+    ids: Mutex<Range<u64>>,
+}
+
+impl std::fmt::Debug for DataCtx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DataCtx")
+            .field("layout", &self.layout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DataCtx {
+    /// The shared state of a mount's data path.
+    pub fn new(
+        meta: Arc<dyn Meta>,
+        store: Arc<dyn ObjectStore>,
+        cache: BlockCache,
+        layout: Layout,
+        rt: Handle,
+    ) -> Self {
+        DataCtx {
+            meta,
+            store,
+            cache,
+            layout,
+            rt,
+            buffered: AtomicU64::new(0),
+            ids: Mutex::new(0..0),
+        }
+    }
+
+    /// A fresh slice id. Ids come from metadata in batches; the lock is never held across the
+    /// metadata call.
+    pub fn next_slice_id(&self) -> Result<u64, FsError> {
+        loop {
+            {
+                let mut ids = self.ids.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(id) = ids.next() {
+                    return Ok(id);
+                }
+            }
+            let first = self.meta.next_slice_ids(ID_BATCH)?;
+            let mut ids = self.ids.lock().unwrap_or_else(|e| e.into_inner());
+            if ids.is_empty() {
+                *ids = first..first + ID_BATCH;
+            }
+        }
+    }
+
+    fn upload(&self, key: String, data: Bytes) -> JoinHandle<Result<(), StoreError>> {
+        let (store, cache) = (self.store.clone(), self.cache.clone());
+        self.rt.spawn(async move {
+            store.put(&key, data.clone()).await?;
+            cache.insert(&key, data).await;
+            Ok(())
+        })
+    }
+
+    /// Fetches block `key` of `len` bytes through the cache; concurrent callers share a fetch.
+    async fn block(&self, key: &str, len: u32) -> Result<Bytes, FsError> {
+        let store = self.store.clone();
+        let k = key.to_string();
+        self.cache
+            .get_or_fetch(key, async move {
+                let data = store.get(&k, None).await?;
+                if data.len() as u64 != len as u64 {
+                    return Err(StoreError::Corrupt {
+                        key: k,
+                        actual: data.len() as u64,
+                        expected: len as u64,
+                    });
+                }
+                Ok(data)
+            })
+            .await
+            .map_err(|e| FsError::Data(e.to_string()))
+    }
+
+    /// Reads `[off, off + size)` of file `ino`, whose committed length is `length`.
+    pub fn read(&self, ino: Ino, length: u64, off: u64, size: u32) -> Result<Vec<u8>, FsError> {
+        if off >= length {
+            return Ok(Vec::new());
+        }
+        let end = length.min(off + size as u64);
+        let pieces = self.plan(ino, off, end)?;
+        let mut out = vec![0u8; (end - off) as usize];
+        let fetched = self.rt.block_on(async {
+            let fetches = pieces.iter().map(|p| async move {
+                match &p.block {
+                    None => Ok(None),
+                    Some((key, len, _)) => self.block(key, *len).await.map(Some),
+                }
+            });
+            futures::future::try_join_all(fetches).await
+        })?;
+        for (p, data) in pieces.iter().zip(fetched) {
+            if let (Some((_, _, in_block)), Some(data)) = (&p.block, data) {
+                let dst = (p.file_off - off) as usize;
+                let src = *in_block as usize;
+                out[dst..dst + p.len as usize].copy_from_slice(&data[src..src + p.len as usize]);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Starts fetching the blocks behind `[off, end)` of file `ino` into the cache.
+    pub fn prefetch(&self, ino: Ino, off: u64, end: u64) {
+        let Ok(pieces) = self.plan(ino, off, end) else {
+            return;
+        };
+        for p in pieces {
+            if let Some((key, len, _)) = p.block {
+                let (store, cache) = (self.store.clone(), self.cache.clone());
+                self.rt.spawn(async move {
+                    if cache.get(&key).await.is_some() {
+                        return;
+                    }
+                    let k = key.clone();
+                    let _ = cache
+                        .get_or_fetch(&key, async move {
+                            let data = store.get(&k, None).await?;
+                            if data.len() != len as usize {
+                                return Err(StoreError::Corrupt {
+                                    key: k,
+                                    actual: data.len() as u64,
+                                    expected: len as u64,
+                                });
+                            }
+                            Ok(data)
+                        })
+                        .await;
+                });
+            }
+        }
+    }
+
+    /// Splits `[off, end)` of a file into pieces that each come from one block or are zeros.
+    fn plan(&self, ino: Ino, off: u64, end: u64) -> Result<Vec<Piece>, FsError> {
+        let bs = self.layout.block_size();
+        let mut pieces = Vec::new();
+        let mut at = off;
+        while at < end {
+            let chunk = (at / CHUNK_SIZE) as u32;
+            let chunk_start = chunk as u64 * CHUNK_SIZE;
+            let cend = end.min(chunk_start + CHUNK_SIZE);
+            let slices = self.meta.read_chunk(ino, chunk)?;
+            let spans = resolve(
+                &slices,
+                (at - chunk_start) as u32,
+                (cend - chunk_start) as u32,
+            );
+            for span in spans {
+                let file_off = chunk_start + span.pos as u64;
+                match span.source {
+                    Source::Zero => pieces.push(Piece {
+                        file_off,
+                        len: span.len,
+                        block: None,
+                    }),
+                    Source::Data { slice, data_off } => {
+                        let mut done = 0;
+                        while done < span.len {
+                            let d = data_off + done;
+                            let index = d / bs;
+                            let in_block = d % bs;
+                            let n = (bs - in_block).min(span.len - done);
+                            let blen = self.layout.block_len(slice.size, index);
+                            let key = self.layout.block_key(slice.id, index, blen);
+                            pieces.push(Piece {
+                                file_off: file_off + done as u64,
+                                len: n,
+                                block: Some((key, blen, in_block)),
+                            });
+                            done += n;
+                        }
+                    }
+                }
+            }
+            at = cend;
+        }
+        Ok(pieces)
+    }
+}
+
+/// Part of a read: `len` bytes at `file_off`, from (block key, block length, offset in block)
+/// or zeros.
+struct Piece {
+    file_off: u64,
+    len: u32,
+    block: Option<(String, u32, u32)>,
+}
+
+/// A slice being written: bytes `[0, uploaded)` are in flight to the store as whole blocks,
+/// bytes `[uploaded, len)` are in `buf`.
+struct PendingSlice {
+    chunk: u32,
+    pos: u32,
+    id: u64,
+    len: u32,
+    uploaded: u32,
+    buf: Vec<u8>,
+    uploads: Vec<JoinHandle<Result<(), StoreError>>>,
+}
+
+impl PendingSlice {
+    fn end(&self) -> u32 {
+        self.pos + self.len
+    }
+
+    /// Starts uploads of every full block in the buffer.
+    fn upload_full_blocks(&mut self, data: &DataCtx) {
+        let bs = data.layout.block_size() as usize;
+        while self.buf.len() >= bs {
+            let rest = self.buf.split_off(bs);
+            let block = std::mem::replace(&mut self.buf, rest);
+            let index = self.uploaded / bs as u32;
+            let key = data.layout.block_key(self.id, index, bs as u32);
+            self.uploads.push(data.upload(key, Bytes::from(block)));
+            self.uploaded += bs as u32;
+        }
+    }
+
+    /// Starts the upload of the last, short block; the slice takes no more writes.
+    fn upload_tail(&mut self, data: &DataCtx) {
+        self.upload_full_blocks(data);
+        if !self.buf.is_empty() {
+            let bs = data.layout.block_size();
+            let block = std::mem::take(&mut self.buf);
+            let key = data
+                .layout
+                .block_key(self.id, self.uploaded / bs, block.len() as u32);
+            self.uploaded += block.len() as u32;
+            self.uploads.push(data.upload(key, Bytes::from(block)));
+        }
+    }
+}
+
+#[derive(Default)]
+struct WriterState {
+    slices: Vec<PendingSlice>,
+    /// End of the furthest byte written and not yet committed (0: nothing pending).
+    length: u64,
+    /// Time of the last write not yet committed.
+    mtime: Option<Timestamp>,
+    /// Commits running now.
+    committing: usize,
+    /// The first error of a commit since the last flush reported it.
+    error: Option<String>,
+}
+
+/// The uncommitted writes of one file.
+#[derive(Default)]
+pub struct FileWriter {
+    state: Mutex<WriterState>,
+    idle: Condvar,
+}
+
+impl std::fmt::Debug for FileWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileWriter").finish_non_exhaustive()
+    }
+}
+
+impl FileWriter {
+    fn lock(&self) -> std::sync::MutexGuard<'_, WriterState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Buffers `buf` at `off`. Full blocks start uploading at once. Returns the number of
+    /// slices now pending.
+    pub fn write(&self, data: &DataCtx, off: u64, buf: &[u8]) -> Result<usize, FsError> {
+        let mut st = self.lock();
+        let mut done = 0usize;
+        while done < buf.len() {
+            let at = off + done as u64;
+            let chunk = (at / CHUNK_SIZE) as u32;
+            let pos = (at % CHUNK_SIZE) as u32;
+            let n = ((CHUNK_SIZE as usize) - pos as usize).min(buf.len() - done);
+            let part = &buf[done..done + n];
+            // Extend or overwrite the newest slice of this chunk if the range starts inside
+            // its not yet uploaded tail.
+            let newest = st.slices.iter_mut().rev().find(|s| s.chunk == chunk);
+            let grew = match newest {
+                Some(s) if pos >= s.pos + s.uploaded && pos <= s.end() => {
+                    let rel = (pos - s.pos - s.uploaded) as usize;
+                    if s.buf.len() < rel + n {
+                        s.buf.resize(rel + n, 0);
+                    }
+                    s.buf[rel..rel + n].copy_from_slice(part);
+                    let old = s.len;
+                    s.len = s.len.max(pos + n as u32 - s.pos);
+                    s.upload_full_blocks(data);
+                    s.len - old
+                }
+                _ => {
+                    let id = data.next_slice_id()?;
+                    let mut s = PendingSlice {
+                        chunk,
+                        pos,
+                        id,
+                        len: n as u32,
+                        uploaded: 0,
+                        buf: part.to_vec(),
+                        uploads: Vec::new(),
+                    };
+                    s.upload_full_blocks(data);
+                    st.slices.push(s);
+                    n as u32
+                }
+            };
+            data.buffered.fetch_add(grew as u64, Ordering::Relaxed);
+            done += n;
+        }
+        st.length = st.length.max(off + buf.len() as u64);
+        st.mtime = Some(Timestamp::now());
+        Ok(st.slices.len())
+    }
+
+    /// The length and mtime a reader should see on top of committed metadata, if anything is
+    /// pending.
+    pub fn overlay(&self) -> Option<(u64, Timestamp)> {
+        let st = self.lock();
+        st.mtime.map(|m| (st.length, m))
+    }
+
+    /// Whether nothing is pending or committing.
+    pub fn is_idle(&self) -> bool {
+        let st = self.lock();
+        st.slices.is_empty() && st.committing == 0
+    }
+
+    /// Whether writes are buffered and not yet committed.
+    pub fn has_pending(&self) -> bool {
+        let st = self.lock();
+        !st.slices.is_empty() || st.committing > 0
+    }
+
+    /// Uploads what is buffered, waits until every write made before this call is durable and
+    /// committed, and reports the first failure since the last flush.
+    pub fn flush(&self, data: &DataCtx, ino: Ino) -> Result<(), FsError> {
+        let (mut slices, mtime) = {
+            let mut st = self.lock();
+            let slices = std::mem::take(&mut st.slices);
+            if !slices.is_empty() {
+                st.committing += 1;
+            }
+            (slices, st.mtime.unwrap_or_else(Timestamp::now))
+        };
+        let result = if slices.is_empty() {
+            Ok(())
+        } else {
+            self.commit(data, ino, &mut slices, mtime)
+        };
+        let written: u64 = slices.iter().map(|s| s.len as u64).sum();
+        data.buffered.fetch_sub(written, Ordering::Relaxed);
+        let mut st = self.lock();
+        if !slices.is_empty() {
+            st.committing -= 1;
+            if let Err(e) = &result {
+                st.error.get_or_insert_with(|| e.to_string());
+            }
+        }
+        // Wait for commits started by other flushes, so that this returns only when every
+        // earlier write is committed.
+        while st.committing > 0 {
+            st = self.idle.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        if st.slices.is_empty() {
+            st.length = 0;
+            st.mtime = None;
+        }
+        self.idle.notify_all();
+        match st.error.take() {
+            Some(e) => Err(FsError::Data(e)),
+            None => Ok(()),
+        }
+    }
+
+    fn commit(
+        &self,
+        data: &DataCtx,
+        ino: Ino,
+        slices: &mut [PendingSlice],
+        mtime: Timestamp,
+    ) -> Result<(), FsError> {
+        for s in slices.iter_mut() {
+            s.upload_tail(data);
+        }
+        let uploads: Vec<_> = slices
+            .iter_mut()
+            .flat_map(|s| s.uploads.drain(..))
+            .collect();
+        let results = data.rt.block_on(futures::future::join_all(uploads));
+        for r in results {
+            match r {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(FsError::Store(e)),
+                Err(e) => return Err(FsError::Data(format!("upload task failed: {e}"))),
+            }
+        }
+        let committed: Vec<ChunkSlice> = slices
+            .iter()
+            .map(|s| ChunkSlice {
+                chunk: s.chunk,
+                slice: Slice {
+                    id: s.id,
+                    size: s.len,
+                    off: 0,
+                    len: s.len,
+                    pos: s.pos,
+                },
+            })
+            .collect();
+        data.meta.write_slices(ino, &committed, mtime)?;
+        Ok(())
+    }
+}

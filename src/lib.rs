@@ -1,0 +1,18 @@
+//! tidefs: a POSIX filesystem whose data lives in an object store and whose metadata lives in
+//! a transactional engine.
+//!
+//! Layers, each behind a narrow interface:
+//! - [`object`]: the [`object::ObjectStore`] trait and its stores;
+//! - [`layout`] and [`slices`]: how file bytes map to chunks, slices and block objects;
+//! - [`data`]: write buffering, uploads, commits and reads;
+//! - [`vfs`]: the filesystem the FUSE adapter (`tidefs-fuse`) calls;
+//! - [`volume`]: formatting and opening volumes, the default volume.
+
+pub mod data;
+pub mod error;
+pub mod layout;
+pub mod object;
+pub mod perm;
+pub mod slices;
+pub mod vfs;
+pub mod volume;

@@ -1,0 +1,426 @@
+//! The `tidefs` command: format, mount, umount and inspect volumes.
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tidefs::data::DataCtx;
+use tidefs::layout::Layout;
+use tidefs::object::{Instrumented, ObjectStore};
+use tidefs::vfs::{TideVfs, VfsOptions};
+use tidefs::volume::{self, FormatRequest};
+use tidefs_cache::BlockCache;
+use tidefs_meta::{MetaError, MetaUrl, SessionInfo};
+
+/// Marks the re-executed child of `mount --background`.
+const DAEMON_ENV: &str = "TIDEFS_DAEMON_CHILD";
+
+#[derive(Parser)]
+#[command(
+    name = "tidefs",
+    version,
+    about = "A POSIX filesystem on object storage"
+)]
+struct Cli {
+    /// Log debug details.
+    #[arg(long, global = true)]
+    debug: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Format a volume (or check an existing one has the same layout).
+    Format(FormatArgs),
+    /// Mount a volume; with no META_URL, the default volume (formatted on first use).
+    Mount(MountArgs),
+    /// Unmount a mounted volume.
+    Umount(UmountArgs),
+    /// Show a volume's settings, usage and sessions.
+    Status(StatusArgs),
+}
+
+#[derive(Args)]
+struct FormatArgs {
+    /// Metadata engine URL, e.g. sqlite3:///var/lib/tidefs/vol.db
+    meta_url: String,
+    /// Volume name: 3 to 63 lowercase letters, digits and hyphens.
+    name: String,
+    /// Object store kind.
+    #[arg(long, default_value = "file")]
+    storage: String,
+    /// Where objects go (a directory for --storage file; default beside the database).
+    #[arg(long)]
+    bucket: Option<String>,
+    /// Block size in KiB (power of two, 64 to 16384).
+    #[arg(long, default_value_t = 4096)]
+    block_size: u32,
+    /// Days removed files stay in the trash (0: none; the trash is not available yet).
+    #[arg(long, default_value_t = 0)]
+    trash_days: u32,
+    /// Space limit in GiB (0: unlimited).
+    #[arg(long, default_value_t = 0)]
+    capacity: u64,
+    /// Inode limit (0: unlimited).
+    #[arg(long, default_value_t = 0)]
+    inodes: u64,
+}
+
+#[derive(Args)]
+struct MountArgs {
+    /// [META_URL] MOUNTPOINT
+    #[arg(num_args = 1..=2, value_names = ["META_URL", "MOUNTPOINT"], required = true)]
+    args: Vec<String>,
+    /// Run in the background once mounted.
+    #[arg(short = 'd', long)]
+    background: bool,
+    /// Log file for --background (default: tidefs.log in the data directory).
+    #[arg(long)]
+    log: Option<PathBuf>,
+    /// Memory block cache size in MiB.
+    #[arg(long, default_value_t = 128)]
+    cache_size: u64,
+    /// Write buffer size in MiB (uncommitted writes before writers commit at once).
+    #[arg(long, default_value_t = 300)]
+    buffer_size: u64,
+    /// Kernel attribute cache timeout in seconds.
+    #[arg(long, default_value_t = 1.0)]
+    attr_cache: f64,
+    /// Kernel file entry cache timeout in seconds.
+    #[arg(long, default_value_t = 1.0)]
+    entry_cache: f64,
+    /// Kernel directory entry cache timeout in seconds.
+    #[arg(long, default_value_t = 1.0)]
+    dir_entry_cache: f64,
+    /// Number of FUSE request loops.
+    #[arg(long, default_value_t = 16)]
+    threads: usize,
+    /// Mount read-only.
+    #[arg(long)]
+    read_only: bool,
+}
+
+#[derive(Args)]
+struct UmountArgs {
+    /// Where the volume is mounted.
+    mountpoint: PathBuf,
+    /// Detach even if busy (lazy unmount).
+    #[arg(short, long)]
+    force: bool,
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    /// Metadata engine URL (default: the default volume).
+    meta_url: Option<String>,
+}
+
+fn init_logging(debug: bool) {
+    let default = if debug { "debug" } else { "info" };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() {
+    let cli = Cli::parse();
+    init_logging(cli.debug);
+    let result = match cli.command {
+        Command::Format(a) => format(a),
+        Command::Mount(a) => mount(a),
+        Command::Umount(a) => umount(a),
+        Command::Status(a) => status(a),
+    };
+    if let Err(e) = result {
+        eprintln!("tidefs: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn parse_url(url: &str) -> Result<MetaUrl> {
+    MetaUrl::parse(url).map_err(|e| anyhow!(e))
+}
+
+fn format(a: FormatArgs) -> Result<()> {
+    let url = parse_url(&a.meta_url)?;
+    let req = FormatRequest {
+        name: a.name,
+        storage: a.storage,
+        bucket: a.bucket,
+        block_size_kib: a.block_size,
+        trash_days: a.trash_days,
+        capacity_gib: a.capacity,
+        inodes: a.inodes,
+    };
+    let f = volume::format_volume(&url, &req)?;
+    println!("{}", serde_json::to_string_pretty(&f)?);
+    Ok(())
+}
+
+/// The default volume's URL, formatting it on first use.
+fn default_volume() -> Result<String> {
+    let dir = volume::default_data_dir();
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("cannot create data directory {}", dir.display()))?;
+    let probe = dir.join(".write-probe");
+    std::fs::write(&probe, b"")
+        .with_context(|| format!("data directory {} is not writable", dir.display()))?;
+    let _ = std::fs::remove_file(&probe);
+    let url = volume::default_meta_url(&dir);
+    let parsed = parse_url(&url)?;
+    let formatted = match tidefs_meta::open(&parsed, false) {
+        Ok(m) => match m.load_format() {
+            Ok(_) => true,
+            Err(MetaError::NotFormatted) => false,
+            Err(e) => return Err(e.into()),
+        },
+        Err(MetaError::NotFormatted) => false,
+        Err(e) => return Err(e.into()),
+    };
+    if !formatted {
+        let req = FormatRequest {
+            name: "tidefs".into(),
+            storage: "file".into(),
+            bucket: Some(dir.join("objects").display().to_string()),
+            block_size_kib: 4096,
+            trash_days: 0,
+            capacity_gib: 0,
+            inodes: 0,
+        };
+        volume::format_volume(&parsed, &req)?;
+        tracing::info!(dir = %dir.display(), "formatted the default volume");
+    }
+    Ok(url)
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+fn pid_alive(pid: u32) -> bool {
+    let r = unsafe { libc::kill(pid as i32, 0) };
+    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+fn mount(a: MountArgs) -> Result<()> {
+    let (url, mountpoint) = match a.args.as_slice() {
+        [mp] => (default_volume()?, PathBuf::from(mp)),
+        [url, mp] => (url.clone(), PathBuf::from(mp)),
+        _ => bail!("usage: tidefs mount [META_URL] MOUNTPOINT"),
+    };
+    let parsed = parse_url(&url)?;
+    let (meta, format) = volume::open_meta(&parsed).map_err(|e| match e {
+        volume::VolumeError::Meta(MetaError::NotFormatted) => {
+            anyhow!("volume {url} is not formatted: run `tidefs format {url} NAME` first")
+        }
+        e => e.into(),
+    })?;
+    let mountpoint = volume::prepare_mountpoint(&mountpoint)?;
+    volume::check_fuse_device()?;
+    if a.background && std::env::var_os(DAEMON_ENV).is_none() {
+        return daemonize(&a, &mountpoint);
+    }
+    let store = volume::open_store(&format)?;
+    let store: Arc<dyn ObjectStore> = Arc::new(Instrumented::new(store));
+
+    // Sessions of mounts on this host whose process is gone: free what they held.
+    let host = hostname();
+    for s in meta.sessions()? {
+        if s.host == host && !pid_alive(s.pid) {
+            tracing::info!(
+                sid = s.sid,
+                pid = s.pid,
+                "cleaning up the session of a dead mount"
+            );
+            meta.close_session(s.sid)?;
+        }
+    }
+    let sid = meta.new_session(&SessionInfo {
+        sid: 0,
+        host,
+        pid: std::process::id(),
+        mountpoint: mountpoint.display().to_string(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        started: 0,
+        heartbeat: 0,
+    })?;
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .thread_name("tidefs-io")
+        .enable_all()
+        .build()
+        .context("cannot start the I/O runtime")?;
+    let layout = Layout::new(&format.name, format.block_size);
+    let cache = BlockCache::new(a.cache_size << 20);
+    let data = Arc::new(DataCtx::new(
+        meta.clone(),
+        store,
+        cache,
+        layout,
+        rt.handle().clone(),
+    ));
+    let opts = VfsOptions {
+        buffer_size: a.buffer_size << 20,
+        ..VfsOptions::default()
+    };
+    let vfs = TideVfs::new(data, format.clone(), sid, opts);
+    let config = tidefs_fuse::MountConfig {
+        fsname: format!("tidefs:{}", format.name),
+        attr_ttl: Duration::from_secs_f64(a.attr_cache.max(0.0)),
+        entry_ttl: Duration::from_secs_f64(a.entry_cache.max(0.0)),
+        dir_entry_ttl: Duration::from_secs_f64(a.dir_entry_cache.max(0.0)),
+        threads: a.threads.max(1),
+        allow_other: unsafe { libc::geteuid() } == 0,
+        read_only: a.read_only,
+    };
+    let mut mounted = match tidefs_fuse::mount(vfs.clone(), &mountpoint, config) {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = meta.close_session(sid);
+            return Err(anyhow!("cannot mount at {}: {e}", mountpoint.display()));
+        }
+    };
+    tracing::info!(volume = %format.name, mountpoint = %mountpoint.display(), sid, "mounted");
+    println!(
+        "tidefs: {} mounted at {}",
+        format.name,
+        mountpoint.display()
+    );
+
+    let (tx, rx) = std::sync::mpsc::channel::<&'static str>();
+    {
+        let tx = tx.clone();
+        rt.spawn(async move {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("install SIGTERM handler");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            let _ = tx.send("signal");
+        });
+    }
+    let mut unmounter = mounted.take_unmounter();
+    let joiner = std::thread::spawn(move || {
+        let r = mounted.join();
+        let _ = tx.send("unmounted");
+        r
+    });
+    if rx.recv() == Ok("signal") {
+        tracing::info!("signal received: flushing and unmounting");
+        if let Err(e) = vfs.flush_all() {
+            tracing::error!(error = %e, "flush before unmount failed");
+        }
+        if let Some(Err(e)) = unmounter.as_mut().map(|u| u.unmount()) {
+            tracing::warn!(error = %e, "unmount failed; detaching lazily");
+            volume::unmount(&mountpoint, true)?;
+        }
+    }
+    let joined = joiner
+        .join()
+        .map_err(|_| anyhow!("the FUSE session panicked"))?;
+    // Runs once; a no-op if the session already called it.
+    tidefs_fuse::Vfs::destroy(&*vfs);
+    drop(rt);
+    joined.context("FUSE session ended with an error")?;
+    Ok(())
+}
+
+/// Re-executes this mount in a new session in the background, and returns once it is mounted
+/// (or reports why it failed, from its log).
+fn daemonize(a: &MountArgs, mountpoint: &Path) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    let log = a
+        .log
+        .clone()
+        .unwrap_or_else(|| volume::default_data_dir().join("tidefs.log"));
+    if let Some(dir) = log.parent() {
+        std::fs::create_dir_all(dir).ok();
+    }
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .with_context(|| format!("cannot open log file {}", log.display()))?;
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|x| x != "--background" && x != "-d")
+        .collect();
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.args(&args)
+        .env(DAEMON_ENV, "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(file.try_clone()?)
+        .stderr(file);
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("cannot start the background mount")?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if volume::is_tidefs_mount(mountpoint) {
+            println!(
+                "tidefs: mounted at {} (pid {}, log {})",
+                mountpoint.display(),
+                child.id(),
+                log.display()
+            );
+            return Ok(());
+        }
+        if let Some(status) = child.try_wait()? {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(5).collect();
+            bail!(
+                "background mount exited ({status}); last log lines:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+        if std::time::Instant::now() > deadline {
+            bail!(
+                "background mount did not come up within 30 s; see {}",
+                log.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn umount(a: UmountArgs) -> Result<()> {
+    let path = std::path::absolute(&a.mountpoint)?;
+    match volume::mounted_fs(&path) {
+        Some(_) if volume::is_tidefs_mount(&path) => {}
+        Some(fs) => bail!("{} is a {fs} mount, not tidefs", path.display()),
+        None => bail!("{} is not mounted", path.display()),
+    }
+    volume::unmount(&path, a.force)?;
+    Ok(())
+}
+
+fn status(a: StatusArgs) -> Result<()> {
+    let url = match a.meta_url {
+        Some(u) => u,
+        None => volume::default_meta_url(&volume::default_data_dir()),
+    };
+    let (meta, format) = volume::open_meta(&parse_url(&url)?)?;
+    let usage = meta.usage()?;
+    let out = serde_json::json!({
+        "setting": format,
+        "engine": meta.engine(),
+        "usage": { "space_bytes": usage.space, "inodes": usage.inodes },
+        "sessions": meta.sessions()?,
+    });
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}

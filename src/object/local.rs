@@ -1,0 +1,260 @@
+//! A local directory as an object store: one file per object.
+
+use super::{ObjectInfo, ObjectStore, StoreError};
+use async_trait::async_trait;
+use bytes::Bytes;
+use std::fs::{self, File};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+/// Objects stored as files below a root directory. A put writes a temporary file, fsyncs it,
+/// renames it into place and fsyncs the directory, so an object is either whole or absent.
+#[derive(Debug, Clone)]
+pub struct LocalStore {
+    root: PathBuf,
+}
+
+fn io_err(key: &str, source: std::io::Error) -> StoreError {
+    if source.kind() == std::io::ErrorKind::NotFound {
+        StoreError::NotFound(key.to_string())
+    } else {
+        StoreError::Io {
+            key: key.to_string(),
+            source,
+        }
+    }
+}
+
+impl LocalStore {
+    /// A store rooted at `root`, which is created if missing. Fails if it cannot be written.
+    pub fn open(root: &Path) -> Result<Self, StoreError> {
+        let key = root.display().to_string();
+        fs::create_dir_all(root).map_err(|e| io_err(&key, e))?;
+        let probe = root.join(format!(".probe-{}", std::process::id()));
+        fs::write(&probe, b"probe").map_err(|e| io_err(&key, e))?;
+        fs::remove_file(&probe).map_err(|e| io_err(&key, e))?;
+        Ok(LocalStore {
+            root: root.to_path_buf(),
+        })
+    }
+
+    fn path(&self, key: &str) -> PathBuf {
+        self.root.join(key)
+    }
+
+    fn put_sync(&self, key: &str, data: &[u8]) -> Result<(), StoreError> {
+        let path = self.path(key);
+        let dir = path.parent().expect("object keys have a directory");
+        fs::create_dir_all(dir).map_err(|e| io_err(key, e))?;
+        let tmp = dir.join(format!(
+            ".tmp-{}-{}",
+            path.file_name().and_then(|n| n.to_str()).unwrap_or("obj"),
+            rand::random::<u64>()
+        ));
+        let result = (|| {
+            let mut f = File::create(&tmp)?;
+            f.write_all(data)?;
+            f.sync_all()?;
+            fs::rename(&tmp, &path)?;
+            File::open(dir)?.sync_all()
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result.map_err(|e| io_err(key, e))
+    }
+
+    fn get_sync(&self, key: &str, range: Option<Range<u64>>) -> Result<Bytes, StoreError> {
+        let mut f = File::open(self.path(key)).map_err(|e| io_err(key, e))?;
+        let mut buf = Vec::new();
+        match range {
+            None => {
+                f.read_to_end(&mut buf).map_err(|e| io_err(key, e))?;
+            }
+            Some(r) => {
+                f.seek(SeekFrom::Start(r.start))
+                    .map_err(|e| io_err(key, e))?;
+                f.take(r.end - r.start)
+                    .read_to_end(&mut buf)
+                    .map_err(|e| io_err(key, e))?;
+            }
+        }
+        Ok(Bytes::from(buf))
+    }
+
+    fn list_sync(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<ObjectInfo>, StoreError> {
+        // Walk the whole tree below the deepest directory named by the prefix.
+        let base = match prefix.rfind('/') {
+            Some(i) => &prefix[..i],
+            None => "",
+        };
+        let mut out = Vec::new();
+        let mut stack = vec![self.root.join(base)];
+        while let Some(dir) = stack.pop() {
+            let entries = match fs::read_dir(&dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_err(prefix, e)),
+            };
+            for entry in entries {
+                let entry = entry.map_err(|e| io_err(prefix, e))?;
+                let meta = entry.metadata().map_err(|e| io_err(prefix, e))?;
+                if meta.is_dir() {
+                    stack.push(entry.path());
+                    continue;
+                }
+                let Ok(rel) = entry
+                    .path()
+                    .strip_prefix(&self.root)
+                    .map(|p| p.to_path_buf())
+                else {
+                    continue;
+                };
+                let key = rel.to_string_lossy().into_owned();
+                let name = entry.file_name();
+                if name.to_string_lossy().starts_with('.') || !key.starts_with(prefix) {
+                    continue;
+                }
+                if after.is_some_and(|a| key.as_str() <= a) {
+                    continue;
+                }
+                out.push(ObjectInfo {
+                    key,
+                    size: meta.len(),
+                });
+            }
+        }
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        out.truncate(limit);
+        Ok(out)
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    key: &str,
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| StoreError::Io {
+            key: key.to_string(),
+            source: std::io::Error::other(e.to_string()),
+        })?
+}
+
+#[async_trait]
+impl ObjectStore for LocalStore {
+    fn describe(&self) -> String {
+        format!("file://{}", self.root.display())
+    }
+
+    async fn put(&self, key: &str, data: Bytes) -> Result<(), StoreError> {
+        let (store, k) = (self.clone(), key.to_string());
+        blocking(key, move || store.put_sync(&k, &data)).await
+    }
+
+    async fn get(&self, key: &str, range: Option<Range<u64>>) -> Result<Bytes, StoreError> {
+        let (store, k) = (self.clone(), key.to_string());
+        blocking(key, move || store.get_sync(&k, range)).await
+    }
+
+    async fn head(&self, key: &str) -> Result<u64, StoreError> {
+        let (path, k) = (self.path(key), key.to_string());
+        blocking(key, move || {
+            fs::metadata(&path)
+                .map(|m| m.len())
+                .map_err(|e| io_err(&k, e))
+        })
+        .await
+    }
+
+    async fn delete_batch(&self, keys: &[String]) -> Vec<(String, StoreError)> {
+        let (store, keys) = (self.clone(), keys.to_vec());
+        let result = tokio::task::spawn_blocking(move || {
+            let mut failed = Vec::new();
+            for key in keys {
+                match fs::remove_file(store.path(&key)) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => failed.push((key.clone(), io_err(&key, e))),
+                }
+            }
+            failed
+        })
+        .await;
+        result.unwrap_or_default()
+    }
+
+    async fn list(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<ObjectInfo>, StoreError> {
+        let (store, p, a) = (self.clone(), prefix.to_string(), after.map(str::to_string));
+        blocking(prefix, move || store.list_sync(&p, a.as_deref(), limit)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn put_get_range_list_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path()).unwrap();
+        store
+            .put("v/chunks/0/0/1_0_5", Bytes::from_static(b"hello"))
+            .await
+            .unwrap();
+        store
+            .put("v/chunks/0/0/2_0_3", Bytes::from_static(b"abc"))
+            .await
+            .unwrap();
+        assert_eq!(
+            store.get("v/chunks/0/0/1_0_5", None).await.unwrap(),
+            "hello"
+        );
+        assert_eq!(
+            store.get("v/chunks/0/0/1_0_5", Some(1..3)).await.unwrap(),
+            "el"
+        );
+        assert_eq!(store.head("v/chunks/0/0/2_0_3").await.unwrap(), 3);
+        let all = store.list("v/", None, 10).await.unwrap();
+        assert_eq!(
+            all.iter().map(|o| o.key.as_str()).collect::<Vec<_>>(),
+            ["v/chunks/0/0/1_0_5", "v/chunks/0/0/2_0_3"]
+        );
+        let after = store
+            .list("v/", Some("v/chunks/0/0/1_0_5"), 10)
+            .await
+            .unwrap();
+        assert_eq!(after.len(), 1);
+        let failed = store
+            .delete_batch(&["v/chunks/0/0/1_0_5".into(), "v/chunks/0/0/missing".into()])
+            .await;
+        assert!(failed.is_empty());
+        assert!(matches!(
+            store.get("v/chunks/0/0/1_0_5", None).await,
+            Err(StoreError::NotFound(_))
+        ));
+        // No temporary files are left behind.
+        assert_eq!(store.list("", None, 10).await.unwrap().len(), 1);
+    }
+
+    #[test]
+    fn unwritable_root_is_a_clear_error() {
+        let err = LocalStore::open(Path::new("/proc/tidefs-cannot-exist")).unwrap_err();
+        assert!(
+            err.to_string().contains("/proc/tidefs-cannot-exist"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,639 @@
+//! The filesystem the FUSE adapter calls: open files, write buffers, unlinked-but-open files,
+//! and the background work of a mount (object deletion, session heartbeat).
+//!
+//! Consistency: close(2), fsync(2) and a read of a file with buffered writes commit those
+//! writes first, so another open after a close sees every byte (close-to-open), and fsync
+//! returns only when data is in the object store and metadata is durable.
+
+use crate::data::{DataCtx, FileWriter, MAX_FILE_SIZE, MAX_PENDING_SLICES};
+use crate::error::FsError;
+use crate::perm;
+use dashmap::DashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use tidefs_fuse::{Ctx, ListEntry, StatFs};
+use tidefs_meta::{
+    Attr, FallocMode, FileKind, Format, Ino, NewNode, RenameFlags, SetAttr, Timestamp, XattrMode,
+};
+
+/// Tunables of a mount's VFS.
+#[derive(Clone, Debug)]
+pub struct VfsOptions {
+    /// Bytes of uncommitted writes, over all files, before writers commit at once.
+    pub buffer_size: u64,
+    /// How often the session heartbeat is written.
+    pub heartbeat: Duration,
+    /// How often freed objects are deleted when nobody asks sooner.
+    pub delete_interval: Duration,
+}
+
+impl Default for VfsOptions {
+    fn default() -> Self {
+        VfsOptions {
+            buffer_size: 300 << 20,
+            heartbeat: Duration::from_secs(30),
+            delete_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+struct OpenHandle {
+    /// End of the last read, to detect sequential reading.
+    last_end: AtomicU64,
+}
+
+/// The tidefs VFS of one mount.
+pub struct TideVfs {
+    data: Arc<DataCtx>,
+    format: Format,
+    sid: u64,
+    opts: VfsOptions,
+    handles: DashMap<u64, Arc<OpenHandle>>,
+    next_fh: AtomicU64,
+    open_counts: DashMap<Ino, u32>,
+    /// Files unlinked while open here, kept alive by this session.
+    sustained: DashMap<Ino, ()>,
+    writers: DashMap<Ino, Arc<FileWriter>>,
+    background: Mutex<Option<(mpsc::Sender<()>, JoinHandle<()>)>>,
+    destroyed: AtomicBool,
+}
+
+impl std::fmt::Debug for TideVfs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TideVfs")
+            .field("volume", &self.format.name)
+            .field("sid", &self.sid)
+            .finish()
+    }
+}
+
+type Result<T> = std::result::Result<T, FsError>;
+
+impl TideVfs {
+    /// The VFS of session `sid` of the volume with `format`.
+    pub fn new(data: Arc<DataCtx>, format: Format, sid: u64, opts: VfsOptions) -> Arc<Self> {
+        let vfs = Arc::new(TideVfs {
+            data,
+            format,
+            sid,
+            opts,
+            handles: DashMap::new(),
+            next_fh: AtomicU64::new(1),
+            open_counts: DashMap::new(),
+            sustained: DashMap::new(),
+            writers: DashMap::new(),
+            background: Mutex::new(None),
+            destroyed: AtomicBool::new(false),
+        });
+        let (tx, rx) = mpsc::channel();
+        let worker = {
+            let data = vfs.data.clone();
+            let opts = vfs.opts.clone();
+            std::thread::Builder::new()
+                .name("tidefs-background".into())
+                .spawn(move || background_loop(&data, sid, &opts, rx))
+                .expect("spawn background thread")
+        };
+        *vfs.background.lock().unwrap_or_else(|e| e.into_inner()) = Some((tx, worker));
+        vfs
+    }
+
+    /// The session id of this mount.
+    pub fn sid(&self) -> u64 {
+        self.sid
+    }
+
+    fn with_overlay(&self, mut a: Attr) -> Attr {
+        if a.kind == FileKind::File {
+            if let Some(w) = self.writers.get(&a.ino).map(|w| w.clone()) {
+                if let Some((length, mtime)) = w.overlay() {
+                    a.length = a.length.max(length);
+                    a.mtime = mtime;
+                    a.ctime = a.ctime.max(mtime);
+                }
+            }
+        }
+        a
+    }
+
+    /// Commits the buffered writes of `ino`, waiting until they are durable and committed.
+    pub fn flush_inode(&self, ino: Ino) -> Result<()> {
+        let Some(w) = self.writers.get(&ino).map(|w| w.clone()) else {
+            return Ok(());
+        };
+        w.flush(&self.data, ino)
+    }
+
+    /// Commits the buffered writes of every file.
+    pub fn flush_all(&self) -> Result<()> {
+        let inos: Vec<Ino> = self.writers.iter().map(|e| *e.key()).collect();
+        let mut first = Ok(());
+        for ino in inos {
+            if let Err(e) = self.flush_inode(ino) {
+                tracing::error!(ino, error = %e, "flush failed");
+                if first.is_ok() {
+                    first = Err(e);
+                }
+            }
+        }
+        first
+    }
+
+    /// Creates `node` (made by [`blank_node`]) as `name` in `parent`, deciding on its setgid
+    /// bit with the caller's groups.
+    fn new_node(&self, ctx: Ctx, parent: Ino, name: &[u8], mut node: NewNode) -> Result<Attr> {
+        node.groups = if perm::needs_groups(node.mode, node.kind == FileKind::Dir) {
+            perm::caller_groups(ctx.pid, ctx.gid)
+        } else {
+            vec![ctx.gid]
+        };
+        Ok(self.data.meta.mknod(parent, name, &node)?)
+    }
+
+    fn is_open(&self, ino: Ino) -> bool {
+        self.open_counts.contains_key(&ino)
+    }
+
+    fn open_handle(&self, ino: Ino) -> u64 {
+        *self.open_counts.entry(ino).or_insert(0) += 1;
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.handles.insert(
+            fh,
+            Arc::new(OpenHandle {
+                last_end: AtomicU64::new(0),
+            }),
+        );
+        fh
+    }
+
+    fn wake_background(&self) {
+        if let Some((tx, _)) = self
+            .background
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// Deletes freed objects in batches and keeps the session alive, until the sender is dropped.
+fn background_loop(data: &DataCtx, sid: u64, opts: &VfsOptions, wake: mpsc::Receiver<()>) {
+    let mut last_beat = Instant::now();
+    loop {
+        let stop = match wake.recv_timeout(opts.delete_interval) {
+            Ok(()) | Err(RecvTimeoutError::Timeout) => false,
+            Err(RecvTimeoutError::Disconnected) => true,
+        };
+        while let Ok(()) = wake.try_recv() {}
+        if let Err(e) = delete_freed(data) {
+            tracing::warn!(error = %e, "deleting freed objects failed; will retry");
+        }
+        if last_beat.elapsed() >= opts.heartbeat {
+            if let Err(e) = data.meta.heartbeat(sid) {
+                tracing::warn!(error = %e, "session heartbeat failed");
+            }
+            last_beat = Instant::now();
+        }
+        if stop {
+            return;
+        }
+    }
+}
+
+/// Deletes the objects of freed slices, one batch request per 1000 keys, until the queue is
+/// empty or a batch fails.
+pub fn delete_freed(data: &DataCtx) -> Result<usize> {
+    let mut deleted = 0;
+    loop {
+        let freed = data.meta.pending_deletions(256)?;
+        if freed.is_empty() {
+            return Ok(deleted);
+        }
+        let owned: Vec<(u64, String)> = freed
+            .iter()
+            .flat_map(|f| {
+                data.layout
+                    .slice_keys(f.id, f.size)
+                    .into_iter()
+                    .map(move |k| (f.id, k))
+            })
+            .collect();
+        let keys: Vec<String> = owned.iter().map(|(_, k)| k.clone()).collect();
+        let mut failed = Vec::new();
+        for batch in keys.chunks(1000) {
+            failed.extend(data.rt.block_on(data.store.delete_batch(batch)));
+        }
+        let failed_keys: std::collections::HashSet<&str> =
+            failed.iter().map(|(k, _)| k.as_str()).collect();
+        let failed_ids: std::collections::HashSet<u64> = owned
+            .iter()
+            .filter(|(_, k)| failed_keys.contains(k.as_str()))
+            .map(|(id, _)| *id)
+            .collect();
+        let ok: Vec<u64> = freed
+            .iter()
+            .map(|f| f.id)
+            .filter(|id| !failed_ids.contains(id))
+            .collect();
+        data.meta.ack_deletions(&ok)?;
+        deleted += ok.len();
+        if let Some((key, e)) = failed.into_iter().next() {
+            return Err(FsError::Data(format!("delete of {key} failed: {e}")));
+        }
+    }
+}
+
+/// A node of `kind` owned by the caller, before its groups are known.
+fn blank_node(ctx: Ctx, kind: FileKind, mode: u32) -> NewNode {
+    NewNode {
+        kind,
+        mode: mode & 0o7777,
+        uid: ctx.uid,
+        gid: ctx.gid,
+        rdev: 0,
+        symlink: None,
+        groups: Vec::new(),
+    }
+}
+
+fn xattr_mode(flags: i32) -> Result<XattrMode> {
+    match flags {
+        0 => Ok(XattrMode::Any),
+        libc::XATTR_CREATE => Ok(XattrMode::Create),
+        libc::XATTR_REPLACE => Ok(XattrMode::Replace),
+        _ => Err(FsError::refused(libc::EINVAL, "bad xattr flags")),
+    }
+}
+
+fn check_xattr_name(name: &[u8]) -> Result<()> {
+    if name.starts_with(b"system.") {
+        // POSIX ACLs are not supported; storing them unenforced would mislead.
+        return Err(FsError::refused(
+            libc::EOPNOTSUPP,
+            "system xattrs are not supported",
+        ));
+    }
+    Ok(())
+}
+
+impl tidefs_fuse::Vfs for TideVfs {
+    type Error = FsError;
+
+    fn lookup(&self, _ctx: Ctx, parent: Ino, name: &[u8]) -> Result<Attr> {
+        Ok(self.with_overlay(self.data.meta.lookup(parent, name)?))
+    }
+
+    fn getattr(&self, ino: Ino) -> Result<Attr> {
+        Ok(self.with_overlay(self.data.meta.getattr(ino)?))
+    }
+
+    fn setattr(&self, _ctx: Ctx, ino: Ino, set: SetAttr, size: Option<u64>) -> Result<Attr> {
+        let meta = &self.data.meta;
+        let mut attr = None;
+        if let Some(size) = size {
+            if size > MAX_FILE_SIZE {
+                return Err(FsError::refused(libc::EFBIG, "file too large"));
+            }
+            self.flush_inode(ino)?;
+            let t = set.mtime.unwrap_or_else(Timestamp::now);
+            attr = Some(meta.truncate(ino, size, t)?);
+        }
+        let rest = SetAttr {
+            mtime: if size.is_some() { None } else { set.mtime },
+            ..set
+        };
+        if rest.mode.is_some()
+            || rest.uid.is_some()
+            || rest.gid.is_some()
+            || rest.atime.is_some()
+            || rest.mtime.is_some()
+            || rest.ctime.is_some()
+            || attr.is_none()
+        {
+            attr = Some(meta.setattr(ino, &rest)?);
+        }
+        Ok(self.with_overlay(attr.expect("set above")))
+    }
+
+    fn readlink(&self, ino: Ino) -> Result<Vec<u8>> {
+        Ok(self.data.meta.readlink(ino)?)
+    }
+
+    fn mknod(&self, ctx: Ctx, parent: Ino, name: &[u8], mode: u32, rdev: u32) -> Result<Attr> {
+        let kind =
+            FileKind::from_mode(mode).ok_or(FsError::refused(libc::EINVAL, "unknown file type"))?;
+        if matches!(kind, FileKind::Dir | FileKind::Symlink) {
+            return Err(FsError::refused(
+                libc::EINVAL,
+                "mknod of a directory or symlink",
+            ));
+        }
+        self.new_node(
+            ctx,
+            parent,
+            name,
+            NewNode {
+                rdev,
+                ..blank_node(ctx, kind, mode)
+            },
+        )
+    }
+
+    fn mkdir(&self, ctx: Ctx, parent: Ino, name: &[u8], mode: u32) -> Result<Attr> {
+        self.new_node(ctx, parent, name, blank_node(ctx, FileKind::Dir, mode))
+    }
+
+    fn symlink(&self, ctx: Ctx, parent: Ino, name: &[u8], target: &[u8]) -> Result<Attr> {
+        let node = NewNode {
+            symlink: Some(target.to_vec()),
+            ..blank_node(ctx, FileKind::Symlink, 0o777)
+        };
+        self.new_node(ctx, parent, name, node)
+    }
+
+    fn unlink(&self, _ctx: Ctx, parent: Ino, name: &[u8]) -> Result<()> {
+        let target = self.data.meta.lookup(parent, name).ok().map(|a| a.ino);
+        self.data
+            .meta
+            .unlink(parent, name, self.sid, &|ino| self.is_open(ino))?;
+        if let Some(ino) = target.filter(|i| self.is_open(*i)) {
+            self.sustained.insert(ino, ());
+        }
+        self.wake_background();
+        Ok(())
+    }
+
+    fn rmdir(&self, _ctx: Ctx, parent: Ino, name: &[u8]) -> Result<()> {
+        Ok(self.data.meta.rmdir(parent, name)?)
+    }
+
+    fn rename(
+        &self,
+        _ctx: Ctx,
+        parent: Ino,
+        name: &[u8],
+        new_parent: Ino,
+        new_name: &[u8],
+        flags: RenameFlags,
+    ) -> Result<()> {
+        let target = self
+            .data
+            .meta
+            .lookup(new_parent, new_name)
+            .ok()
+            .map(|a| a.ino);
+        self.data.meta.rename(
+            parent,
+            name,
+            new_parent,
+            new_name,
+            flags,
+            self.sid,
+            &|ino| self.is_open(ino),
+        )?;
+        if !flags.exchange {
+            if let Some(ino) = target.filter(|i| self.is_open(*i)) {
+                if self.data.meta.getattr(ino).is_ok_and(|a| a.nlink == 0) {
+                    self.sustained.insert(ino, ());
+                }
+            }
+            self.wake_background();
+        }
+        Ok(())
+    }
+
+    fn link(&self, _ctx: Ctx, ino: Ino, new_parent: Ino, name: &[u8]) -> Result<Attr> {
+        Ok(self.with_overlay(self.data.meta.link(ino, new_parent, name)?))
+    }
+
+    fn open(&self, _ctx: Ctx, ino: Ino, _flags: i32) -> Result<u64> {
+        let a = self.data.meta.getattr(ino)?;
+        if a.kind == FileKind::Dir {
+            return Err(FsError::refused(
+                libc::EISDIR,
+                "open of a directory as a file",
+            ));
+        }
+        Ok(self.open_handle(ino))
+    }
+
+    fn create(
+        &self,
+        ctx: Ctx,
+        parent: Ino,
+        name: &[u8],
+        mode: u32,
+        _flags: i32,
+    ) -> Result<(Attr, u64)> {
+        let a = self.new_node(ctx, parent, name, blank_node(ctx, FileKind::File, mode))?;
+        let fh = self.open_handle(a.ino);
+        Ok((a, fh))
+    }
+
+    fn read(&self, ino: Ino, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+        if self.writers.get(&ino).is_some_and(|w| w.has_pending()) {
+            self.flush_inode(ino)?;
+        }
+        let attr = self.data.meta.getattr(ino)?;
+        let out = self.data.read(ino, attr.length, offset, size)?;
+        if let Some(h) = self.handles.get(&fh).map(|h| h.clone()) {
+            let end = offset + out.len() as u64;
+            let sequential = h.last_end.swap(end, Ordering::Relaxed) == offset && offset > 0;
+            let bs = self.data.layout.block_size() as u64;
+            // On a block boundary crossing during sequential reading, fetch the next block.
+            if sequential && end < attr.length && offset / bs != end.div_ceil(bs) {
+                let next = end.div_ceil(bs) * bs;
+                self.data.prefetch(ino, next, attr.length.min(next + bs));
+            }
+        }
+        Ok(out)
+    }
+
+    fn write(&self, ino: Ino, _fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
+        if offset
+            .checked_add(data.len() as u64)
+            .is_none_or(|end| end > MAX_FILE_SIZE)
+        {
+            return Err(FsError::refused(libc::EFBIG, "file too large"));
+        }
+        let writer = self.writers.entry(ino).or_default().clone();
+        let pending = writer.write(&self.data, offset, data)?;
+        if pending >= MAX_PENDING_SLICES
+            || self.data.buffered.load(Ordering::Relaxed) > self.opts.buffer_size
+        {
+            writer.flush(&self.data, ino)?;
+        }
+        Ok(data.len() as u32)
+    }
+
+    fn flush(&self, ino: Ino, _fh: u64) -> Result<()> {
+        self.flush_inode(ino)
+    }
+
+    fn release(&self, ino: Ino, fh: u64) -> Result<()> {
+        self.handles.remove(&fh);
+        let last = {
+            let mut last = false;
+            self.open_counts.remove_if_mut(&ino, |_, n| {
+                *n -= 1;
+                last = *n == 0;
+                last
+            });
+            last
+        };
+        if !last {
+            return Ok(());
+        }
+        let flushed = self.flush_inode(ino);
+        self.writers.remove_if(&ino, |_, w| w.is_idle());
+        if self.sustained.remove(&ino).is_some() {
+            self.data.meta.release(ino, self.sid)?;
+            self.wake_background();
+        }
+        flushed
+    }
+
+    fn fsync(&self, ino: Ino, _fh: u64, _datasync: bool) -> Result<()> {
+        self.flush_inode(ino)?;
+        Ok(self.data.meta.sync()?)
+    }
+
+    fn readdir(&self, ino: Ino, offset: u64, limit: usize) -> Result<Vec<ListEntry>> {
+        let mut out = Vec::new();
+        if offset < 2 {
+            let dir = self.data.meta.getattr(ino)?;
+            if dir.kind != FileKind::Dir {
+                return Err(FsError::refused(libc::ENOTDIR, "not a directory"));
+            }
+            if offset == 0 {
+                out.push(ListEntry {
+                    ino,
+                    kind: FileKind::Dir,
+                    name: b".".to_vec(),
+                    next: 1,
+                });
+            }
+            out.push(ListEntry {
+                ino: dir.parent,
+                kind: FileKind::Dir,
+                name: b"..".to_vec(),
+                next: 2,
+            });
+        }
+        let cookie = offset.saturating_sub(2);
+        for e in self.data.meta.readdir(ino, cookie, limit)? {
+            out.push(ListEntry {
+                ino: e.ino,
+                kind: e.kind,
+                name: e.name,
+                next: e.cookie + 2,
+            });
+        }
+        Ok(out)
+    }
+
+    fn statfs(&self) -> Result<StatFs> {
+        let usage = self.data.meta.usage()?;
+        let total = if self.format.capacity > 0 {
+            self.format.capacity
+        } else {
+            1 << 50
+        };
+        let total_inodes = if self.format.inodes > 0 {
+            self.format.inodes
+        } else {
+            (usage.inodes + (10 << 20)).next_power_of_two()
+        };
+        Ok(StatFs {
+            total_bytes: total,
+            free_bytes: total.saturating_sub(usage.space),
+            total_inodes,
+            free_inodes: total_inodes.saturating_sub(usage.inodes),
+            block_size: 4096,
+        })
+    }
+
+    fn setxattr(&self, ino: Ino, name: &[u8], value: &[u8], flags: i32) -> Result<()> {
+        check_xattr_name(name)?;
+        Ok(self
+            .data
+            .meta
+            .setxattr(ino, name, value, xattr_mode(flags)?)?)
+    }
+
+    fn getxattr(&self, ino: Ino, name: &[u8]) -> Result<Vec<u8>> {
+        check_xattr_name(name)?;
+        Ok(self.data.meta.getxattr(ino, name)?)
+    }
+
+    fn listxattr(&self, ino: Ino) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        for name in self.data.meta.listxattr(ino)? {
+            out.extend_from_slice(&name);
+            out.push(0);
+        }
+        Ok(out)
+    }
+
+    fn removexattr(&self, ino: Ino, name: &[u8]) -> Result<()> {
+        check_xattr_name(name)?;
+        Ok(self.data.meta.removexattr(ino, name)?)
+    }
+
+    fn fallocate(&self, ino: Ino, _fh: u64, offset: u64, len: u64, mode: i32) -> Result<()> {
+        let keep_size = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
+        let mode = match mode & !libc::FALLOC_FL_KEEP_SIZE {
+            0 => FallocMode::Allocate { keep_size },
+            libc::FALLOC_FL_PUNCH_HOLE if keep_size => FallocMode::PunchHole,
+            libc::FALLOC_FL_ZERO_RANGE => FallocMode::ZeroRange { keep_size },
+            _ => {
+                return Err(FsError::refused(
+                    libc::EOPNOTSUPP,
+                    "unsupported fallocate mode",
+                ))
+            }
+        };
+        if offset
+            .checked_add(len)
+            .is_none_or(|end| end > MAX_FILE_SIZE)
+        {
+            return Err(FsError::refused(libc::EFBIG, "file too large"));
+        }
+        self.flush_inode(ino)?;
+        self.data.meta.fallocate(ino, mode, offset, len)?;
+        Ok(())
+    }
+
+    fn destroy(&self) {
+        if self.destroyed.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        if let Err(e) = self.flush_all() {
+            tracing::error!(error = %e, "flushing writes at unmount failed");
+        }
+        let background = self
+            .background
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some((tx, worker)) = background {
+            drop(tx);
+            let _ = worker.join();
+        }
+        if let Err(e) = self.data.meta.close_session(self.sid) {
+            tracing::error!(error = %e, "closing the session failed");
+        }
+        if let Err(e) = delete_freed(&self.data) {
+            tracing::warn!(error = %e, "deleting freed objects at unmount failed");
+        }
+        if let Err(e) = self.data.meta.sync() {
+            tracing::error!(error = %e, "syncing metadata at unmount failed");
+        }
+        tracing::info!(volume = %self.format.name, "unmounted");
+    }
+}

@@ -1,0 +1,398 @@
+//! Volumes: formatting, the default volume, opening the object store, and mountpoint checks.
+
+use crate::object::{LocalStore, ObjectStore, StoreError};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tidefs_meta::{Format, Meta, MetaError, MetaUrl};
+
+/// Why a volume could not be formatted, opened or mounted.
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    /// A setting is invalid.
+    #[error("{0}")]
+    Invalid(String),
+    /// The metadata engine failed.
+    #[error(transparent)]
+    Meta(#[from] MetaError),
+    /// The object store failed.
+    #[error("object store: {0}")]
+    Store(#[from] StoreError),
+    /// The mountpoint cannot be used.
+    #[error("mountpoint {path}: {why}")]
+    Mountpoint {
+        /// The mountpoint.
+        path: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
+    /// A local I/O step failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+/// What `tidefs format` asks for.
+#[derive(Clone, Debug)]
+pub struct FormatRequest {
+    /// Volume name.
+    pub name: String,
+    /// Object store kind.
+    pub storage: String,
+    /// Where objects go; for `file`, a directory (default: `objects` beside an SQLite file).
+    pub bucket: Option<String>,
+    /// Block size in KiB.
+    pub block_size_kib: u32,
+    /// Trash retention in days.
+    pub trash_days: u32,
+    /// Space limit in GiB (0: none).
+    pub capacity_gib: u64,
+    /// Inode limit (0: none).
+    pub inodes: u64,
+}
+
+/// Checks a volume name: 3 to 63 lowercase letters, digits and hyphens, as object-store
+/// bucket names allow.
+pub fn check_name(name: &str) -> Result<(), VolumeError> {
+    let ok = (3..=63).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(VolumeError::Invalid(format!(
+            "invalid volume name {name:?}: use 3 to 63 lowercase letters, digits and hyphens"
+        )))
+    }
+}
+
+/// The directory of the default volume: `$TIDEFS_DATA_DIR`, else `/var/lib/tidefs` for root,
+/// else `$XDG_DATA_HOME/tidefs` or `~/.local/share/tidefs`.
+pub fn default_data_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("TIDEFS_DATA_DIR") {
+        return PathBuf::from(d);
+    }
+    if unsafe { libc::geteuid() } == 0 {
+        return PathBuf::from("/var/lib/tidefs");
+    }
+    if let Some(d) = std::env::var_os("XDG_DATA_HOME") {
+        return PathBuf::from(d).join("tidefs");
+    }
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
+    home.join(".local/share/tidefs")
+}
+
+/// The META_URL of the default volume in `data_dir`.
+pub fn default_meta_url(data_dir: &Path) -> String {
+    format!("sqlite3://{}", data_dir.join("tidefs.db").display())
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// Builds the format record asked for, checking every setting.
+pub fn build_format(url: &MetaUrl, req: &FormatRequest) -> Result<Format, VolumeError> {
+    check_name(&req.name)?;
+    let bs = req.block_size_kib;
+    if !(64..=16384).contains(&bs) || !bs.is_power_of_two() {
+        return Err(VolumeError::Invalid(format!(
+            "invalid --block-size {bs}: a power of two from 64 to 16384 (KiB)"
+        )));
+    }
+    if req.trash_days > 0 {
+        return Err(VolumeError::Invalid(
+            "the trash is not available in this version: use --trash-days 0".into(),
+        ));
+    }
+    let bucket = match req.storage.as_str() {
+        "file" => {
+            let dir = match (&req.bucket, url) {
+                (Some(b), _) => PathBuf::from(b.strip_prefix("file://").unwrap_or(b)),
+                (None, url) => url
+                    .local_file()
+                    .and_then(Path::parent)
+                    .unwrap_or(Path::new("."))
+                    .join(format!("{}-objects", req.name)),
+            };
+            absolute(&dir).display().to_string()
+        }
+        other => {
+            return Err(VolumeError::Invalid(format!(
+                "unsupported --storage {other:?} (supported: file)"
+            )))
+        }
+    };
+    Ok(Format {
+        name: req.name.clone(),
+        uuid: new_uuid(),
+        storage: req.storage.clone(),
+        bucket,
+        block_size: bs << 10,
+        trash_days: req.trash_days,
+        capacity: req.capacity_gib << 30,
+        inodes: req.inodes,
+    })
+}
+
+fn new_uuid() -> String {
+    let b: [u8; 16] = rand::random();
+    format!(
+        "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
+        u32::from_be_bytes([b[0], b[1], b[2], b[3]]),
+        u16::from_be_bytes([b[4], b[5]]),
+        u16::from_be_bytes([b[6], b[7]]) & 0x0fff,
+        (u16::from_be_bytes([b[8], b[9]]) & 0x3fff) | 0x8000,
+        u64::from_be_bytes([0, 0, b[10], b[11], b[12], b[13], b[14], b[15]])
+    )
+}
+
+/// Formats the volume at `url`: checks the object store is writable first, then writes the
+/// format. An existing volume with the same layout is kept (its changeable settings updated);
+/// one with another layout is an error and is left untouched. Returns the stored format.
+pub fn format_volume(url: &MetaUrl, req: &FormatRequest) -> Result<Format, VolumeError> {
+    let format = build_format(url, req)?;
+    if let Some(db) = url.local_file() {
+        if let Some(dir) = db.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| VolumeError::Io {
+                what: format!("cannot create {}", dir.display()),
+                source,
+            })?;
+        }
+    }
+    open_store(&format)?;
+    let meta = tidefs_meta::open(url, true)?;
+    let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    meta.format(&format, uid, gid)?;
+    Ok(meta.load_format()?)
+}
+
+/// Opens the object store a format names, checking that it is usable.
+pub fn open_store(format: &Format) -> Result<Arc<dyn ObjectStore>, VolumeError> {
+    match format.storage.as_str() {
+        "file" => Ok(Arc::new(LocalStore::open(Path::new(&format.bucket))?)),
+        other => Err(VolumeError::Invalid(format!(
+            "unsupported storage {other:?}"
+        ))),
+    }
+}
+
+/// Opens the metadata of an existing volume.
+pub fn open_meta(url: &MetaUrl) -> Result<(Arc<dyn Meta>, Format), VolumeError> {
+    let meta: Arc<dyn Meta> = Arc::from(tidefs_meta::open(url, false)?);
+    let format = meta.load_format()?;
+    Ok((meta, format))
+}
+
+/// Decodes the octal escapes (`\040` for a space) of a /proc mountinfo field.
+fn unescape_mount_path(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\'
+            && i + 3 < bytes.len()
+            && bytes[i + 1..i + 4]
+                .iter()
+                .all(|c| (b'0'..=b'7').contains(c))
+        {
+            let v = (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The filesystem mounted exactly at `path`, if any, as "TYPE SOURCE" (from
+/// /proc/self/mountinfo); a tidefs mount reads `fuse tidefs:NAME`.
+pub fn mounted_fs(path: &Path) -> Option<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let want = path.to_string_lossy();
+    let mut found = None;
+    for line in info.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let Some(sep) = fields.iter().position(|f| *f == "-") else {
+            continue;
+        };
+        if fields.len() > sep + 2 && fields.len() > 4 && unescape_mount_path(fields[4]) == want {
+            found = Some(format!(
+                "{} {}",
+                fields[sep + 1],
+                unescape_mount_path(fields[sep + 2])
+            ));
+        }
+    }
+    found
+}
+
+/// Checks that `path` can be mounted on: it exists, is a directory and nothing is mounted
+/// there. A dead tidefs mount left by a killed process is detached first. Returns the
+/// canonical path.
+pub fn prepare_mountpoint(path: &Path) -> Result<PathBuf, VolumeError> {
+    let err = |why: String| VolumeError::Mountpoint {
+        path: path.to_path_buf(),
+        why,
+    };
+    match std::fs::metadata(path) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+            let abs = absolute(path);
+            tracing::warn!(path = %abs.display(), "detaching a dead mount left by a killed process");
+            unmount(&abs, true).map_err(|e| {
+                err(format!(
+                    "a dead mount is in the way and could not be detached: {e}"
+                ))
+            })?;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(err("does not exist".into()))
+        }
+        Err(e) => return Err(err(e.to_string())),
+        Ok(m) if !m.is_dir() => return Err(err("is not a directory".into())),
+        Ok(_) => {}
+    }
+    let canonical = std::fs::canonicalize(path).map_err(|e| err(e.to_string()))?;
+    if let Some(fs) = mounted_fs(&canonical) {
+        return Err(err(format!("is already mounted ({fs})")));
+    }
+    Ok(canonical)
+}
+
+/// Whether a tidefs filesystem is mounted at `path`.
+pub fn is_tidefs_mount(path: &Path) -> bool {
+    mounted_fs(path).is_some_and(|fs| fs.starts_with("fuse tidefs:"))
+}
+
+/// Checks that /dev/fuse can be used.
+pub fn check_fuse_device() -> Result<(), VolumeError> {
+    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/fuse") {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(VolumeError::Invalid(
+            "/dev/fuse is missing: load the fuse kernel module (modprobe fuse) or, in a container, pass --device /dev/fuse".into(),
+        )),
+        Err(e) => Err(VolumeError::Io { what: "cannot open /dev/fuse".into(), source: e }),
+    }
+}
+
+/// Unmounts `path`: umount2(2) as root, fusermount3 otherwise; `lazy` detaches even if busy.
+pub fn unmount(path: &Path, lazy: bool) -> Result<(), VolumeError> {
+    let io = |what: String, source| VolumeError::Io { what, source };
+    if unsafe { libc::geteuid() } == 0 {
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+            .map_err(|_| VolumeError::Invalid("path contains a NUL byte".into()))?;
+        let flags = if lazy { libc::MNT_DETACH } else { 0 };
+        if unsafe { libc::umount2(c.as_ptr(), flags) } != 0 {
+            return Err(io(
+                format!("umount {}", path.display()),
+                std::io::Error::last_os_error(),
+            ));
+        }
+        return Ok(());
+    }
+    let mut cmd = std::process::Command::new("fusermount3");
+    cmd.arg("-u");
+    if lazy {
+        cmd.arg("-z");
+    }
+    let out = cmd
+        .arg(path)
+        .output()
+        .map_err(|e| io("cannot run fusermount3 (install fuse3)".into(), e))?;
+    if !out.status.success() {
+        return Err(VolumeError::Invalid(format!(
+            "fusermount3 -u {}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_bucket_rules() {
+        check_name("my-vol1").unwrap();
+        for bad in [
+            "ab",
+            "Upper",
+            "under_score",
+            "-lead",
+            "trail-",
+            &"x".repeat(64),
+        ] {
+            assert!(check_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn format_checks_block_size_and_storage() {
+        let url = MetaUrl::Sqlite("/tmp/x/vol.db".into());
+        let mut req = FormatRequest {
+            name: "vol".into(),
+            storage: "file".into(),
+            bucket: None,
+            block_size_kib: 4096,
+            trash_days: 0,
+            capacity_gib: 0,
+            inodes: 0,
+        };
+        let f = build_format(&url, &req).unwrap();
+        assert_eq!(
+            (f.block_size, f.bucket.as_str()),
+            (4 << 20, "/tmp/x/vol-objects")
+        );
+        req.block_size_kib = 100;
+        assert!(build_format(&url, &req)
+            .unwrap_err()
+            .to_string()
+            .contains("power of two"));
+        req.block_size_kib = 1024;
+        req.storage = "ftp".into();
+        assert!(build_format(&url, &req)
+            .unwrap_err()
+            .to_string()
+            .contains("unsupported"));
+    }
+
+    #[test]
+    fn mountinfo_paths_are_unescaped() {
+        assert_eq!(unescape_mount_path("/mnt/a\\040b"), "/mnt/a b");
+        assert_eq!(unescape_mount_path("/plain"), "/plain");
+        assert_eq!(mounted_fs(Path::new("/proc")).as_deref(), Some("proc proc"));
+    }
+
+    #[test]
+    fn mountpoint_problems_are_explained() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing");
+        assert!(prepare_mountpoint(&missing)
+            .unwrap_err()
+            .to_string()
+            .contains("does not exist"));
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"x").unwrap();
+        assert!(prepare_mountpoint(&file)
+            .unwrap_err()
+            .to_string()
+            .contains("not a directory"));
+        assert!(prepare_mountpoint(Path::new("/proc"))
+            .unwrap_err()
+            .to_string()
+            .contains("already mounted"));
+        prepare_mountpoint(dir.path()).unwrap();
+    }
+}
