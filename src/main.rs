@@ -281,7 +281,7 @@ fn mount(a: MountArgs) -> Result<()> {
         allow_other: unsafe { libc::geteuid() } == 0,
         read_only: a.read_only,
     };
-    let mut mounted = match tidefs_fuse::mount(vfs.clone(), &mountpoint, config) {
+    let mounted = match tidefs_fuse::mount(vfs.clone(), &mountpoint, config) {
         Ok(m) => m,
         Err(e) => {
             let _ = meta.close_session(sid);
@@ -309,7 +309,6 @@ fn mount(a: MountArgs) -> Result<()> {
             let _ = tx.send("signal");
         });
     }
-    let mut unmounter = mounted.take_unmounter();
     let joiner = std::thread::spawn(move || {
         let r = mounted.join();
         let _ = tx.send("unmounted");
@@ -320,8 +319,8 @@ fn mount(a: MountArgs) -> Result<()> {
         if let Err(e) = vfs.flush_all() {
             tracing::error!(error = %e, "flush before unmount failed");
         }
-        if let Some(Err(e)) = unmounter.as_mut().map(|u| u.unmount()) {
-            tracing::warn!(error = %e, "unmount failed; detaching lazily");
+        if let Err(e) = volume::unmount(&mountpoint, false) {
+            tracing::warn!(error = %e, "unmount failed (busy?); detaching lazily");
             volume::unmount(&mountpoint, true)?;
         }
     }

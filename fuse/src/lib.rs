@@ -691,10 +691,9 @@ fn xattr_reply<E: ToErrno>(reply: ReplyXattr, size: u32, result: Result<Vec<u8>,
     }
 }
 
-/// A mounted filesystem. Dropping it unmounts.
+/// A mounted filesystem served by background request loops. Dropping it unmounts.
 pub struct Mounted {
     session: Option<fuser::BackgroundSession>,
-    unmounter: Option<fuser::SessionUnmounter>,
 }
 
 impl std::fmt::Debug for Mounted {
@@ -704,33 +703,12 @@ impl std::fmt::Debug for Mounted {
 }
 
 impl Mounted {
-    /// A handle that can unmount from another thread (given out once).
-    pub fn take_unmounter(&mut self) -> Option<Unmounter> {
-        self.unmounter.take().map(Unmounter)
-    }
-
-    /// Waits until the filesystem is unmounted (by `umount`, by [`Unmounter`] or by the kernel).
+    /// Waits until the filesystem is unmounted (by umount(2), fusermount3 or the kernel).
     pub fn join(mut self) -> io::Result<()> {
         match self.session.take() {
             Some(s) => s.join(),
             None => Ok(()),
         }
-    }
-}
-
-/// Unmounts a [`Mounted`] filesystem from any thread.
-pub struct Unmounter(fuser::SessionUnmounter);
-
-impl std::fmt::Debug for Unmounter {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Unmounter").finish_non_exhaustive()
-    }
-}
-
-impl Unmounter {
-    /// Unmounts; the request loops then end and [`Vfs::destroy`] runs.
-    pub fn unmount(&mut self) -> io::Result<()> {
-        self.0.unmount()
     }
 }
 
@@ -761,11 +739,8 @@ pub fn mount<V: Vfs>(vfs: Arc<V>, mountpoint: &Path, config: MountConfig) -> io:
     fuser_config.n_threads = Some(config.threads.max(1));
     fuser_config.clone_fd = true;
     let adapter = Adapter { vfs, config };
-    let mut session = Session::new(adapter, mountpoint, &fuser_config)?;
-    let unmounter = session.unmount_callable();
-    let session = session.spawn()?;
+    let session = Session::new(adapter, mountpoint, &fuser_config)?.spawn()?;
     Ok(Mounted {
         session: Some(session),
-        unmounter: Some(unmounter),
     })
 }

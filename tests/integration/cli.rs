@@ -1,0 +1,182 @@
+//! The command line: clear errors, no panics and nothing half-made on bad input; the default
+//! volume; background mounts; status.
+
+use crate::harness::*;
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn fails_with(out: &Output, needle: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "should fail: {err}");
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains(needle), "expected {needle:?} in: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn bad_urls_and_unformatted_volumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mp = dir.path().join("mnt");
+    std::fs::create_dir(&mp).unwrap();
+    let mps = mp.to_str().unwrap();
+    fails_with(&tidefs(&["mount", "/not/a/url", mps]), "invalid META_URL");
+    fails_with(
+        &tidefs(&["mount", "mysql://host/db", mps]),
+        "unknown engine",
+    );
+    fails_with(
+        &tidefs(&["format", "sqlite3://", "vol"]),
+        "missing database path",
+    );
+    let db = dir.path().join("none.db");
+    let url = format!("sqlite3://{}", db.display());
+    fails_with(&tidefs(&["mount", &url, mps]), "not formatted");
+    assert!(
+        !db.exists(),
+        "mount of an unformatted volume created {}",
+        db.display()
+    );
+    fails_with(&tidefs(&["status", &url]), "not formatted");
+    fails_with(
+        &tidefs(&["format", &url, "Bad_Name"]),
+        "invalid volume name",
+    );
+    fails_with(
+        &tidefs(&["format", &url, "vol", "--block-size", "3"]),
+        "power of two",
+    );
+    assert!(!db.exists(), "a rejected format left {}", db.display());
+}
+
+#[test]
+fn format_over_another_layout_is_refused_and_harmless() {
+    let vol = Volume::new(64);
+    fails_with(
+        &tidefs(&[
+            "format",
+            &vol.url,
+            "itest",
+            "--block-size",
+            "128",
+            "--bucket",
+            vol.bucket.to_str().unwrap(),
+        ]),
+        "other settings",
+    );
+    fails_with(
+        &tidefs(&["format", &vol.url, "other-name"]),
+        "other settings",
+    );
+    // Same layout again is fine.
+    let again = tidefs(&[
+        "format",
+        &vol.url,
+        "itest",
+        "--block-size",
+        "64",
+        "--bucket",
+        vol.bucket.to_str().unwrap(),
+    ]);
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    let status = tidefs(&["status", &vol.url]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(text.contains("\"block_size\": 65536"), "{text}");
+}
+
+#[test]
+fn bad_mountpoints() {
+    let vol = Volume::new(64);
+    let file = vol.dir.path().join("plainfile");
+    std::fs::write(&file, b"x").unwrap();
+    fails_with(
+        &tidefs(&["mount", &vol.url, "/nonexistent/tidefs-mp"]),
+        "does not exist",
+    );
+    fails_with(
+        &tidefs(&["mount", &vol.url, file.to_str().unwrap()]),
+        "not a directory",
+    );
+    let mnt = vol.mount();
+    fails_with(
+        &tidefs(&["mount", &vol.url, mnt.path.to_str().unwrap()]),
+        "already mounted",
+    );
+    fails_with(&tidefs(&["umount", "/proc"]), "not tidefs");
+    fails_with(
+        &tidefs(&["umount", vol.dir.path().to_str().unwrap()]),
+        "not mounted",
+    );
+    mnt.unmount();
+}
+
+fn with_data_dir(dir: &Path, args: &[&str]) -> Output {
+    Command::new(TIDEFS)
+        .args(args)
+        .env("TIDEFS_DATA_DIR", dir)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn default_volume_background_mount_and_status() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let mp = tmp.path().join("mnt");
+    std::fs::create_dir(&mp).unwrap();
+    let mps = mp.to_str().unwrap();
+    let out = with_data_dir(&data, &["mount", "--background", mps]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(is_mounted(&mp));
+    std::fs::write(mp.join("hello"), b"world").unwrap();
+    let status = with_data_dir(&data, &["status"]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        text.contains("\"name\": \"tidefs\"") && text.contains("\"sessions\""),
+        "{text}"
+    );
+    assert!(text.contains(mps), "session lists the mountpoint: {text}");
+    let out = tidefs(&["umount", mps]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The background process ends and removes its session.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let text = String::from_utf8_lossy(&with_data_dir(&data, &["status"]).stdout).into_owned();
+        if !text.contains(mps) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "session not closed: {text}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // Mount again in the foreground: the file is there.
+    let url = format!("sqlite3://{}", data.join("tidefs.db").display());
+    let mnt = Mount::start(&url, &mp, &[], tmp.path().join("fg.log"));
+    assert_eq!(std::fs::read(mnt.p("hello")).unwrap(), b"world");
+    mnt.unmount();
+}
+
+#[test]
+fn unwritable_data_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mp = tmp.path().join("mnt");
+    std::fs::create_dir(&mp).unwrap();
+    let out = with_data_dir(
+        Path::new("/proc/tidefs-data"),
+        &["mount", mp.to_str().unwrap()],
+    );
+    fails_with(&out, "data directory");
+}

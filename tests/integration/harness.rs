@@ -1,0 +1,247 @@
+//! Real volumes and real mounts for integration tests: every `Volume` lives in its own
+//! temporary directory, and every `Mount` is a `tidefs mount` process that is unmounted and
+//! reaped when dropped.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The tidefs binary under test.
+pub const TIDEFS: &str = env!("CARGO_BIN_EXE_tidefs");
+
+/// Runs `tidefs ARGS` to completion.
+pub fn tidefs(args: &[&str]) -> Output {
+    Command::new(TIDEFS)
+        .args(args)
+        .output()
+        .expect("run tidefs")
+}
+
+/// A formatted volume: SQLite metadata and a local object directory in a temp dir.
+pub struct Volume {
+    pub dir: tempfile::TempDir,
+    pub url: String,
+    pub bucket: PathBuf,
+}
+
+impl Volume {
+    /// A new volume with blocks of `block_kib` KiB.
+    pub fn new(block_kib: u32) -> Volume {
+        let dir = tempfile::Builder::new()
+            .prefix("tidefs-it.")
+            .tempdir()
+            .expect("temp dir");
+        // Other users (permission tests) must reach the mountpoint inside.
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        let url = format!("sqlite3://{}", dir.path().join("meta.db").display());
+        let bucket = dir.path().join("objects");
+        let out = tidefs(&[
+            "format",
+            &url,
+            "itest",
+            "--bucket",
+            bucket.to_str().unwrap(),
+            "--block-size",
+            &block_kib.to_string(),
+        ]);
+        assert!(
+            out.status.success(),
+            "format failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Volume { dir, url, bucket }
+    }
+
+    /// Mounts the volume at a fresh directory.
+    pub fn mount(&self) -> Mount {
+        self.mount_with(&[])
+    }
+
+    /// Mounts with extra `tidefs mount` options.
+    pub fn mount_with(&self, extra: &[&str]) -> Mount {
+        let path = self.dir.path().join("mnt");
+        std::fs::create_dir_all(&path).unwrap();
+        Mount::start(&self.url, &path, extra, self.dir.path().join("mount.log"))
+    }
+
+    /// Every object file in the bucket (relative keys).
+    pub fn objects(&self) -> Vec<String> {
+        fn walk(dir: &Path, root: &Path, out: &mut Vec<String>) {
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                return;
+            };
+            for e in entries.flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    walk(&p, root, out);
+                } else if !e.file_name().to_string_lossy().starts_with('.') {
+                    out.push(p.strip_prefix(root).unwrap().display().to_string());
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(&self.bucket, &self.bucket, &mut out);
+        out.sort();
+        out
+    }
+}
+
+/// A running `tidefs mount`.
+pub struct Mount {
+    pub path: PathBuf,
+    pub child: Option<Child>,
+    log: PathBuf,
+}
+
+/// Whether a tidefs filesystem is mounted at `path`.
+pub fn is_mounted(path: &Path) -> bool {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let want = path.display().to_string();
+    info.lines().any(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        f.len() > 4 && f[4] == want && l.contains(" - fuse tidefs:")
+    })
+}
+
+impl Mount {
+    /// Starts `tidefs mount URL PATH EXTRA...` and waits until it is mounted.
+    pub fn start(url: &str, path: &Path, extra: &[&str], log: PathBuf) -> Mount {
+        let path = std::fs::canonicalize(path).unwrap();
+        let logfile = std::fs::File::create(&log).unwrap();
+        let child = Command::new(TIDEFS)
+            .arg("mount")
+            .arg(url)
+            .arg(&path)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(logfile)
+            .spawn()
+            .expect("spawn tidefs mount");
+        let mut m = Mount {
+            path,
+            child: Some(child),
+            log,
+        };
+        m.wait_mounted();
+        m
+    }
+
+    fn wait_mounted(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !is_mounted(&self.path) {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("mount exited early ({status}): {}", self.log_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "mount did not come up: {}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// What the mount process logged.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// A path inside the mount.
+    pub fn p(&self, rel: &str) -> PathBuf {
+        self.path.join(rel)
+    }
+
+    /// Unmounts with `tidefs umount` and waits for the process to exit cleanly.
+    pub fn unmount(mut self) {
+        let out = tidefs(&["umount", self.path.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "umount: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let status = self.wait_exit(Duration::from_secs(30));
+        assert!(
+            status.success(),
+            "mount exited with {status}: {}",
+            self.log_text()
+        );
+        assert!(!self.log_text().contains("panicked"), "{}", self.log_text());
+    }
+
+    /// Waits for the mount process to end.
+    pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let child = self.child.as_mut().expect("running");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                self.child = None;
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "mount process did not exit: {}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills the mount process with SIGKILL, leaving a dead mount behind.
+    pub fn kill9(mut self) {
+        let mut child = self.child.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    /// Sends `signal` to the mount process.
+    pub fn signal(&self, signal: i32) {
+        let pid = self.child.as_ref().unwrap().id() as i32;
+        assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if is_mounted(&self.path) {
+            let _ = tidefs(&["umount", "--force", self.path.to_str().unwrap()]);
+        }
+        if let Some(mut c) = self.child.take() {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while c.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Runs a shell command as user `nobody` (uid/gid 65534) and returns whether it succeeded.
+pub fn as_nobody(script: &str) -> bool {
+    use std::os::unix::process::CommandExt;
+    Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .uid(65534)
+        .gid(65534)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("run sh")
+        .success()
+}
+
+/// The errno of the last failed libc call.
+pub fn errno() -> i32 {
+    std::io::Error::last_os_error().raw_os_error().unwrap()
+}
+
+/// A C string of a path.
+pub fn cpath(p: &Path) -> std::ffi::CString {
+    std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap()
+}
