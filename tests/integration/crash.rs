@@ -30,12 +30,15 @@ fn walk_and_read_everything(dir: &std::path::Path) -> usize {
     n
 }
 
+/// A file whose fsync returned success: its name and content.
+type Acked = (String, Vec<u8>);
+
 #[test]
 fn kill9_in_the_middle_of_writes_loses_nothing_fsynced() {
     let vol = Volume::new(64);
     let mnt = vol.mount();
     fs::create_dir(mnt.p("acked")).unwrap();
-    let acked: Arc<Mutex<Vec<(String, Vec<u8>)>>> = Arc::default();
+    let acked: Arc<Mutex<Vec<Acked>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
     let mut workers = Vec::new();
     for t in 0..3u64 {
