@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Installs what building and testing tidefs needs on Debian, if missing (run as root):
+# fuse3 (fusermount3 for unprivileged mounts), libacl1-dev (pjdfstest links libacl),
+# python3 (a lock test probes with it), and /dev/fuse.
+set -euo pipefail
+need=()
+command -v fusermount3 >/dev/null || need+=(fuse3)
+dpkg -s libacl1-dev >/dev/null 2>&1 || need+=(libacl1-dev)
+command -v python3 >/dev/null || need+=(python3)
+command -v runuser >/dev/null || need+=(util-linux)
+if ((${#need[@]})); then
+    echo "install-deps: installing ${need[*]}" >&2
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+if [[ ! -e /dev/fuse ]]; then
+    modprobe fuse 2>/dev/null || mknod -m 0666 /dev/fuse c 10 229
+fi

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The one command that runs every tidefs test: unit tests, the metadata conformance suite,
+# integration tests on real FUSE mounts, and pjdfstest. Run as root on Debian: it installs
+# what is missing (scripts/install-deps.sh), and the tests mount filesystems.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [[ $(id -u) -ne 0 ]]; then
+    echo "scripts/test.sh: run as root (sudo): the tests mount FUSE filesystems" >&2
+    exit 2
+fi
+scripts/install-deps.sh
+cargo build --locked --bins
+cargo test --locked --workspace
+scripts/pjdfstest.sh
