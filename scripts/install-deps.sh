@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building and testing tidefs needs on Debian, if missing (run as root):
 # fuse3 (fusermount3 for unprivileged mounts), libacl1-dev (pjdfstest links libacl),
-# python3 (a lock test probes with it), and /dev/fuse.
+# python3 (a lock test probes with it), and /dev/fuse usable by every user.
 set -euo pipefail
 need=()
 command -v fusermount3 >/dev/null || need+=(fuse3)
@@ -16,3 +16,6 @@ fi
 if [[ ! -e /dev/fuse ]]; then
     modprobe fuse 2>/dev/null || mknod -m 0666 /dev/fuse c 10 229
 fi
+# Stock Debian makes /dev/fuse 0666 so users can mount (fusermount3); some containers make it
+# 0600. The tests mount as an unprivileged user too.
+chmod 0666 /dev/fuse

@@ -25,12 +25,12 @@ mkdir "$tmp/mnt"
 "$bin" mount "sqlite3://$tmp/meta.db" "$tmp/mnt" 2>"$tmp/mount.log" >/dev/null &
 pid=$!
 for _ in $(seq 200); do
-    grep -q " $tmp/mnt .* - fuse tidefs:" /proc/self/mountinfo && break
+    grep -qE " $tmp/mnt .* - fuse(\.tidefs)? tidefs:" /proc/self/mountinfo && break
     kill -0 "$pid" 2>/dev/null || { cat "$tmp/mount.log" >&2; exit 1; }
     sleep 0.05
 done
 rc=0
-tests/pjdfstest/run.sh "$tmp/mnt" || rc=$?
+PJDFSTEST_LOG="$tmp/pjdfstest.log" tests/pjdfstest/run.sh "$tmp/mnt" || rc=$?
 "$bin" umount "$tmp/mnt"
 wait "$pid" || { echo "pjdfstest.sh: the mount exited with an error" >&2; cat "$tmp/mount.log" >&2; rc=1; }
 pid=""

@@ -15,7 +15,7 @@ pub enum VolumeError {
     #[error(transparent)]
     Meta(#[from] MetaError),
     /// The object store failed.
-    #[error("object store: {0}")]
+    #[error(transparent)]
     Store(#[from] StoreError),
     /// The mountpoint cannot be used.
     #[error("mountpoint {path}: {why}")]
@@ -26,7 +26,7 @@ pub enum VolumeError {
         why: String,
     },
     /// A local I/O step failed.
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Io {
         /// What was being done.
         what: String,
@@ -269,15 +269,25 @@ pub fn prepare_mountpoint(path: &Path) -> Result<PathBuf, VolumeError> {
     Ok(canonical)
 }
 
-/// Whether a tidefs filesystem is mounted at `path`.
+/// Whether a tidefs filesystem is mounted at `path` (type `fuse` when mounted by root with
+/// mount(2), `fuse.tidefs` through fusermount3).
 pub fn is_tidefs_mount(path: &Path) -> bool {
-    mounted_fs(path).is_some_and(|fs| fs.starts_with("fuse tidefs:"))
+    mounted_fs(path).is_some_and(|fs| {
+        let (kind, source) = fs.split_once(' ').unwrap_or((&fs, ""));
+        (kind == "fuse" || kind == "fuse.tidefs") && source.starts_with("tidefs:")
+    })
 }
 
-/// Checks that /dev/fuse can be used.
+/// Checks that /dev/fuse can be opened (other users than root need it too: the mount first
+/// tries mount(2) on its own descriptor, then fusermount3).
 pub fn check_fuse_device() -> Result<(), VolumeError> {
     match std::fs::OpenOptions::new().read(true).write(true).open("/dev/fuse") {
         Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Err(VolumeError::Invalid(
+            "/dev/fuse is not readable and writable by this user: make it mode 0666 \
+             (the Debian default) or mount as root"
+                .into(),
+        )),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(VolumeError::Invalid(
             "/dev/fuse is missing: load the fuse kernel module (modprobe fuse) or, in a container, pass --device /dev/fuse".into(),
         )),

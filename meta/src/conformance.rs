@@ -15,7 +15,7 @@ macro_rules! meta_conformance_tests {
         $crate::meta_conformance_tests!(@each $make;
             format_and_root, format_mismatch, create_lookup_getattr, names_are_checked,
             mkdir_rmdir_nlink, unlink_frees_and_queues_slices, unlink_of_open_file_is_deferred,
-            hard_links, symlinks, rename_simple_and_replace, rename_flags, rename_directories,
+            hard_links, link_limit, symlinks, rename_simple_and_replace, rename_flags, rename_directories,
             rename_into_own_subtree_fails, setattr_and_times, setgid_directories, xattrs,
             slices_and_length, truncate_clips_slices, fallocate_modes, readdir_cookies_are_stable,
             sessions_free_kept_files, slice_ids_are_unique, usage_counts);
@@ -260,6 +260,20 @@ pub fn hard_links(m: &dyn Meta) {
     m.unlink(ROOT_INO, b"f", 1, &closed).unwrap();
     assert_eq!(m.lookup(d.ino, b"g").unwrap().nlink, 1);
     assert!(m.pending_deletions(10).unwrap().is_empty());
+}
+
+/// A file takes at most [`LINK_MAX`] names; one more is EMLINK.
+pub fn link_limit(m: &dyn Meta) {
+    formatted(m);
+    let f = file(m, ROOT_INO, "f");
+    let d = dir(m, ROOT_INO, "d");
+    for i in 1..LINK_MAX {
+        m.link(f.ino, d.ino, format!("l{i}").as_bytes()).unwrap();
+    }
+    assert_eq!(m.getattr(f.ino).unwrap().nlink, LINK_MAX);
+    assert_eq!(err(m.link(f.ino, d.ino, b"one-more")), libc::EMLINK);
+    m.unlink(d.ino, b"l1", 1, &closed).unwrap();
+    m.link(f.ino, d.ino, b"one-more").unwrap();
 }
 
 /// Symlinks keep their target verbatim.

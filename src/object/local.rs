@@ -21,7 +21,7 @@ fn io_err(key: &str, source: std::io::Error) -> StoreError {
     } else {
         StoreError::Io {
             key: key.to_string(),
-            source,
+            cause: source,
         }
     }
 }
@@ -144,7 +144,7 @@ async fn blocking<T: Send + 'static>(
         .await
         .map_err(|e| StoreError::Io {
             key: key.to_string(),
-            source: std::io::Error::other(e.to_string()),
+            cause: std::io::Error::other(e.to_string()),
         })?
 }
 

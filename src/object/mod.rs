@@ -20,12 +20,12 @@ pub enum StoreError {
     #[error("object {0} not found")]
     NotFound(String),
     /// The store could not be reached or refused the call.
-    #[error("object store I/O error on {key}: {source}")]
+    #[error("object store I/O error on {key}: {cause}")]
     Io {
         /// The key involved.
         key: String,
         /// The underlying error.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The stored object does not have the expected size.
     #[error("object {key} is {actual} bytes, expected {expected}")]

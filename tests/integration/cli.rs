@@ -180,3 +180,55 @@ fn unwritable_data_directory() {
     );
     fails_with(&out, "data directory");
 }
+
+/// An unprivileged user mounts through fusermount3 (no allow_other), uses and unmounts it.
+#[test]
+fn unprivileged_mount_through_fusermount3() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let mode = std::fs::metadata("/dev/fuse").unwrap().permissions().mode();
+    assert_eq!(
+        mode & 0o006,
+        0o006,
+        "/dev/fuse must be usable by users: run scripts/install-deps.sh"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let (data, mp) = (tmp.path().join("data"), tmp.path().join("mnt"));
+    let script = format!(
+        "set -e; mkdir {mp}; {bin} mount --background {mp}; echo user-data > {mp}/f; \
+         test \"$(cat {mp}/f)\" = user-data; test \"$(stat -c %u {mp}/f)\" = 65534; \
+         grep -q ' {mp} fuse.tidefs ' /proc/mounts; {bin} umount {mp}",
+        mp = mp.display(),
+        bin = TIDEFS
+    );
+    let out = Command::new("sh")
+        .args(["-c", &script])
+        .env("TIDEFS_DATA_DIR", &data)
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    let log = std::fs::read_to_string(data.join("tidefs.log")).unwrap_or_default();
+    assert!(
+        out.status.success(),
+        "{}\n{log}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The background mount process ends after the unmount.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !log_says_unmounted(&data) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "background mount did not finish"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(!is_mounted(&mp));
+}
+
+fn log_says_unmounted(data: &Path) -> bool {
+    std::fs::read_to_string(data.join("tidefs.log"))
+        .unwrap_or_default()
+        .contains("unmounted")
+}

@@ -103,7 +103,9 @@ pub fn is_mounted(path: &Path) -> bool {
     let want = path.display().to_string();
     info.lines().any(|l| {
         let f: Vec<&str> = l.split(' ').collect();
-        f.len() > 4 && f[4] == want && l.contains(" - fuse tidefs:")
+        f.len() > 4
+            && f[4] == want
+            && (l.contains(" - fuse tidefs:") || l.contains(" - fuse.tidefs tidefs:"))
     })
 }
 
