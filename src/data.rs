@@ -71,8 +71,9 @@ impl DataCtx {
         }
     }
 
-    /// A fresh slice id. Ids come from metadata in batches; the lock is never held across the
-    /// metadata call.
+    /// A fresh slice id, larger than every id this mount handed out before (reads resolve
+    /// overlapping slices by id, so ids must follow the order of writes). Ids come from
+    /// metadata in batches; the lock is never held across the metadata call.
     pub fn next_slice_id(&self) -> Result<u64, FsError> {
         loop {
             {
@@ -81,12 +82,37 @@ impl DataCtx {
                     return Ok(id);
                 }
             }
-            let first = self.meta.next_slice_ids(ID_BATCH)?;
-            let mut ids = self.ids.lock().unwrap_or_else(|e| e.into_inner());
-            if ids.is_empty() {
-                *ids = first..first + ID_BATCH;
-            }
+            self.refill_ids()?;
         }
+    }
+
+    /// Reserves a new batch of ids if fewer than `low` are left, so that callers holding a
+    /// file's writer lock rarely wait on metadata.
+    pub fn reserve_ids(&self, low: u64) -> Result<(), FsError> {
+        let left = {
+            let ids = self.ids.lock().unwrap_or_else(|e| e.into_inner());
+            ids.end - ids.start
+        };
+        if left < low {
+            self.refill_ids()?;
+        }
+        Ok(())
+    }
+
+    /// `n` fresh ids in increasing order.
+    pub fn slice_ids(&self, n: usize) -> Result<Vec<u64>, FsError> {
+        (0..n).map(|_| self.next_slice_id()).collect()
+    }
+
+    fn refill_ids(&self) -> Result<(), FsError> {
+        let first = self.meta.next_slice_ids(ID_BATCH)?;
+        let mut ids = self.ids.lock().unwrap_or_else(|e| e.into_inner());
+        // A batch reserved concurrently may be lower than ids already handed out: keep only a
+        // batch above everything used so far.
+        if ids.is_empty() && first >= ids.end {
+            *ids = first..first + ID_BATCH;
+        }
+        Ok(())
     }
 
     fn upload(&self, key: String, data: Bytes) -> JoinHandle<Result<(), StoreError>> {
@@ -99,7 +125,7 @@ impl DataCtx {
     }
 
     /// Fetches block `key` of `len` bytes through the cache; concurrent callers share a fetch.
-    async fn block(&self, key: &str, len: u32) -> Result<Bytes, FsError> {
+    async fn block(&self, key: &str, len: u32) -> Result<Bytes, ReadError> {
         let store = self.store.clone();
         let k = key.to_string();
         self.cache
@@ -115,7 +141,10 @@ impl DataCtx {
                 Ok(data)
             })
             .await
-            .map_err(|e| FsError::Data(e.to_string()))
+            .map_err(|e| match *e {
+                StoreError::NotFound(_) => ReadError::Vanished,
+                _ => ReadError::Fs(FsError::Data(e.to_string())),
+            })
     }
 
     /// Reads `[off, off + size)` of file `ino`, whose committed length is `length`.
@@ -124,7 +153,21 @@ impl DataCtx {
             return Ok(Vec::new());
         }
         let end = length.min(off + size as u64);
-        let pieces = self.plan(ino, off, end)?;
+        match self.read_planned(ino, off, end) {
+            // A truncate or unlink committed after the plan and its objects are already
+            // deleted: plan again from the new metadata.
+            Err(ReadError::Vanished) => match self.read_planned(ino, off, end) {
+                Err(ReadError::Vanished) => Err(FsError::Data(format!(
+                    "blocks of inode {ino} vanished during a read"
+                ))),
+                other => other.map_err(ReadError::into_fs),
+            },
+            other => other.map_err(ReadError::into_fs),
+        }
+    }
+
+    fn read_planned(&self, ino: Ino, off: u64, end: u64) -> Result<Vec<u8>, ReadError> {
+        let pieces = self.plan(ino, off, end).map_err(ReadError::Fs)?;
         let mut out = vec![0u8; (end - off) as usize];
         let fetched = self.rt.block_on(async {
             let fetches = pieces.iter().map(|p| async move {
@@ -224,6 +267,23 @@ impl DataCtx {
     }
 }
 
+/// Why a planned read failed.
+enum ReadError {
+    /// An object named by the plan does not exist (any more).
+    Vanished,
+    /// Any other failure.
+    Fs(FsError),
+}
+
+impl ReadError {
+    fn into_fs(self) -> FsError {
+        match self {
+            ReadError::Vanished => FsError::Data("a block of the file is missing".into()),
+            ReadError::Fs(e) => e,
+        }
+    }
+}
+
 /// Part of a read: `len` bytes at `file_off`, from (block key, block length, offset in block)
 /// or zeros.
 struct Piece {
@@ -284,10 +344,15 @@ struct WriterState {
     length: u64,
     /// Time of the last write not yet committed.
     mtime: Option<Timestamp>,
-    /// Commits running now.
-    committing: usize,
-    /// The first error of a commit since the last flush reported it.
-    error: Option<String>,
+    /// Generation of the last batch of slices taken for commit.
+    taken: u64,
+    /// Generations of batches being committed now.
+    committing: Vec<u64>,
+    /// Number of failed commits so far (an errseq: each open handle remembers how many it
+    /// has reported, so every handle hears of every failure once).
+    err_seq: u64,
+    /// The last commit failure.
+    last_error: Option<String>,
 }
 
 /// The uncommitted writes of one file.
@@ -311,6 +376,7 @@ impl FileWriter {
     /// Buffers `buf` at `off`. Full blocks start uploading at once. Returns the number of
     /// slices now pending.
     pub fn write(&self, data: &DataCtx, off: u64, buf: &[u8]) -> Result<usize, FsError> {
+        data.reserve_ids(16)?;
         let mut st = self.lock();
         let mut done = 0usize;
         while done < buf.len() {
@@ -368,27 +434,38 @@ impl FileWriter {
     /// Whether nothing is pending or committing.
     pub fn is_idle(&self) -> bool {
         let st = self.lock();
-        st.slices.is_empty() && st.committing == 0
+        st.slices.is_empty() && st.committing.is_empty()
     }
 
     /// Whether writes are buffered and not yet committed.
     pub fn has_pending(&self) -> bool {
         let st = self.lock();
-        !st.slices.is_empty() || st.committing > 0
+        !st.slices.is_empty() || !st.committing.is_empty()
     }
 
-    /// Uploads what is buffered, waits until every write made before this call is durable and
-    /// committed, and reports the first failure since the last flush.
-    pub fn flush(&self, data: &DataCtx, ino: Ino) -> Result<(), FsError> {
-        let (mut slices, mtime) = {
+    /// The number of commit failures so far, for a handle opening now.
+    pub fn err_seq(&self) -> u64 {
+        self.lock().err_seq
+    }
+
+    /// Uploads what is buffered and waits until every write made before this call is durable
+    /// and committed.
+    ///
+    /// Returns this call's own commit failure; and, given the errseq a handle has seen, also
+    /// any failure since (updating it), so a close or fsync reports every lost write even when
+    /// another thread's flush committed it.
+    pub fn flush(&self, data: &DataCtx, ino: Ino, seen: Option<&AtomicU64>) -> Result<(), FsError> {
+        let (mut slices, mtime, gen) = {
             let mut st = self.lock();
             let slices = std::mem::take(&mut st.slices);
+            st.taken += 1;
+            let gen = st.taken;
             if !slices.is_empty() {
-                st.committing += 1;
+                st.committing.push(gen);
             }
-            (slices, st.mtime.unwrap_or_else(Timestamp::now))
+            (slices, st.mtime.unwrap_or_else(Timestamp::now), gen)
         };
-        let result = if slices.is_empty() {
+        let own = if slices.is_empty() {
             Ok(())
         } else {
             self.commit(data, ino, &mut slices, mtime)
@@ -397,25 +474,32 @@ impl FileWriter {
         data.buffered.fetch_sub(written, Ordering::Relaxed);
         let mut st = self.lock();
         if !slices.is_empty() {
-            st.committing -= 1;
-            if let Err(e) = &result {
-                st.error.get_or_insert_with(|| e.to_string());
+            st.committing.retain(|g| *g != gen);
+            if let Err(e) = &own {
+                st.err_seq += 1;
+                st.last_error = Some(e.to_string());
             }
+            self.idle.notify_all();
         }
-        // Wait for commits started by other flushes, so that this returns only when every
-        // earlier write is committed.
-        while st.committing > 0 {
+        // Wait for the commits taken before this one, so that this returns only when every
+        // earlier write is committed (later ones may keep going).
+        while st.committing.iter().any(|g| *g < gen) {
             st = self.idle.wait(st).unwrap_or_else(|e| e.into_inner());
         }
-        if st.slices.is_empty() {
+        if st.slices.is_empty() && st.committing.is_empty() {
             st.length = 0;
             st.mtime = None;
         }
-        self.idle.notify_all();
-        match st.error.take() {
-            Some(e) => Err(FsError::Data(e)),
-            None => Ok(()),
+        // Whatever this call reports, the handle has now heard of every failure so far.
+        let unreported = seen.is_some_and(|s| s.swap(st.err_seq, Ordering::Relaxed) < st.err_seq);
+        own?;
+        if unreported {
+            let e = st.last_error.clone().unwrap_or_default();
+            return Err(FsError::Data(format!(
+                "an earlier write could not be committed: {e}"
+            )));
         }
+        Ok(())
     }
 
     fn commit(

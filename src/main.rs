@@ -230,17 +230,31 @@ fn mount(a: MountArgs) -> Result<()> {
     let store = volume::open_store(&format)?;
     let store: Arc<dyn ObjectStore> = Arc::new(Instrumented::new(store));
 
-    // Sessions of mounts on this host whose process is gone: free what they held.
+    // Sessions of mounts on this host whose process is gone: free what they held. A live
+    // session means the volume is mounted: one volume has one mount until shared volumes exist.
     let host = hostname();
+    let now = tidefs_meta::Timestamp::now().sec;
     for s in meta.sessions()? {
-        if s.host == host && !pid_alive(s.pid) {
-            tracing::info!(
-                sid = s.sid,
-                pid = s.pid,
-                "cleaning up the session of a dead mount"
+        let alive = if s.host == host {
+            pid_alive(s.pid)
+        } else {
+            now - s.heartbeat < 120
+        };
+        if alive {
+            bail!(
+                "volume {} is already mounted at {} by pid {} on {} (one mount per volume)",
+                format.name,
+                s.mountpoint,
+                s.pid,
+                s.host
             );
-            meta.close_session(s.sid)?;
         }
+        tracing::info!(
+            sid = s.sid,
+            pid = s.pid,
+            "cleaning up the session of a dead mount"
+        );
+        meta.close_session(s.sid)?;
     }
     let sid = meta.new_session(&SessionInfo {
         sid: 0,

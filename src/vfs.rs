@@ -7,8 +7,10 @@
 
 use crate::data::{DataCtx, FileWriter, MAX_FILE_SIZE, MAX_PENDING_SLICES};
 use crate::error::FsError;
+use crate::layout::CHUNK_SIZE;
 use crate::perm;
 use dashmap::DashMap;
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
@@ -40,9 +42,12 @@ impl Default for VfsOptions {
     }
 }
 
+/// One open(2) of a file.
 struct OpenHandle {
     /// End of the last read, to detect sequential reading.
     last_end: AtomicU64,
+    /// Commit failures of the file this handle has reported (see [`FileWriter::flush`]).
+    err_seen: AtomicU64,
 }
 
 /// The tidefs VFS of one mount.
@@ -120,11 +125,16 @@ impl TideVfs {
     }
 
     /// Commits the buffered writes of `ino`, waiting until they are durable and committed.
-    pub fn flush_inode(&self, ino: Ino) -> Result<()> {
+    /// With a handle, also reports commit failures that handle has not reported yet.
+    fn flush_inode(&self, ino: Ino, handle: Option<&OpenHandle>) -> Result<()> {
         let Some(w) = self.writers.get(&ino).map(|w| w.clone()) else {
             return Ok(());
         };
-        w.flush(&self.data, ino)
+        w.flush(&self.data, ino, handle.map(|h| &h.err_seen))
+    }
+
+    fn handle(&self, fh: u64) -> Option<Arc<OpenHandle>> {
+        self.handles.get(&fh).map(|h| h.clone())
     }
 
     /// Commits the buffered writes of every file.
@@ -132,7 +142,7 @@ impl TideVfs {
         let inos: Vec<Ino> = self.writers.iter().map(|e| *e.key()).collect();
         let mut first = Ok(());
         for ino in inos {
-            if let Err(e) = self.flush_inode(ino) {
+            if let Err(e) = self.flush_inode(ino, None) {
                 tracing::error!(ino, error = %e, "flush failed");
                 if first.is_ok() {
                     first = Err(e);
@@ -157,25 +167,32 @@ impl TideVfs {
         self.open_counts.contains_key(&ino)
     }
 
+    /// For `Meta::unlink` and `Meta::rename`, called inside their transaction when `ino` loses
+    /// its last name: whether this session keeps it alive. It is noted before the commit, so a
+    /// last close racing the unlink cannot miss it.
+    fn keep_if_open(&self, ino: Ino) -> bool {
+        let open = self.is_open(ino);
+        if open {
+            self.sustained.insert(ino, ());
+        }
+        open
+    }
+
     fn open_handle(&self, ino: Ino) -> u64 {
         *self.open_counts.entry(ino).or_insert(0) += 1;
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.handles.insert(
-            fh,
-            Arc::new(OpenHandle {
-                last_end: AtomicU64::new(0),
-            }),
-        );
+        let err_seq = self.writers.get(&ino).map(|w| w.err_seq()).unwrap_or(0);
+        let handle = OpenHandle {
+            last_end: AtomicU64::new(0),
+            err_seen: AtomicU64::new(err_seq),
+        };
+        self.handles.insert(fh, Arc::new(handle));
         fh
     }
 
     fn wake_background(&self) {
-        if let Some((tx, _)) = self
-            .background
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-        {
+        let background = self.background.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((tx, _)) = background.as_ref() {
             let _ = tx.send(());
         }
     }
@@ -206,7 +223,7 @@ fn background_loop(data: &DataCtx, sid: u64, opts: &VfsOptions, wake: mpsc::Rece
 }
 
 /// Deletes the objects of freed slices, one batch request per 1000 keys, until the queue is
-/// empty or a batch fails.
+/// empty or a batch fails. A slice leaves the queue only when all its blocks are gone.
 pub fn delete_freed(data: &DataCtx) -> Result<usize> {
     let mut deleted = 0;
     loop {
@@ -228,9 +245,8 @@ pub fn delete_freed(data: &DataCtx) -> Result<usize> {
         for batch in keys.chunks(1000) {
             failed.extend(data.rt.block_on(data.store.delete_batch(batch)));
         }
-        let failed_keys: std::collections::HashSet<&str> =
-            failed.iter().map(|(k, _)| k.as_str()).collect();
-        let failed_ids: std::collections::HashSet<u64> = owned
+        let failed_keys: HashSet<&str> = failed.iter().map(|(k, _)| k.as_str()).collect();
+        let failed_ids: HashSet<u64> = owned
             .iter()
             .filter(|(_, k)| failed_keys.contains(k.as_str()))
             .map(|(id, _)| *id)
@@ -294,12 +310,14 @@ impl tidefs_fuse::Vfs for TideVfs {
 
     fn setattr(&self, _ctx: Ctx, ino: Ino, set: SetAttr, size: Option<u64>) -> Result<Attr> {
         let meta = &self.data.meta;
+        if size.is_some_and(|s| s > MAX_FILE_SIZE) {
+            return Err(FsError::refused(libc::EFBIG, "file too large"));
+        }
+        // Pending writes go first: their commit sets mtime, which must not override times set
+        // here (cp -p sets times before close), and a truncate must cut them too.
+        self.flush_inode(ino, None)?;
         let mut attr = None;
         if let Some(size) = size {
-            if size > MAX_FILE_SIZE {
-                return Err(FsError::refused(libc::EFBIG, "file too large"));
-            }
-            self.flush_inode(ino)?;
             let t = set.mtime.unwrap_or_else(Timestamp::now);
             attr = Some(meta.truncate(ino, size, t)?);
         }
@@ -307,14 +325,13 @@ impl tidefs_fuse::Vfs for TideVfs {
             mtime: if size.is_some() { None } else { set.mtime },
             ..set
         };
-        if rest.mode.is_some()
+        let anything = rest.mode.is_some()
             || rest.uid.is_some()
             || rest.gid.is_some()
             || rest.atime.is_some()
             || rest.mtime.is_some()
-            || rest.ctime.is_some()
-            || attr.is_none()
-        {
+            || rest.ctime.is_some();
+        if anything || attr.is_none() {
             attr = Some(meta.setattr(ino, &rest)?);
         }
         Ok(self.with_overlay(attr.expect("set above")))
@@ -357,13 +374,9 @@ impl tidefs_fuse::Vfs for TideVfs {
     }
 
     fn unlink(&self, _ctx: Ctx, parent: Ino, name: &[u8]) -> Result<()> {
-        let target = self.data.meta.lookup(parent, name).ok().map(|a| a.ino);
         self.data
             .meta
-            .unlink(parent, name, self.sid, &|ino| self.is_open(ino))?;
-        if let Some(ino) = target.filter(|i| self.is_open(*i)) {
-            self.sustained.insert(ino, ());
-        }
+            .unlink(parent, name, self.sid, &|ino| self.keep_if_open(ino))?;
         self.wake_background();
         Ok(())
     }
@@ -381,12 +394,6 @@ impl tidefs_fuse::Vfs for TideVfs {
         new_name: &[u8],
         flags: RenameFlags,
     ) -> Result<()> {
-        let target = self
-            .data
-            .meta
-            .lookup(new_parent, new_name)
-            .ok()
-            .map(|a| a.ino);
         self.data.meta.rename(
             parent,
             name,
@@ -394,16 +401,9 @@ impl tidefs_fuse::Vfs for TideVfs {
             new_name,
             flags,
             self.sid,
-            &|ino| self.is_open(ino),
+            &|ino| self.keep_if_open(ino),
         )?;
-        if !flags.exchange {
-            if let Some(ino) = target.filter(|i| self.is_open(*i)) {
-                if self.data.meta.getattr(ino).is_ok_and(|a| a.nlink == 0) {
-                    self.sustained.insert(ino, ());
-                }
-            }
-            self.wake_background();
-        }
+        self.wake_background();
         Ok(())
     }
 
@@ -437,11 +437,11 @@ impl tidefs_fuse::Vfs for TideVfs {
 
     fn read(&self, ino: Ino, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
         if self.writers.get(&ino).is_some_and(|w| w.has_pending()) {
-            self.flush_inode(ino)?;
+            self.flush_inode(ino, None)?;
         }
         let attr = self.data.meta.getattr(ino)?;
         let out = self.data.read(ino, attr.length, offset, size)?;
-        if let Some(h) = self.handles.get(&fh).map(|h| h.clone()) {
+        if let Some(h) = self.handle(fh) {
             let end = offset + out.len() as u64;
             let sequential = h.last_end.swap(end, Ordering::Relaxed) == offset && offset > 0;
             let bs = self.data.layout.block_size() as u64;
@@ -466,40 +466,48 @@ impl tidefs_fuse::Vfs for TideVfs {
         if pending >= MAX_PENDING_SLICES
             || self.data.buffered.load(Ordering::Relaxed) > self.opts.buffer_size
         {
-            writer.flush(&self.data, ino)?;
+            writer.flush(&self.data, ino, None)?;
         }
         Ok(data.len() as u32)
     }
 
-    fn flush(&self, ino: Ino, _fh: u64) -> Result<()> {
-        self.flush_inode(ino)
+    fn flush(&self, ino: Ino, fh: u64) -> Result<()> {
+        self.flush_inode(ino, self.handle(fh).as_deref())
     }
 
     fn release(&self, ino: Ino, fh: u64) -> Result<()> {
-        self.handles.remove(&fh);
-        let last = {
-            let mut last = false;
-            self.open_counts.remove_if_mut(&ino, |_, n| {
-                *n -= 1;
-                last = *n == 0;
-                last
-            });
+        // close(2) already reported through flush; the kernel ignores release errors.
+        let handle = self.handles.remove(&fh).map(|(_, h)| h);
+        if let Err(e) = self.flush_inode(ino, handle.as_deref()) {
+            tracing::warn!(ino, error = %e, "flush at release failed");
+        }
+        let mut last = false;
+        self.open_counts.remove_if_mut(&ino, |_, n| {
+            *n -= 1;
+            last = *n == 0;
             last
-        };
+        });
         if !last {
             return Ok(());
         }
-        let flushed = self.flush_inode(ino);
-        self.writers.remove_if(&ino, |_, w| w.is_idle());
-        if self.sustained.remove(&ino).is_some() {
+        // A writer is dropped only when idle and no handle is open, so a write through a
+        // handle opened meanwhile never lands in a dropped writer.
+        self.writers
+            .remove_if(&ino, |_, w| w.is_idle() && !self.is_open(ino));
+        // If reopened meanwhile (e.g. through /proc/PID/fd), the new handle keeps it alive.
+        if !self.is_open(ino) && self.sustained.remove(&ino).is_some() {
             self.data.meta.release(ino, self.sid)?;
             self.wake_background();
         }
-        flushed
+        Ok(())
     }
 
-    fn fsync(&self, ino: Ino, _fh: u64, _datasync: bool) -> Result<()> {
-        self.flush_inode(ino)?;
+    fn fsync(&self, ino: Ino, fh: u64, _datasync: bool) -> Result<()> {
+        self.flush_inode(ino, self.handle(fh).as_deref())?;
+        Ok(self.data.meta.sync()?)
+    }
+
+    fn fsyncdir(&self, _ino: Ino) -> Result<()> {
         Ok(self.data.meta.sync()?)
     }
 
@@ -585,7 +593,7 @@ impl tidefs_fuse::Vfs for TideVfs {
         Ok(self.data.meta.removexattr(ino, name)?)
     }
 
-    fn fallocate(&self, ino: Ino, _fh: u64, offset: u64, len: u64, mode: i32) -> Result<()> {
+    fn fallocate(&self, ino: Ino, fh: u64, offset: u64, len: u64, mode: i32) -> Result<()> {
         let keep_size = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
         let mode = match mode & !libc::FALLOC_FL_KEEP_SIZE {
             0 => FallocMode::Allocate { keep_size },
@@ -598,14 +606,21 @@ impl tidefs_fuse::Vfs for TideVfs {
                 ))
             }
         };
-        if offset
-            .checked_add(len)
-            .is_none_or(|end| end > MAX_FILE_SIZE)
-        {
+        let Some(end) = offset.checked_add(len).filter(|end| *end <= MAX_FILE_SIZE) else {
             return Err(FsError::refused(libc::EFBIG, "file too large"));
-        }
-        self.flush_inode(ino)?;
-        self.data.meta.fallocate(ino, mode, offset, len)?;
+        };
+        self.flush_inode(ino, self.handle(fh).as_deref())?;
+        // Zero slices take ids from the same ordered source as writes, one per chunk touched,
+        // so a later write always hides them.
+        let zero_ids = match mode {
+            FallocMode::Allocate { .. } => Vec::new(),
+            _ => self
+                .data
+                .slice_ids((end.div_ceil(CHUNK_SIZE) - offset / CHUNK_SIZE) as usize)?,
+        };
+        self.data
+            .meta
+            .fallocate(ino, mode, offset, len, &zero_ids)?;
         Ok(())
     }
 

@@ -141,6 +141,8 @@ pub trait Vfs: Send + Sync + 'static {
     fn release(&self, ino: Ino, fh: u64) -> Result<(), Self::Error>;
     /// Makes written data and metadata durable.
     fn fsync(&self, ino: Ino, fh: u64, datasync: bool) -> Result<(), Self::Error>;
+    /// Makes the directory's entries durable.
+    fn fsyncdir(&self, ino: Ino) -> Result<(), Self::Error>;
     /// Entries of directory `ino` after `offset` (0: from the start), at most `limit`.
     fn readdir(&self, ino: Ino, offset: u64, limit: usize) -> Result<Vec<ListEntry>, Self::Error>;
     /// Space and inode statistics.
@@ -577,12 +579,13 @@ impl<V: Vfs> Filesystem for Adapter<V> {
     fn fsyncdir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         _fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        let _s = tracing::debug_span!("fsyncdir", ino = ino.0).entered();
+        Self::empty(reply, self.vfs.fsyncdir(ino.0));
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {

@@ -18,7 +18,7 @@ macro_rules! meta_conformance_tests {
             hard_links, link_limit, symlinks, rename_simple_and_replace, rename_flags, rename_directories,
             rename_into_own_subtree_fails, setattr_and_times, setgid_directories, xattrs,
             slices_and_length, truncate_clips_slices, fallocate_modes, readdir_cookies_are_stable,
-            sessions_free_kept_files, slice_ids_are_unique, usage_counts);
+            sessions_free_kept_files, slice_ids_are_unique, usage_counts, limits_are_enforced);
     };
     (@each $make:expr; $($name:ident),*) => {
         $(
@@ -601,36 +601,39 @@ pub fn truncate_clips_slices(m: &dyn Meta) {
 pub fn fallocate_modes(m: &dyn Meta) {
     formatted(m);
     let f = file(m, ROOT_INO, "f");
+    let alloc = |keep_size| FallocMode::Allocate { keep_size };
     assert_eq!(
-        m.fallocate(f.ino, FallocMode::Allocate { keep_size: false }, 0, 4096)
+        m.fallocate(f.ino, alloc(false), 0, 4096, &[])
             .unwrap()
             .length,
         4096
     );
     assert_eq!(
-        m.fallocate(f.ino, FallocMode::Allocate { keep_size: true }, 0, 1 << 20)
+        m.fallocate(f.ino, alloc(true), 0, 1 << 20, &[])
             .unwrap()
             .length,
         4096
     );
+    let ids = m.next_slice_ids(4).unwrap();
     let a = m
-        .fallocate(f.ino, FallocMode::PunchHole, 100, 10_000)
+        .fallocate(f.ino, FallocMode::PunchHole, 100, 10_000, &[ids])
         .unwrap();
     assert_eq!(a.length, 4096);
     let zeros = m.read_chunk(f.ino, 0).unwrap();
     assert_eq!(zeros.len(), 1);
     assert!(zeros[0].is_zero());
-    assert_eq!((zeros[0].pos, zeros[0].len), (100, 3996));
+    assert_eq!((zeros[0].id, zeros[0].pos, zeros[0].len), (ids, 100, 3996));
+    let zero_range = FallocMode::ZeroRange { keep_size: false };
     let a = m
-        .fallocate(
-            f.ino,
-            FallocMode::ZeroRange { keep_size: false },
-            CHUNK_SIZE - 10,
-            20,
-        )
+        .fallocate(f.ino, zero_range, CHUNK_SIZE - 10, 20, &[ids + 1, ids + 2])
         .unwrap();
     assert_eq!(a.length, CHUNK_SIZE + 10);
-    assert_eq!(m.read_chunk(f.ino, 1).unwrap().len(), 1);
+    assert_eq!(m.read_chunk(f.ino, 1).unwrap()[0].id, ids + 2);
+    // Fewer ids than chunks touched is refused.
+    assert_eq!(
+        err(m.fallocate(f.ino, zero_range, 0, CHUNK_SIZE + 1, &[ids + 3])),
+        libc::EINVAL
+    );
 }
 
 /// Listing resumes after a cookie even when entries come and go in between.
@@ -725,5 +728,34 @@ pub fn usage_counts(m: &dyn Meta) {
             space: 0,
             inodes: 1
         }
+    );
+}
+
+/// The capacity and inode limits of the format are enforced.
+pub fn limits_are_enforced(m: &dyn Meta) {
+    let mut f = sample_format();
+    f.capacity = 1 << 20;
+    f.inodes = 3;
+    m.format(&f, 0, 0).unwrap();
+    let a = file(m, ROOT_INO, "a");
+    m.truncate(a.ino, 1 << 20, Timestamp::now()).unwrap();
+    assert_eq!(
+        err(m.truncate(a.ino, (1 << 20) + 1, Timestamp::now())),
+        libc::ENOSPC
+    );
+    let s = data_slice(m.next_slice_ids(1).unwrap(), 0, 10);
+    assert_eq!(
+        err(m.write_slices(
+            a.ino,
+            &[ChunkSlice { chunk: 1, slice: s }],
+            Timestamp::now()
+        )),
+        libc::ENOSPC
+    );
+    m.truncate(a.ino, 0, Timestamp::now()).unwrap();
+    file(m, ROOT_INO, "b");
+    assert_eq!(
+        err(m.mknod(ROOT_INO, b"c", &node(FileKind::File, 0o644))),
+        libc::ENOSPC
     );
 }

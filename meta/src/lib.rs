@@ -52,8 +52,17 @@ pub trait Meta: Send + Sync {
     fn setattr(&self, ino: Ino, set: &SetAttr) -> Result<Attr>;
     /// Sets the length of file `ino`; bytes past a shrink are gone, an extension reads as zeros.
     fn truncate(&self, ino: Ino, length: u64, mtime: Timestamp) -> Result<Attr>;
-    /// Allocates or zeroes `[off, off + len)` of file `ino`.
-    fn fallocate(&self, ino: Ino, mode: FallocMode, off: u64, len: u64) -> Result<Attr>;
+    /// Allocates or zeroes `[off, off + len)` of file `ino`. Zeroing writes zero slices with
+    /// the ids `zero_ids` (one per chunk touched), which the caller takes from the same ordered
+    /// source as its data slices, so that later writes hide them.
+    fn fallocate(
+        &self,
+        ino: Ino,
+        mode: FallocMode,
+        off: u64,
+        len: u64,
+        zero_ids: &[u64],
+    ) -> Result<Attr>;
 
     /// Creates a file, directory, symlink or special node `name` in `parent`.
     fn mknod(&self, parent: Ino, name: &[u8], node: &NewNode) -> Result<Attr>;

@@ -51,6 +51,8 @@ const NODE_COLUMNS: &str =
 pub struct SqliteMeta {
     path: PathBuf,
     pool: Mutex<Vec<Connection>>,
+    /// (capacity bytes, inode limit) from the format, once read.
+    limits: Mutex<Option<(u64, u64)>>,
 }
 
 impl std::fmt::Debug for SqliteMeta {
@@ -322,6 +324,7 @@ impl SqliteMeta {
         let meta = SqliteMeta {
             path: path.to_path_buf(),
             pool: Mutex::new(Vec::new()),
+            limits: Mutex::new(None),
         };
         let conn = meta.connect(create)?;
         meta.put_conn(conn);
@@ -357,6 +360,33 @@ impl SqliteMeta {
         }
     }
 
+    /// The volume's (capacity, inode) limits, 0 meaning none.
+    fn limits(&self, tx: &Connection) -> Result<(u64, u64)> {
+        if let Some(l) = *self.limits.lock().unwrap_or_else(|e| e.into_inner()) {
+            return Ok(l);
+        }
+        let json: Option<String> = tx
+            .query_row("SELECT value FROM setting WHERE name = 'format'", [], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        let l = json
+            .and_then(|j| serde_json::from_str::<Format>(&j).ok())
+            .map(|f| (f.capacity, f.inodes))
+            .unwrap_or((0, 0));
+        *self.limits.lock().unwrap_or_else(|e| e.into_inner()) = Some(l);
+        Ok(l)
+    }
+
+    /// Fails with [`MetaError::NoSpace`] if growing usage by `delta` bytes passes the capacity.
+    fn check_space(&self, tx: &Connection, delta: i64) -> Result<()> {
+        let (capacity, _) = self.limits(tx)?;
+        if delta > 0 && capacity > 0 && counter(tx, "used_space")? + delta > capacity as i64 {
+            return Err(MetaError::NoSpace);
+        }
+        Ok(())
+    }
+
     fn read<T>(&self, f: impl FnOnce(&Transaction<'_>) -> Result<T>) -> Result<T> {
         self.txn(TransactionBehavior::Deferred, f)
     }
@@ -388,6 +418,7 @@ impl Meta for SqliteMeta {
     }
 
     fn format(&self, format: &Format, root_uid: u32, root_gid: u32) -> Result<()> {
+        *self.limits.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.write(|tx| {
             tx.execute_batch(SCHEMA)?;
             let existing: Option<String> = tx
@@ -594,14 +625,12 @@ impl Meta for SqliteMeta {
                 FileKind::Dir => return Err(MetaError::IsDir),
                 _ => return Err(MetaError::Invalid),
             }
+            let delta = round_space(length) - round_space(a.length);
+            self.check_space(tx, delta)?;
             if length < a.length {
                 drop_slices_past(tx, ino, length)?;
             }
-            bump_counter(
-                tx,
-                "used_space",
-                round_space(length) - round_space(a.length),
-            )?;
+            bump_counter(tx, "used_space", delta)?;
             a.length = length;
             a.mtime = mtime;
             a.ctime = mtime;
@@ -610,7 +639,14 @@ impl Meta for SqliteMeta {
         })
     }
 
-    fn fallocate(&self, ino: Ino, mode: FallocMode, off: u64, len: u64) -> Result<Attr> {
+    fn fallocate(
+        &self,
+        ino: Ino,
+        mode: FallocMode,
+        off: u64,
+        len: u64,
+        zero_ids: &[u64],
+    ) -> Result<Attr> {
         let end = off.checked_add(len).ok_or(MetaError::FileTooLarge)?;
         self.write(|tx| {
             let mut a = get_node(tx, ino)?;
@@ -627,12 +663,13 @@ impl Meta for SqliteMeta {
             let now = Timestamp::now();
             if zero {
                 let zero_end = if keep_size { end.min(a.length) } else { end };
+                let mut ids = zero_ids.iter();
                 let mut at = off;
                 while at < zero_end {
                     let chunk = at / CHUNK_SIZE;
                     let pos = at % CHUNK_SIZE;
                     let n = (CHUNK_SIZE - pos).min(zero_end - at);
-                    let id = bump_counter(tx, "next_slice", 1)? - 1;
+                    let id = *ids.next().ok_or(MetaError::Invalid)? as i64;
                     tx.execute(
                         "INSERT INTO slice (ino, chunk, id, size, off, len, pos)
                          VALUES (?1, ?2, ?3, 0, 0, ?4, ?5)",
@@ -643,7 +680,9 @@ impl Meta for SqliteMeta {
                 a.mtime = now;
             }
             if !keep_size && end > a.length {
-                bump_counter(tx, "used_space", round_space(end) - round_space(a.length))?;
+                let delta = round_space(end) - round_space(a.length);
+                self.check_space(tx, delta)?;
+                bump_counter(tx, "used_space", delta)?;
                 a.length = end;
                 a.mtime = now;
             }
@@ -671,15 +710,9 @@ impl Meta for SqliteMeta {
             if node.kind == FileKind::Dir && dir.nlink >= LINK_MAX {
                 return Err(MetaError::TooManyLinks);
             }
-            let fmt: Option<String> = tx
-                .query_row("SELECT value FROM setting WHERE name = 'format'", [], |r| {
-                    r.get(0)
-                })
-                .optional()?;
-            if let Some(fmt) = fmt.and_then(|f| serde_json::from_str::<Format>(&f).ok()) {
-                if fmt.inodes > 0 && counter(tx, "used_inodes")? as u64 >= fmt.inodes {
-                    return Err(MetaError::NoSpace);
-                }
+            let (_, max_inodes) = self.limits(tx)?;
+            if max_inodes > 0 && counter(tx, "used_inodes")? as u64 >= max_inodes {
+                return Err(MetaError::NoSpace);
             }
             let ino = bump_counter(tx, "next_ino", 1)? as u64 - 1;
             let now = Timestamp::now();
@@ -886,9 +919,15 @@ impl Meta for SqliteMeta {
                 )?;
                 if !same_dir {
                     if kind == FileKind::Dir && dst_kind != FileKind::Dir {
+                        if dst_dir.nlink >= LINK_MAX {
+                            return Err(MetaError::TooManyLinks);
+                        }
                         src_dir.nlink -= 1;
                         dst_dir.nlink += 1;
                     } else if kind != FileKind::Dir && dst_kind == FileKind::Dir {
+                        if src_dir.nlink >= LINK_MAX {
+                            return Err(MetaError::TooManyLinks);
+                        }
                         src_dir.nlink += 1;
                         dst_dir.nlink -= 1;
                     }
@@ -928,6 +967,9 @@ impl Meta for SqliteMeta {
                 remove_edge(tx, parent, name)?;
                 add_edge(tx, new_parent, new_name, ino, kind)?;
                 if kind == FileKind::Dir && !same_dir {
+                    if dst_dir.nlink >= LINK_MAX {
+                        return Err(MetaError::TooManyLinks);
+                    }
                     src_dir.nlink -= 1;
                     dst_dir.nlink += 1;
                 }
@@ -1100,7 +1142,9 @@ impl Meta for SqliteMeta {
                 )?;
                 end = end.max(cs.chunk as u64 * CHUNK_SIZE + s.pos as u64 + s.len as u64);
             }
-            bump_counter(tx, "used_space", round_space(end) - round_space(a.length))?;
+            let delta = round_space(end) - round_space(a.length);
+            self.check_space(tx, delta)?;
+            bump_counter(tx, "used_space", delta)?;
             a.length = end;
             a.mtime = mtime;
             a.ctime = mtime;
@@ -1152,10 +1196,17 @@ impl Meta for SqliteMeta {
     }
 
     fn sync(&self) -> Result<()> {
-        let conn = self.take_conn()?;
-        let result = conn
-            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
-            .map_err(MetaError::from);
+        // A commit with synchronous=FULL fsyncs the WAL, and with it every earlier commit.
+        // It must write something: an empty transaction writes no frame and syncs nothing.
+        let mut conn = self.take_conn()?;
+        let result = (|| {
+            conn.pragma_update(None, "synchronous", "FULL")?;
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            bump_counter(&tx, "syncs", 1)?;
+            tx.commit()?;
+            conn.pragma_update(None, "synchronous", "NORMAL")?;
+            Ok(())
+        })();
         self.put_conn(conn);
         result
     }

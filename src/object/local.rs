@@ -46,7 +46,9 @@ impl LocalStore {
     fn put_sync(&self, key: &str, data: &[u8]) -> Result<(), StoreError> {
         let path = self.path(key);
         let dir = path.parent().expect("object keys have a directory");
-        fs::create_dir_all(dir).map_err(|e| io_err(key, e))?;
+        if !dir.is_dir() {
+            self.create_dirs(dir).map_err(|e| io_err(key, e))?;
+        }
         let tmp = dir.join(format!(
             ".tmp-{}-{}",
             path.file_name().and_then(|n| n.to_str()).unwrap_or("obj"),
@@ -63,6 +65,27 @@ impl LocalStore {
             let _ = fs::remove_file(&tmp);
         }
         result.map_err(|e| io_err(key, e))
+    }
+
+    /// Creates `dir` and its missing parents below the root, fsyncing each new directory's
+    /// parent so the new entries survive a power loss.
+    fn create_dirs(&self, dir: &Path) -> std::io::Result<()> {
+        let mut missing = Vec::new();
+        let mut at = dir;
+        while !at.is_dir() && at != self.root {
+            missing.push(at);
+            at = match at.parent() {
+                Some(p) => p,
+                None => break,
+            };
+        }
+        fs::create_dir_all(dir)?;
+        for d in missing.iter().rev() {
+            if let Some(parent) = d.parent() {
+                File::open(parent)?.sync_all()?;
+            }
+        }
+        Ok(())
     }
 
     fn get_sync(&self, key: &str, range: Option<Range<u64>>) -> Result<Bytes, StoreError> {
@@ -175,10 +198,10 @@ impl ObjectStore for LocalStore {
     }
 
     async fn delete_batch(&self, keys: &[String]) -> Vec<(String, StoreError)> {
-        let (store, keys) = (self.clone(), keys.to_vec());
+        let (store, owned) = (self.clone(), keys.to_vec());
         let result = tokio::task::spawn_blocking(move || {
             let mut failed = Vec::new();
-            for key in keys {
+            for key in owned {
                 match fs::remove_file(store.path(&key)) {
                     Ok(()) => {}
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -188,7 +211,14 @@ impl ObjectStore for LocalStore {
             failed
         })
         .await;
-        result.unwrap_or_default()
+        match result {
+            Ok(failed) => failed,
+            // The task died: nothing is known to be deleted.
+            Err(e) => keys
+                .iter()
+                .map(|k| (k.clone(), io_err(k, std::io::Error::other(e.to_string()))))
+                .collect(),
+        }
     }
 
     async fn list(

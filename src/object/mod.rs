@@ -3,9 +3,11 @@
 //! Objects are immutable: written once under a fresh key, read whole or by range, deleted in
 //! batches. Every store sits behind [`ObjectStore`]; [`Instrumented`] counts every call.
 
+mod faulty;
 mod local;
 mod metrics;
 
+pub use faulty::FaultyStore;
 pub use local::LocalStore;
 pub use metrics::{Instrumented, OpStats, StoreMetrics};
 

@@ -253,3 +253,32 @@ fn fallocate_and_statfs() {
     assert!(st.f_files > st.f_ffree && st.f_namemax == 255);
     mnt.unmount();
 }
+
+/// `cp -p` sets times through the open descriptor before closing it: they stay.
+#[test]
+fn cp_preserves_times() {
+    let vol = Volume::new(64);
+    let mnt = vol.mount();
+    let src = vol.dir.path().join("src");
+    fs::write(&src, vec![9u8; 300_000]).unwrap();
+    let t = std::time::UNIX_EPOCH + Duration::from_secs(1_500_000_000);
+    File::options()
+        .write(true)
+        .open(&src)
+        .unwrap()
+        .set_modified(t)
+        .unwrap();
+    let ok = std::process::Command::new("cp")
+        .arg("-p")
+        .arg(&src)
+        .arg(mnt.p("copy"))
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let m = fs::metadata(mnt.p("copy")).unwrap();
+    assert_eq!((m.mtime(), m.len()), (1_500_000_000, 300_000));
+    mnt.unmount();
+    let mnt = vol.mount();
+    assert_eq!(fs::metadata(mnt.p("copy")).unwrap().mtime(), 1_500_000_000);
+    mnt.unmount();
+}

@@ -1,0 +1,192 @@
+//! The VFS driven directly (no kernel), on a real SQLite file and a real local store wrapped in
+//! a fault injector: error reporting and ordering rules that a mount cannot provoke on demand.
+
+use std::sync::Arc;
+use std::time::Duration;
+use tidefs::data::DataCtx;
+use tidefs::layout::Layout;
+use tidefs::object::{FaultyStore, LocalStore, ObjectStore};
+use tidefs::vfs::{TideVfs, VfsOptions};
+use tidefs_cache::BlockCache;
+use tidefs_fuse::{Ctx, ToErrno, Vfs};
+use tidefs_meta::{Meta, SetAttr, SqliteMeta, Timestamp, ROOT_INO};
+
+struct Fixture {
+    vfs: Arc<TideVfs>,
+    store: Arc<FaultyStore>,
+    _rt: tokio::runtime::Runtime,
+    _dir: tempfile::TempDir,
+}
+
+const CTX: Ctx = Ctx {
+    uid: 0,
+    gid: 0,
+    pid: 0,
+};
+
+fn fixture(block_size: u32) -> Fixture {
+    fixture_with_cache(block_size, 64 << 20)
+}
+
+fn fixture_with_cache(block_size: u32, cache_bytes: u64) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let meta = SqliteMeta::open(&dir.path().join("meta.db"), true).unwrap();
+    let mut format = tidefs_meta::conformance::sample_format();
+    format.block_size = block_size;
+    meta.format(&format, 0, 0).unwrap();
+    let meta: Arc<dyn Meta> = Arc::new(meta);
+    let local: Arc<dyn ObjectStore> =
+        Arc::new(LocalStore::open(&dir.path().join("objects")).unwrap());
+    let store = Arc::new(FaultyStore::new(local));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let sid = meta
+        .new_session(&tidefs_meta::SessionInfo {
+            sid: 0,
+            host: "test".into(),
+            pid: 1,
+            mountpoint: "/test".into(),
+            version: "test".into(),
+            started: 0,
+            heartbeat: 0,
+        })
+        .unwrap();
+    let data = Arc::new(DataCtx::new(
+        meta,
+        store.clone(),
+        BlockCache::new(cache_bytes),
+        Layout::new(&format.name, block_size),
+        rt.handle().clone(),
+    ));
+    let vfs = TideVfs::new(data, format, sid, VfsOptions::default());
+    Fixture {
+        vfs,
+        store,
+        _rt: rt,
+        _dir: dir,
+    }
+}
+
+fn errno<T: std::fmt::Debug>(r: Result<T, tidefs::error::FsError>) -> i32 {
+    r.expect_err("should fail").errno()
+}
+
+/// A failed upload is reported by close/fsync of every handle that wrote or saw the file,
+/// whichever flush hit it, and the data is not committed.
+#[test]
+fn failed_upload_is_reported_to_every_handle() {
+    let f = fixture(64 << 10);
+    let (a, fh1) = f.vfs.create(CTX, ROOT_INO, b"f", 0o644, 0).unwrap();
+    let fh2 = f.vfs.open(CTX, a.ino, libc::O_RDWR).unwrap();
+    f.vfs.write(a.ino, fh1, 0, &[7u8; 100_000]).unwrap();
+    f.store.fail_puts(1000);
+    // Another handle's flush commits (and fails) the first handle's data...
+    assert_eq!(errno(f.vfs.flush(a.ino, fh2)), libc::EIO);
+    f.store.fail_puts(0);
+    f.vfs.flush(a.ino, fh2).unwrap();
+    // ...and the writer still hears of it, once.
+    assert_eq!(errno(f.vfs.flush(a.ino, fh1)), libc::EIO);
+    f.vfs.flush(a.ino, fh1).unwrap();
+    assert_eq!(f.vfs.getattr(a.ino).unwrap().length, 0);
+    // A handle opened after the failure does not inherit it.
+    let fh3 = f.vfs.open(CTX, a.ino, libc::O_RDWR).unwrap();
+    f.vfs.flush(a.ino, fh3).unwrap();
+    for fh in [fh1, fh2, fh3] {
+        f.vfs.release(a.ino, fh).unwrap();
+    }
+}
+
+/// A reader whose read commits pending writes gets the failure, and so does the writer's close.
+#[test]
+fn read_racing_a_failed_commit_leaves_the_error_for_the_writer() {
+    let f = fixture(64 << 10);
+    let (a, fh) = f.vfs.create(CTX, ROOT_INO, b"f", 0o644, 0).unwrap();
+    let reader = f.vfs.open(CTX, a.ino, libc::O_RDONLY).unwrap();
+    f.vfs.write(a.ino, fh, 0, b"will not make it").unwrap();
+    f.store.fail_puts(1000);
+    assert_eq!(errno(f.vfs.read(a.ino, reader, 0, 100)), libc::EIO);
+    f.store.fail_puts(0);
+    assert_eq!(errno(f.vfs.fsync(a.ino, fh, false)), libc::EIO);
+    f.vfs.fsync(a.ino, fh, false).unwrap();
+    f.vfs.release(a.ino, fh).unwrap();
+    f.vfs.release(a.ino, reader).unwrap();
+}
+
+/// A hole punched into a file is hidden by any later write (ids of zero slices and data slices
+/// come from one ordered source).
+#[test]
+fn writes_after_a_punched_hole_are_visible() {
+    let f = fixture(64 << 10);
+    let (a, fh) = f.vfs.create(CTX, ROOT_INO, b"f", 0o644, 0).unwrap();
+    f.vfs.write(a.ino, fh, 0, &[1u8; 200_000]).unwrap();
+    f.vfs.flush(a.ino, fh).unwrap();
+    let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    f.vfs.fallocate(a.ino, fh, 0, 100_000, punch).unwrap();
+    f.vfs.write(a.ino, fh, 10, b"after the hole").unwrap();
+    f.vfs.flush(a.ino, fh).unwrap();
+    let back = f.vfs.read(a.ino, fh, 0, 200_000).unwrap();
+    assert_eq!(&back[..10], &[0u8; 10]);
+    assert_eq!(&back[10..24], b"after the hole");
+    assert!(back[24..100_000].iter().all(|b| *b == 0));
+    assert!(back[100_000..].iter().all(|b| *b == 1));
+    f.vfs.release(a.ino, fh).unwrap();
+}
+
+/// Times set while writes are pending (cp -p sets them before close) are the ones that stay.
+#[test]
+fn times_set_with_pending_writes_stick() {
+    let f = fixture(64 << 10);
+    let (a, fh) = f.vfs.create(CTX, ROOT_INO, b"f", 0o644, 0).unwrap();
+    f.vfs.write(a.ino, fh, 0, b"data").unwrap();
+    let t = Timestamp {
+        sec: 1_234_567_890,
+        nsec: 0,
+    };
+    let set = SetAttr {
+        atime: Some(t),
+        mtime: Some(t),
+        ..Default::default()
+    };
+    assert_eq!(f.vfs.setattr(CTX, a.ino, set, None).unwrap().mtime, t);
+    f.vfs.release(a.ino, fh).unwrap();
+    let attr = f.vfs.getattr(a.ino).unwrap();
+    assert_eq!((attr.mtime, attr.length), (t, 4));
+}
+
+/// Reads of different files proceed in parallel: eight reads that each wait 300 ms on the store
+/// finish together, not one after another (which would take 2.4 s).
+#[test]
+fn reads_of_different_files_do_not_serialize() {
+    let f = fixture_with_cache(64 << 10, 0);
+    let mut files = Vec::new();
+    for i in 0..8u8 {
+        let (a, fh) = f
+            .vfs
+            .create(CTX, ROOT_INO, format!("f{i}").as_bytes(), 0o644, 0)
+            .unwrap();
+        f.vfs.write(a.ino, fh, 0, &[i; 1000]).unwrap();
+        f.vfs.release(a.ino, fh).unwrap();
+        files.push(a.ino);
+    }
+    f.store.delay_gets(Duration::from_millis(300));
+    let started = std::time::Instant::now();
+    std::thread::scope(|s| {
+        for (i, ino) in files.iter().enumerate() {
+            let vfs = &f.vfs;
+            s.spawn(move || {
+                let fh = vfs.open(CTX, *ino, libc::O_RDONLY).unwrap();
+                let data = vfs.read(*ino, fh, 0, 1000).unwrap();
+                assert!(data.len() == 1000 && data.iter().all(|b| *b == i as u8));
+                vfs.release(*ino, fh).unwrap();
+            });
+        }
+    });
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed < Duration::from_millis(1800),
+        "8 slow reads took {elapsed:?}: serialized?"
+    );
+}
