@@ -38,8 +38,8 @@ pub struct DataCtx {
     pub layout: Layout,
     /// Runtime running uploads and fetches.
     pub rt: Handle,
-    /// Bytes written but not yet committed, over all files.
-    pub buffered: AtomicU64,
+    /// Bytes of written data held in memory (buffered or uploading), over all files.
+    pub buffered: Arc<AtomicU64>,
     ids: Mutex<Range<u64>>,
 }
 
@@ -66,7 +66,7 @@ impl DataCtx {
             cache,
             layout,
             rt,
-            buffered: AtomicU64::new(0),
+            buffered: Arc::new(AtomicU64::new(0)),
             ids: Mutex::new(0..0),
         }
     }
@@ -115,12 +115,15 @@ impl DataCtx {
         Ok(())
     }
 
+    /// Starts uploading a block; its bytes stop counting as buffered once the upload ends.
+    /// Written blocks are not cached: large writes would only flush the cache.
     fn upload(&self, key: String, data: Bytes) -> JoinHandle<Result<(), StoreError>> {
-        let (store, cache) = (self.store.clone(), self.cache.clone());
+        let (store, buffered) = (self.store.clone(), self.buffered.clone());
         self.rt.spawn(async move {
-            store.put(&key, data.clone()).await?;
-            cache.insert(&key, data).await;
-            Ok(())
+            let len = data.len() as u64;
+            let result = store.put(&key, data).await;
+            buffered.fetch_sub(len, Ordering::Relaxed);
+            result
         })
     }
 
@@ -313,7 +316,10 @@ impl PendingSlice {
     fn upload_full_blocks(&mut self, data: &DataCtx) {
         let bs = data.layout.block_size() as usize;
         while self.buf.len() >= bs {
-            let rest = self.buf.split_off(bs);
+            // A slice that filled a block is streaming: give the next block its full room now.
+            let mut rest = Vec::with_capacity(bs);
+            rest.extend_from_slice(&self.buf[bs..]);
+            self.buf.truncate(bs);
             let block = std::mem::replace(&mut self.buf, rest);
             let index = self.uploaded / bs as u32;
             let key = data.layout.block_key(self.id, index, bs as u32);
@@ -391,10 +397,9 @@ impl FileWriter {
             let grew = match newest {
                 Some(s) if pos >= s.pos + s.uploaded && pos <= s.end() => {
                     let rel = (pos - s.pos - s.uploaded) as usize;
-                    if s.buf.len() < rel + n {
-                        s.buf.resize(rel + n, 0);
-                    }
-                    s.buf[rel..rel + n].copy_from_slice(part);
+                    let overlap = (s.buf.len() - rel).min(n);
+                    s.buf[rel..rel + overlap].copy_from_slice(&part[..overlap]);
+                    s.buf.extend_from_slice(&part[overlap..]);
                     let old = s.len;
                     s.len = s.len.max(pos + n as u32 - s.pos);
                     s.upload_full_blocks(data);
@@ -470,8 +475,6 @@ impl FileWriter {
         } else {
             self.commit(data, ino, &mut slices, mtime)
         };
-        let written: u64 = slices.iter().map(|s| s.len as u64).sum();
-        data.buffered.fetch_sub(written, Ordering::Relaxed);
         let mut st = self.lock();
         if !slices.is_empty() {
             st.committing.retain(|g| *g != gen);

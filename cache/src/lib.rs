@@ -1,7 +1,7 @@
 //! Block cache of tidefs.
 //!
 //! [`BlockCache`] keeps recently read blocks in memory up to a byte limit, evicting the least
-//! useful first (moka's TinyLFU). Concurrent misses on the same block share one fetch, so a block
+//! recently used first. Concurrent misses on the same block share one fetch, so a block
 //! read by many readers at once is fetched from the object store once.
 
 use bytes::Bytes;
@@ -30,7 +30,10 @@ impl BlockCache {
         if capacity == 0 {
             return BlockCache { inner: None };
         }
+        // LRU rather than TinyLFU admission: blocks are read in streams, and a block fetched
+        // ahead of a reader must be admitted, not rejected for being new.
         let inner = Cache::builder()
+            .eviction_policy(moka::policy::EvictionPolicy::lru())
             .max_capacity(capacity)
             .weigher(|_k: &Arc<str>, v: &Bytes| v.len().try_into().unwrap_or(u32::MAX))
             .build();
@@ -54,6 +57,9 @@ impl BlockCache {
     pub async fn insert(&self, key: &str, data: Bytes) {
         if let Some(c) = &self.inner {
             c.insert(Arc::from(key), data).await;
+            // Evict now: blocks are large, and moka's deferred maintenance would let many of
+            // them pile up past the byte limit.
+            c.run_pending_tasks().await;
         }
     }
 
@@ -65,7 +71,18 @@ impl BlockCache {
         E: Send + Sync + 'static,
     {
         match &self.inner {
-            Some(c) => c.try_get_with(Arc::from(key), fetch).await,
+            Some(c) => {
+                let fetched = std::sync::atomic::AtomicBool::new(false);
+                let fetch = async {
+                    fetched.store(true, std::sync::atomic::Ordering::Relaxed);
+                    fetch.await
+                };
+                let result = c.try_get_with(Arc::from(key), fetch).await;
+                if fetched.load(std::sync::atomic::Ordering::Relaxed) {
+                    c.run_pending_tasks().await;
+                }
+                result
+            }
             None => fetch.await.map_err(Arc::new),
         }
     }
@@ -121,7 +138,15 @@ mod tests {
                 .insert(&format!("b{i}"), Bytes::from(vec![0u8; 1000]))
                 .await;
         }
-        cache.inner.as_ref().unwrap().run_pending_tasks().await;
+        // The limit holds right after the inserts, not only after some later maintenance.
+        assert!(cache.used() <= 10_000, "used {}", cache.used());
+        for i in 0..100 {
+            let key = format!("f{i}");
+            cache
+                .get_or_fetch::<(), _>(&key, async { Ok(Bytes::from(vec![1u8; 1000])) })
+                .await
+                .unwrap();
+        }
         assert!(cache.used() <= 10_000, "used {}", cache.used());
         let err = cache
             .get_or_fetch("bad", async { Err::<Bytes, _>("boom") })
