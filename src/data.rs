@@ -9,6 +9,8 @@ use crate::layout::{Layout, CHUNK_SIZE};
 use crate::object::{ObjectStore, StoreError};
 use crate::slices::{resolve, Source};
 use bytes::Bytes;
+use dashmap::DashMap;
+use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -41,6 +43,25 @@ pub struct DataCtx {
     /// Bytes of written data held in memory (buffered or uploading), over all files.
     pub buffered: Arc<AtomicU64>,
     ids: Mutex<Range<u64>>,
+    /// Per-file metadata cached for reads (see [`FileCache`]).
+    files: DashMap<Ino, Arc<FileCache>>,
+}
+
+/// Read-side metadata of one file, cached between changes.
+///
+/// Every change of a file's length or slices made through this mount invalidates it, and so
+/// does every open (close-to-open). A generation number keeps a lookup that raced an
+/// invalidation from installing what it read.
+#[derive(Default)]
+struct FileCache {
+    gen: AtomicU64,
+    state: Mutex<FileCacheState>,
+}
+
+#[derive(Default)]
+struct FileCacheState {
+    length: Option<u64>,
+    chunks: HashMap<u32, Arc<Vec<Slice>>>,
 }
 
 impl std::fmt::Debug for DataCtx {
@@ -68,7 +89,63 @@ impl DataCtx {
             rt,
             buffered: Arc::new(AtomicU64::new(0)),
             ids: Mutex::new(0..0),
+            files: DashMap::new(),
         }
+    }
+
+    fn file_cache(&self, ino: Ino) -> Arc<FileCache> {
+        self.files.entry(ino).or_default().clone()
+    }
+
+    /// Forgets what is cached about `ino`: its length or slices changed, or it was opened.
+    pub fn invalidate(&self, ino: Ino) {
+        if let Some(c) = self.files.get(&ino).map(|c| c.clone()) {
+            let mut st = c.state.lock().unwrap_or_else(|e| e.into_inner());
+            c.gen.fetch_add(1, Ordering::SeqCst);
+            *st = FileCacheState::default();
+        }
+    }
+
+    /// Drops the cache entry of `ino` (no handle has it open any more).
+    pub fn forget(&self, ino: Ino) {
+        self.invalidate(ino);
+        self.files.remove(&ino);
+    }
+
+    /// The committed length of file `ino`.
+    pub fn length(&self, ino: Ino) -> Result<u64, FsError> {
+        let c = self.file_cache(ino);
+        let gen = {
+            let st = c.state.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(l) = st.length {
+                return Ok(l);
+            }
+            c.gen.load(Ordering::SeqCst)
+        };
+        let length = self.meta.getattr(ino)?.length;
+        let mut st = c.state.lock().unwrap_or_else(|e| e.into_inner());
+        if c.gen.load(Ordering::SeqCst) == gen {
+            st.length = Some(length);
+        }
+        Ok(length)
+    }
+
+    /// The committed slices of chunk `chunk` of file `ino`.
+    fn chunk_slices(&self, ino: Ino, chunk: u32) -> Result<Arc<Vec<Slice>>, FsError> {
+        let c = self.file_cache(ino);
+        let gen = {
+            let st = c.state.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(s) = st.chunks.get(&chunk) {
+                return Ok(s.clone());
+            }
+            c.gen.load(Ordering::SeqCst)
+        };
+        let slices = Arc::new(self.meta.read_chunk(ino, chunk)?);
+        let mut st = c.state.lock().unwrap_or_else(|e| e.into_inner());
+        if c.gen.load(Ordering::SeqCst) == gen {
+            st.chunks.insert(chunk, slices.clone());
+        }
+        Ok(slices)
     }
 
     /// A fresh slice id, larger than every id this mount handed out before (reads resolve
@@ -231,7 +308,7 @@ impl DataCtx {
             let chunk = (at / CHUNK_SIZE) as u32;
             let chunk_start = chunk as u64 * CHUNK_SIZE;
             let cend = end.min(chunk_start + CHUNK_SIZE);
-            let slices = self.meta.read_chunk(ino, chunk)?;
+            let slices = self.chunk_slices(ino, chunk)?;
             let spans = resolve(
                 &slices,
                 (at - chunk_start) as u32,
@@ -540,7 +617,9 @@ impl FileWriter {
                 },
             })
             .collect();
-        data.meta.write_slices(ino, &committed, mtime)?;
+        let written = data.meta.write_slices(ino, &committed, mtime);
+        data.invalidate(ino);
+        written?;
         Ok(())
     }
 }

@@ -77,6 +77,9 @@ impl std::fmt::Debug for TideVfs {
 
 type Result<T> = std::result::Result<T, FsError>;
 
+/// Blocks fetched ahead of a sequential reader.
+const READ_AHEAD_BLOCKS: u64 = 3;
+
 impl TideVfs {
     /// The VFS of session `sid` of the volume with `format`.
     pub fn new(data: Arc<DataCtx>, format: Format, sid: u64, opts: VfsOptions) -> Arc<Self> {
@@ -319,7 +322,9 @@ impl tidefs_fuse::Vfs for TideVfs {
         let mut attr = None;
         if let Some(size) = size {
             let t = set.mtime.unwrap_or_else(Timestamp::now);
-            attr = Some(meta.truncate(ino, size, t)?);
+            let truncated = meta.truncate(ino, size, t);
+            self.data.invalidate(ino);
+            attr = Some(truncated?);
         }
         let rest = SetAttr {
             mtime: if size.is_some() { None } else { set.mtime },
@@ -412,6 +417,8 @@ impl tidefs_fuse::Vfs for TideVfs {
     }
 
     fn open(&self, _ctx: Ctx, ino: Ino, _flags: i32) -> Result<u64> {
+        // Close-to-open: an open sees the latest committed state.
+        self.data.invalidate(ino);
         let a = self.data.meta.getattr(ino)?;
         if a.kind == FileKind::Dir {
             return Err(FsError::refused(
@@ -439,16 +446,17 @@ impl tidefs_fuse::Vfs for TideVfs {
         if self.writers.get(&ino).is_some_and(|w| w.has_pending()) {
             self.flush_inode(ino, None)?;
         }
-        let attr = self.data.meta.getattr(ino)?;
-        let out = self.data.read(ino, attr.length, offset, size)?;
+        let length = self.data.length(ino)?;
+        let out = self.data.read(ino, length, offset, size)?;
         if let Some(h) = self.handle(fh) {
             let end = offset + out.len() as u64;
             let sequential = h.last_end.swap(end, Ordering::Relaxed) == offset && offset > 0;
             let bs = self.data.layout.block_size() as u64;
-            // On a block boundary crossing during sequential reading, fetch the next block.
-            if sequential && end < attr.length && offset / bs != end.div_ceil(bs) {
+            // Sequential reading crossing into a new block: fetch the next blocks ahead.
+            if sequential && end < length && (offset - 1) / bs != (end - 1) / bs {
                 let next = end.div_ceil(bs) * bs;
-                self.data.prefetch(ino, next, attr.length.min(next + bs));
+                self.data
+                    .prefetch(ino, next, length.min(next + READ_AHEAD_BLOCKS * bs));
             }
         }
         Ok(out)
@@ -494,6 +502,9 @@ impl tidefs_fuse::Vfs for TideVfs {
         // handle opened meanwhile never lands in a dropped writer.
         self.writers
             .remove_if(&ino, |_, w| w.is_idle() && !self.is_open(ino));
+        if !self.is_open(ino) {
+            self.data.forget(ino);
+        }
         // If reopened meanwhile (e.g. through /proc/PID/fd), the new handle keeps it alive.
         if !self.is_open(ino) && self.sustained.remove(&ino).is_some() {
             self.data.meta.release(ino, self.sid)?;
@@ -618,9 +629,9 @@ impl tidefs_fuse::Vfs for TideVfs {
                 .data
                 .slice_ids((end.div_ceil(CHUNK_SIZE) - offset / CHUNK_SIZE) as usize)?,
         };
-        self.data
-            .meta
-            .fallocate(ino, mode, offset, len, &zero_ids)?;
+        let result = self.data.meta.fallocate(ino, mode, offset, len, &zero_ids);
+        self.data.invalidate(ino);
+        result?;
         Ok(())
     }
 

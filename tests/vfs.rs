@@ -190,3 +190,39 @@ fn reads_of_different_files_do_not_serialize() {
         "8 slow reads took {elapsed:?}: serialized?"
     );
 }
+
+/// Reads served from cached metadata follow every change made through any handle: writes,
+/// truncation and punched holes.
+#[test]
+fn cached_reads_follow_changes() {
+    let f = fixture(64 << 10);
+    let (a, w) = f.vfs.create(CTX, ROOT_INO, b"f", 0o644, 0).unwrap();
+    let r = f.vfs.open(CTX, a.ino, libc::O_RDONLY).unwrap();
+    f.vfs.write(a.ino, w, 0, &[1u8; 100_000]).unwrap();
+    f.vfs.flush(a.ino, w).unwrap();
+    assert_eq!(
+        f.vfs.read(a.ino, r, 0, 200_000).unwrap(),
+        vec![1u8; 100_000]
+    );
+    f.vfs.write(a.ino, w, 50_000, &[2u8; 100_000]).unwrap();
+    f.vfs.flush(a.ino, w).unwrap();
+    let back = f.vfs.read(a.ino, r, 0, 200_000).unwrap();
+    assert_eq!(back.len(), 150_000);
+    assert!(back[..50_000].iter().all(|b| *b == 1) && back[50_000..].iter().all(|b| *b == 2));
+    f.vfs
+        .setattr(CTX, a.ino, SetAttr::default(), Some(10))
+        .unwrap();
+    assert_eq!(f.vfs.read(a.ino, r, 0, 200_000).unwrap(), vec![1u8; 10]);
+    f.vfs
+        .setattr(CTX, a.ino, SetAttr::default(), Some(20))
+        .unwrap();
+    assert_eq!(
+        f.vfs.read(a.ino, r, 0, 200_000).unwrap(),
+        [[1u8; 10], [0u8; 10]].concat()
+    );
+    let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    f.vfs.fallocate(a.ino, w, 0, 5, punch).unwrap();
+    assert_eq!(f.vfs.read(a.ino, r, 0, 7).unwrap(), [0, 0, 0, 0, 0, 1, 1]);
+    f.vfs.release(a.ino, w).unwrap();
+    f.vfs.release(a.ino, r).unwrap();
+}
