@@ -4,6 +4,7 @@
 //! Durability rule: a slice is committed to metadata only after every one of its blocks is
 //! durable in the object store, so metadata never points at missing data, whatever crashes.
 
+use crate::buffers::BufferPool;
 use crate::error::FsError;
 use crate::layout::{Layout, CHUNK_SIZE};
 use crate::object::{ObjectStore, StoreError};
@@ -21,6 +22,9 @@ use tokio::task::JoinHandle;
 
 /// Largest file size accepted (as ext4 with 4 KiB blocks: 16 TiB).
 pub const MAX_FILE_SIZE: u64 = 16 << 40;
+
+/// Idle block buffers kept for reuse by the write path.
+const WRITE_BUFFERS_KEPT: usize = 8;
 
 /// Slice ids reserved from metadata at a time.
 const ID_BATCH: u64 = 1024;
@@ -45,6 +49,8 @@ pub struct DataCtx {
     ids: Mutex<Range<u64>>,
     /// Per-file metadata cached for reads (see [`FileCache`]).
     files: DashMap<Ino, Arc<FileCache>>,
+    /// Block buffers of the write path.
+    buffers: Arc<BufferPool>,
 }
 
 /// Read-side metadata of one file, cached between changes.
@@ -81,6 +87,7 @@ impl DataCtx {
         layout: Layout,
         rt: Handle,
     ) -> Self {
+        let buffers = BufferPool::new(layout.block_size() as usize, WRITE_BUFFERS_KEPT);
         DataCtx {
             meta,
             store,
@@ -90,6 +97,7 @@ impl DataCtx {
             buffered: Arc::new(AtomicU64::new(0)),
             ids: Mutex::new(0..0),
             files: DashMap::new(),
+            buffers,
         }
     }
 
@@ -394,13 +402,14 @@ impl PendingSlice {
         let bs = data.layout.block_size() as usize;
         while self.buf.len() >= bs {
             // A slice that filled a block is streaming: give the next block its full room now.
-            let mut rest = Vec::with_capacity(bs);
+            let mut rest = data.buffers.take();
             rest.extend_from_slice(&self.buf[bs..]);
             self.buf.truncate(bs);
             let block = std::mem::replace(&mut self.buf, rest);
             let index = self.uploaded / bs as u32;
             let key = data.layout.block_key(self.id, index, bs as u32);
-            self.uploads.push(data.upload(key, Bytes::from(block)));
+            self.uploads
+                .push(data.upload(key, data.buffers.freeze(block)));
             self.uploaded += bs as u32;
         }
     }

@@ -8,6 +8,7 @@
 //! - [`vfs`]: the filesystem the FUSE adapter (`tidefs-fuse`) calls;
 //! - [`volume`]: formatting and opening volumes, the default volume.
 
+pub mod buffers;
 pub mod data;
 pub mod error;
 pub mod layout;

@@ -1,0 +1,110 @@
+//! Reusable block buffers for the write path.
+//!
+//! A fresh 4 MiB buffer costs a thousand page faults to fill, a fifth of the CPU time of a
+//! sequential write. The pool keeps a few block-sized buffers and hands them out again once the
+//! upload holding one is done.
+
+use bytes::Bytes;
+use std::sync::{Arc, Mutex};
+
+/// A bounded pool of buffers of one block size.
+#[derive(Debug)]
+pub struct BufferPool {
+    size: usize,
+    max: usize,
+    free: Mutex<Vec<Vec<u8>>>,
+}
+
+/// A buffer that returns to its pool when the last [`Bytes`] viewing it is dropped.
+struct Pooled {
+    buf: Vec<u8>,
+    pool: Arc<BufferPool>,
+}
+
+impl AsRef<[u8]> for Pooled {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        self.pool.give_back(std::mem::take(&mut self.buf));
+    }
+}
+
+impl BufferPool {
+    /// A pool keeping at most `max` free buffers of `size` bytes.
+    pub fn new(size: usize, max: usize) -> Arc<Self> {
+        Arc::new(BufferPool {
+            size,
+            max,
+            free: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// An empty buffer with room for a block.
+    pub fn take(&self) -> Vec<u8> {
+        let reused = self.free.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        reused.unwrap_or_else(|| Vec::with_capacity(self.size))
+    }
+
+    /// Freezes `buf` for upload; it comes back to the pool when no longer referenced.
+    pub fn freeze(self: &Arc<Self>, buf: Vec<u8>) -> Bytes {
+        if buf.capacity() < self.size {
+            return Bytes::from(buf);
+        }
+        Bytes::from_owner(Pooled {
+            buf,
+            pool: self.clone(),
+        })
+    }
+
+    fn give_back(&self, mut buf: Vec<u8>) {
+        if buf.capacity() < self.size || buf.capacity() > 2 * self.size {
+            return;
+        }
+        buf.clear();
+        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        if free.len() < self.max {
+            free.push(buf);
+        }
+    }
+
+    /// Free buffers held now.
+    pub fn idle(&self) -> usize {
+        self.free.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_come_back_after_the_last_reference() {
+        let pool = BufferPool::new(1024, 2);
+        let mut b = pool.take();
+        let ptr = b.as_ptr();
+        b.extend_from_slice(&[7u8; 1024]);
+        let frozen = pool.freeze(b);
+        let view = frozen.clone();
+        drop(frozen);
+        assert_eq!(pool.idle(), 0);
+        assert_eq!(&view[..3], &[7, 7, 7]);
+        drop(view);
+        assert_eq!(pool.idle(), 1);
+        let again = pool.take();
+        assert_eq!((again.as_ptr(), again.len()), (ptr, 0));
+    }
+
+    #[test]
+    fn the_pool_is_bounded_and_ignores_small_buffers() {
+        let pool = BufferPool::new(1024, 1);
+        let (a, b) = (pool.take(), pool.take());
+        drop((pool.freeze(a), pool.freeze(b)));
+        assert_eq!(pool.idle(), 1);
+        drop(pool.freeze(vec![1, 2, 3]));
+        assert_eq!(pool.idle(), 1);
+    }
+}
