@@ -16,7 +16,7 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-use tidefs_fuse::{Ctx, ListEntry, StatFs};
+use tidefs_fuse::{Ctx, ListEntry, Opened, StatFs};
 use tidefs_meta::{
     Attr, FallocMode, FileKind, Format, Ino, NewNode, RenameFlags, SetAttr, Timestamp, XattrMode,
 };
@@ -62,6 +62,8 @@ pub struct TideVfs {
     /// Files unlinked while open here, kept alive by this session.
     sustained: DashMap<Ino, ()>,
     writers: DashMap<Ino, Arc<FileWriter>>,
+    /// (mtime, length) of files at their last open, to let the kernel keep cached pages.
+    seen_versions: DashMap<Ino, (Timestamp, u64)>,
     background: Mutex<Option<(mpsc::Sender<()>, JoinHandle<()>)>>,
     destroyed: AtomicBool,
 }
@@ -76,6 +78,9 @@ impl std::fmt::Debug for TideVfs {
 }
 
 type Result<T> = std::result::Result<T, FsError>;
+
+/// Files whose last-open version is remembered (about 50 bytes each).
+const MAX_SEEN_VERSIONS: usize = 100_000;
 
 /// Blocks fetched ahead of a sequential reader.
 const READ_AHEAD_BLOCKS: u64 = 3;
@@ -93,6 +98,7 @@ impl TideVfs {
             open_counts: DashMap::new(),
             sustained: DashMap::new(),
             writers: DashMap::new(),
+            seen_versions: DashMap::new(),
             background: Mutex::new(None),
             destroyed: AtomicBool::new(false),
         });
@@ -416,17 +422,26 @@ impl tidefs_fuse::Vfs for TideVfs {
         Ok(self.with_overlay(self.data.meta.link(ino, new_parent, name)?))
     }
 
-    fn open(&self, _ctx: Ctx, ino: Ino, _flags: i32) -> Result<u64> {
+    fn open(&self, _ctx: Ctx, ino: Ino, _flags: i32) -> Result<Opened> {
         // Close-to-open: an open sees the latest committed state.
         self.data.invalidate(ino);
-        let a = self.data.meta.getattr(ino)?;
+        let a = self.with_overlay(self.data.meta.getattr(ino)?);
         if a.kind == FileKind::Dir {
             return Err(FsError::refused(
                 libc::EISDIR,
                 "open of a directory as a file",
             ));
         }
-        Ok(self.open_handle(ino))
+        // Unchanged since the last open: the pages the kernel cached then are still right.
+        let version = (a.mtime, a.length);
+        if self.seen_versions.len() >= MAX_SEEN_VERSIONS {
+            self.seen_versions.clear();
+        }
+        let keep_cache = self.seen_versions.insert(ino, version) == Some(version);
+        Ok(Opened {
+            fh: self.open_handle(ino),
+            keep_cache,
+        })
     }
 
     fn create(

@@ -80,7 +80,7 @@ fn errno<T: std::fmt::Debug>(r: Result<T, tidefs::error::FsError>) -> i32 {
 fn failed_upload_is_reported_to_every_handle() {
     let f = fixture(64 << 10);
     let (a, fh1) = f.vfs.create(CTX, ROOT_INO, b"f", 0o644, 0).unwrap();
-    let fh2 = f.vfs.open(CTX, a.ino, libc::O_RDWR).unwrap();
+    let fh2 = f.vfs.open(CTX, a.ino, libc::O_RDWR).unwrap().fh;
     f.vfs.write(a.ino, fh1, 0, &[7u8; 100_000]).unwrap();
     f.store.fail_puts(1000);
     // Another handle's flush commits (and fails) the first handle's data...
@@ -92,7 +92,7 @@ fn failed_upload_is_reported_to_every_handle() {
     f.vfs.flush(a.ino, fh1).unwrap();
     assert_eq!(f.vfs.getattr(a.ino).unwrap().length, 0);
     // A handle opened after the failure does not inherit it.
-    let fh3 = f.vfs.open(CTX, a.ino, libc::O_RDWR).unwrap();
+    let fh3 = f.vfs.open(CTX, a.ino, libc::O_RDWR).unwrap().fh;
     f.vfs.flush(a.ino, fh3).unwrap();
     for fh in [fh1, fh2, fh3] {
         f.vfs.release(a.ino, fh).unwrap();
@@ -104,7 +104,7 @@ fn failed_upload_is_reported_to_every_handle() {
 fn read_racing_a_failed_commit_leaves_the_error_for_the_writer() {
     let f = fixture(64 << 10);
     let (a, fh) = f.vfs.create(CTX, ROOT_INO, b"f", 0o644, 0).unwrap();
-    let reader = f.vfs.open(CTX, a.ino, libc::O_RDONLY).unwrap();
+    let reader = f.vfs.open(CTX, a.ino, libc::O_RDONLY).unwrap().fh;
     f.vfs.write(a.ino, fh, 0, b"will not make it").unwrap();
     f.store.fail_puts(1000);
     assert_eq!(errno(f.vfs.read(a.ino, reader, 0, 100)), libc::EIO);
@@ -177,7 +177,7 @@ fn reads_of_different_files_do_not_serialize() {
         for (i, ino) in files.iter().enumerate() {
             let vfs = &f.vfs;
             s.spawn(move || {
-                let fh = vfs.open(CTX, *ino, libc::O_RDONLY).unwrap();
+                let fh = vfs.open(CTX, *ino, libc::O_RDONLY).unwrap().fh;
                 let data = vfs.read(*ino, fh, 0, 1000).unwrap();
                 assert!(data.len() == 1000 && data.iter().all(|b| *b == i as u8));
                 vfs.release(*ino, fh).unwrap();
@@ -197,7 +197,7 @@ fn reads_of_different_files_do_not_serialize() {
 fn cached_reads_follow_changes() {
     let f = fixture(64 << 10);
     let (a, w) = f.vfs.create(CTX, ROOT_INO, b"f", 0o644, 0).unwrap();
-    let r = f.vfs.open(CTX, a.ino, libc::O_RDONLY).unwrap();
+    let r = f.vfs.open(CTX, a.ino, libc::O_RDONLY).unwrap().fh;
     f.vfs.write(a.ino, w, 0, &[1u8; 100_000]).unwrap();
     f.vfs.flush(a.ino, w).unwrap();
     assert_eq!(

@@ -35,6 +35,16 @@ pub trait ToErrno: std::fmt::Display {
     fn errno(&self) -> i32;
 }
 
+/// An opened file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Opened {
+    /// The handle later requests carry.
+    pub fh: u64,
+    /// The kernel may keep the file's cached pages: the file has not changed since they were
+    /// read.
+    pub keep_cache: bool,
+}
+
 /// One directory listing entry, including `.` and `..`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ListEntry {
@@ -120,8 +130,8 @@ pub trait Vfs: Send + Sync + 'static {
     ) -> Result<(), Self::Error>;
     /// Adds a hard link.
     fn link(&self, ctx: Ctx, ino: Ino, new_parent: Ino, name: &[u8]) -> Result<Attr, Self::Error>;
-    /// Opens a file; returns a handle.
-    fn open(&self, ctx: Ctx, ino: Ino, flags: i32) -> Result<u64, Self::Error>;
+    /// Opens a file.
+    fn open(&self, ctx: Ctx, ino: Ino, flags: i32) -> Result<Opened, Self::Error>;
     /// Creates and opens a file; returns its attributes and a handle.
     fn create(
         &self,
@@ -469,7 +479,14 @@ impl<V: Vfs> Filesystem for Adapter<V> {
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let _s = tracing::debug_span!("open", ino = ino.0).entered();
         match self.vfs.open(ctx(req), ino.0, flags.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Ok(o) => {
+                let flags = if o.keep_cache {
+                    FopenFlags::FOPEN_KEEP_CACHE
+                } else {
+                    FopenFlags::empty()
+                };
+                reply.opened(FileHandle(o.fh), flags)
+            }
             Err(e) => reply.error(errno(e)),
         }
     }
