@@ -30,6 +30,23 @@ def run(cmd, **kw):
     return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
 
 
+def peak_rss_mib(pid):
+    """Peak resident memory of process `pid` so far (VmHWM), in MiB."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def pid_of(pattern):
+    out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
+    return int(out[0]) if out else None
+
+
 def drop_caches():
     subprocess.run(["sync"])
     try:
@@ -64,6 +81,9 @@ class Local:
     def remount_cold(self):
         drop_caches()
 
+    def peak_rss(self):
+        return float("nan")
+
     def stop(self):
         pass
 
@@ -80,7 +100,13 @@ class Tidefs:
         run([self.bin, "format", self.url, "bench", "--bucket", f"{tmp}/tidefs-objects",
              "--block-size", str(args.block_kib)])
         self.proc = None
+        self.rss = 0.0
         self.start()
+
+    def peak_rss(self):
+        if self.proc is not None:
+            self.rss = max(self.rss, peak_rss_mib(self.proc.pid))
+        return self.rss
 
     def start(self):
         self.proc = subprocess.Popen(
@@ -91,6 +117,7 @@ class Tidefs:
     def stop(self):
         if self.proc is None:
             return
+        self.peak_rss()
         subprocess.run([self.bin, "umount", self.path], capture_output=True)
         try:
             self.proc.wait(timeout=60)
@@ -119,7 +146,14 @@ class JuiceFS:
              "--bucket", f"{tmp}/jfs-objects/", "--block-size", str(args.block_kib),
              "--trash-days", "0"])
         self.running = False
+        self.rss = 0.0
         self.start()
+
+    def peak_rss(self):
+        pid = pid_of(f"juicefs mount {self.url} {self.path}") if self.running else None
+        if pid is not None:
+            self.rss = max(self.rss, peak_rss_mib(pid))
+        return self.rss
 
     def start(self):
         run(["juicefs", "mount", self.url, self.path, "-d", "--cache-dir", self.cache,
@@ -129,6 +163,7 @@ class JuiceFS:
 
     def stop(self):
         if self.running:
+            self.peak_rss()
             subprocess.run(["juicefs", "umount", self.path], capture_output=True)
             deadline = time.time() + 30
             while mounted(self.path) and time.time() < deadline:
@@ -211,6 +246,7 @@ def one_round(target, args):
     r["create (ops/s)"] = c
     r["stat (ops/s)"] = s
     r["unlink (ops/s)"] = u
+    r["peak RSS of the daemon (MiB, lower is better)"] = target.peak_rss()
     return r
 
 
@@ -261,11 +297,32 @@ def main():
     ]
     for k in metrics:
         t, j, l = med["tidefs"][k], med["JuiceFS"][k], med["local disk"][k]
-        lines.append(f"| {k} | {t:,.0f} | {j:,.0f} | {l:,.0f} | {t / j:.2f}x | {t / l:.2f}x |")
+        if l != l:  # NaN: no daemon on the local disk
+            lines.append(f"| {k} | {t:,.0f} | {j:,.0f} | - | {t / j:.2f}x | - |")
+        else:
+            lines.append(f"| {k} | {t:,.0f} | {j:,.0f} | {l:,.0f} | {t / j:.2f}x | {t / l:.2f}x |")
     table = "\n".join(lines)
     print(table)
     with open(args.out, "w") as f:
-        f.write("# Benchmark results\n\nMade by `sudo bench/compare.py`.\n\n" + table + "\n")
+        f.write("# Benchmark results\n\nMade by `sudo bench/compare.py`.\n\n" + table + "\n\n"
+                + NOTES)
+
+
+NOTES = """## Reading the table
+
+* Both filesystems use the same block size and `--cache-size`. tidefs's cache is in
+  memory; the local-disk cache comes later. JuiceFS's `--cache-size` is a disk cache. So
+  tidefs's peak RSS includes the cache, and JuiceFS's does not.
+* The durability is not the same. tidefs fsyncs every object file and its directory before
+  it commits a slice. JuiceFS's `file` object store writes a temporary file and renames it
+  with no fsync, so its data is not durable on power loss even after fsync(2).
+* fio drops the kernel page cache of the file before each job (`invalidate=1`). "warm" reads
+  therefore measure each filesystem's own cache, not the kernel's.
+* "local disk" random reads go to the SSD (page cache dropped by fio). The filesystems serve
+  them from their caches, which is why a ratio above 1 can appear there.
+* The machine has 2 cores and is shared, so figures vary between runs by 10-30%. Compare
+  ratios within one run.
+"""
 
 
 def juicefs_version():
