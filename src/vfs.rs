@@ -115,6 +115,11 @@ impl TideVfs {
         vfs
     }
 
+    /// The data path of this mount.
+    pub fn data(&self) -> Arc<DataCtx> {
+        self.data.clone()
+    }
+
     /// The session id of this mount.
     pub fn sid(&self) -> u64 {
         self.sid
@@ -231,15 +236,17 @@ fn background_loop(data: &DataCtx, sid: u64, opts: &VfsOptions, wake: mpsc::Rece
     }
 }
 
-/// Deletes the objects of freed slices, one batch request per 1000 keys, until the queue is
-/// empty or a batch fails. A slice leaves the queue only when all its blocks are gone.
+/// Deletes the objects of freed slices, one batch request per 1000 keys, in one pass over the
+/// deletion queue. A slice leaves the queue only when all its blocks are gone; slices that
+/// fail stay for the next pass without holding up the ones behind them.
 pub fn delete_freed(data: &DataCtx) -> Result<usize> {
     let mut deleted = 0;
+    let mut after = 0;
+    let mut first_failure = None;
     loop {
-        let freed = data.meta.pending_deletions(256)?;
-        if freed.is_empty() {
-            return Ok(deleted);
-        }
+        let freed = data.meta.pending_deletions(after, 256)?;
+        let Some(last) = freed.last() else { break };
+        after = last.id;
         let owned: Vec<(u64, String)> = freed
             .iter()
             .flat_map(|f| {
@@ -267,9 +274,13 @@ pub fn delete_freed(data: &DataCtx) -> Result<usize> {
             .collect();
         data.meta.ack_deletions(&ok)?;
         deleted += ok.len();
-        if let Some((key, e)) = failed.into_iter().next() {
-            return Err(FsError::Data(format!("delete of {key} failed: {e}")));
+        if first_failure.is_none() {
+            first_failure = failed.into_iter().next();
         }
+    }
+    match first_failure {
+        Some((key, e)) => Err(FsError::Data(format!("delete of {key} failed: {e}"))),
+        None => Ok(deleted),
     }
 }
 

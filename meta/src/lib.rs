@@ -117,8 +117,9 @@ pub trait Meta: Send + Sync {
 
     /// Called on the last close of `ino` in session `sid`: frees it if it has no name left.
     fn release(&self, ino: Ino, sid: u64) -> Result<()>;
-    /// Up to `limit` slices freed by earlier operations whose objects are still to delete.
-    fn pending_deletions(&self, limit: usize) -> Result<Vec<FreedSlice>>;
+    /// Up to `limit` slices with ids above `after`, freed by earlier operations, whose objects
+    /// are still to delete, in id order.
+    fn pending_deletions(&self, after: u64, limit: usize) -> Result<Vec<FreedSlice>>;
     /// Forgets freed slices whose objects are now deleted.
     fn ack_deletions(&self, ids: &[u64]) -> Result<()>;
 

@@ -1170,11 +1170,11 @@ impl Meta for SqliteMeta {
         })
     }
 
-    fn pending_deletions(&self, limit: usize) -> Result<Vec<FreedSlice>> {
+    fn pending_deletions(&self, after: u64, limit: usize) -> Result<Vec<FreedSlice>> {
         self.read(|tx| {
             let rows = tx
-                .prepare("SELECT id, size FROM deleted_slice ORDER BY id LIMIT ?1")?
-                .query_map([limit as i64], |r| {
+                .prepare("SELECT id, size FROM deleted_slice WHERE id > ?1 ORDER BY id LIMIT ?2")?
+                .query_map(params![after as i64, limit as i64], |r| {
                     Ok(FreedSlice {
                         id: r.get::<_, i64>(0)? as u64,
                         size: r.get(1)?,

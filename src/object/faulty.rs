@@ -16,6 +16,7 @@ pub struct FaultyStore {
     failing_puts: AtomicU32,
     failing_gets: AtomicU32,
     get_delay_ms: AtomicU64,
+    failing_deletes: std::sync::Mutex<Option<String>>,
 }
 
 fn injected(key: &str) -> StoreError {
@@ -39,6 +40,7 @@ impl FaultyStore {
             failing_puts: AtomicU32::new(0),
             failing_gets: AtomicU32::new(0),
             get_delay_ms: AtomicU64::new(0),
+            failing_deletes: std::sync::Mutex::new(None),
         }
     }
 
@@ -50,6 +52,14 @@ impl FaultyStore {
     /// The next `n` gets fail.
     pub fn fail_gets(&self, n: u32) {
         self.failing_gets.store(n, Ordering::SeqCst);
+    }
+
+    /// Deletes of keys containing `pattern` fail (None: none do).
+    pub fn fail_deletes_matching(&self, pattern: Option<&str>) {
+        *self
+            .failing_deletes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = pattern.map(str::to_string);
     }
 
     /// Every get waits this long first.
@@ -88,7 +98,21 @@ impl ObjectStore for FaultyStore {
     }
 
     async fn delete_batch(&self, keys: &[String]) -> Vec<(String, StoreError)> {
-        self.inner.delete_batch(keys).await
+        let pattern = self
+            .failing_deletes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let (fail, pass): (Vec<String>, Vec<String>) = keys
+            .iter()
+            .cloned()
+            .partition(|k| pattern.as_deref().is_some_and(|p| k.contains(p)));
+        let mut failed = self.inner.delete_batch(&pass).await;
+        failed.extend(fail.into_iter().map(|k| {
+            let e = injected(&k);
+            (k, e)
+        }));
+        failed
     }
 
     async fn list(
