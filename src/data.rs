@@ -192,9 +192,9 @@ impl DataCtx {
     fn refill_ids(&self) -> Result<(), FsError> {
         let first = self.meta.next_slice_ids(ID_BATCH)?;
         let mut ids = self.ids.lock().unwrap_or_else(|e| e.into_inner());
-        // A batch reserved concurrently may be lower than ids already handed out: keep only a
-        // batch above everything used so far.
-        if ids.is_empty() && first >= ids.end {
+        // A batch reserved concurrently may be lower than ids already handed out: take only a
+        // batch above everything handed out so far (dropping the few ids left, if any).
+        if first >= ids.end {
             *ids = first..first + ID_BATCH;
         }
         Ok(())
@@ -243,13 +243,24 @@ impl DataCtx {
         let end = length.min(off + size as u64);
         match self.read_planned(ino, off, end) {
             // A truncate or unlink committed after the plan and its objects are already
-            // deleted: plan again from the new metadata.
-            Err(ReadError::Vanished) => match self.read_planned(ino, off, end) {
-                Err(ReadError::Vanished) => Err(FsError::Data(format!(
-                    "blocks of inode {ino} vanished during a read"
-                ))),
-                other => other.map_err(ReadError::into_fs),
-            },
+            // deleted: plan again from the new metadata, length included.
+            Err(ReadError::Vanished) => {
+                self.invalidate(ino);
+                let length = self.length(ino)?;
+                if off >= length {
+                    return Ok(Vec::new());
+                }
+                self.read_again(ino, off, length.min(off + size as u64))
+            }
+            other => other.map_err(ReadError::into_fs),
+        }
+    }
+
+    fn read_again(&self, ino: Ino, off: u64, end: u64) -> Result<Vec<u8>, FsError> {
+        match self.read_planned(ino, off, end) {
+            Err(ReadError::Vanished) => Err(FsError::Data(format!(
+                "blocks of inode {ino} vanished during a read"
+            ))),
             other => other.map_err(ReadError::into_fs),
         }
     }
@@ -397,19 +408,24 @@ impl PendingSlice {
         self.pos + self.len
     }
 
-    /// Starts uploads of every full block in the buffer.
+    /// Starts uploads of every full block in the buffer. The blocks are slices of one frozen
+    /// buffer, so cutting them copies nothing but the short remainder.
     fn upload_full_blocks(&mut self, data: &DataCtx) {
         let bs = data.layout.block_size() as usize;
-        while self.buf.len() >= bs {
-            // A slice that filled a block is streaming: give the next block its full room now.
-            let mut rest = data.buffers.take();
-            rest.extend_from_slice(&self.buf[bs..]);
-            self.buf.truncate(bs);
-            let block = std::mem::replace(&mut self.buf, rest);
+        let full = self.buf.len() / bs * bs;
+        if full == 0 {
+            return;
+        }
+        // A slice that filled a block is streaming: give the next block its full room now.
+        let mut rest = data.buffers.take();
+        rest.extend_from_slice(&self.buf[full..]);
+        self.buf.truncate(full);
+        let frozen = data.buffers.freeze(std::mem::replace(&mut self.buf, rest));
+        for start in (0..full).step_by(bs) {
             let index = self.uploaded / bs as u32;
             let key = data.layout.block_key(self.id, index, bs as u32);
             self.uploads
-                .push(data.upload(key, data.buffers.freeze(block)));
+                .push(data.upload(key, frozen.slice(start..start + bs)));
             self.uploaded += bs as u32;
         }
     }
@@ -480,7 +496,7 @@ impl FileWriter {
             // Extend or overwrite the newest slice of this chunk if the range starts inside
             // its not yet uploaded tail.
             let newest = st.slices.iter_mut().rev().find(|s| s.chunk == chunk);
-            let grew = match newest {
+            match newest {
                 Some(s) if pos >= s.pos + s.uploaded && pos <= s.end() => {
                     let rel = (pos - s.pos - s.uploaded) as usize;
                     let overlap = (s.buf.len() - rel).min(n);
@@ -488,8 +504,10 @@ impl FileWriter {
                     s.buf.extend_from_slice(&part[overlap..]);
                     let old = s.len;
                     s.len = s.len.max(pos + n as u32 - s.pos);
+                    // Counted before any upload can finish and uncount it.
+                    data.buffered
+                        .fetch_add((s.len - old) as u64, Ordering::Relaxed);
                     s.upload_full_blocks(data);
-                    s.len - old
                 }
                 _ => {
                     let id = data.next_slice_id()?;
@@ -502,12 +520,11 @@ impl FileWriter {
                         buf: part.to_vec(),
                         uploads: Vec::new(),
                     };
+                    data.buffered.fetch_add(n as u64, Ordering::Relaxed);
                     s.upload_full_blocks(data);
                     st.slices.push(s);
-                    n as u32
                 }
-            };
-            data.buffered.fetch_add(grew as u64, Ordering::Relaxed);
+            }
             done += n;
         }
         st.length = st.length.max(off + buf.len() as u64);

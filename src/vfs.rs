@@ -144,7 +144,16 @@ impl TideVfs {
         let Some(w) = self.writers.get(&ino).map(|w| w.clone()) else {
             return Ok(());
         };
-        w.flush(&self.data, ino, handle.map(|h| &h.err_seen))
+        self.lost_writes_if_err(ino, w.flush(&self.data, ino, handle.map(|h| &h.err_seen)))
+    }
+
+    /// After a failed commit the kernel's cached pages hold data that is not stored: the next
+    /// open must not keep them.
+    fn lost_writes_if_err<T>(&self, ino: Ino, r: Result<T>) -> Result<T> {
+        if r.is_err() {
+            self.seen_versions.remove(&ino);
+        }
+        r
     }
 
     fn handle(&self, fh: u64) -> Option<Arc<OpenHandle>> {
@@ -185,11 +194,12 @@ impl TideVfs {
     /// its last name: whether this session keeps it alive. It is noted before the commit, so a
     /// last close racing the unlink cannot miss it.
     fn keep_if_open(&self, ino: Ino) -> bool {
-        let open = self.is_open(ino);
-        if open {
-            self.sustained.insert(ino, ());
-        }
-        open
+        // Noted while holding the open count, so a last close cannot slip in between.
+        let Some(_count) = self.open_counts.get(&ino) else {
+            return false;
+        };
+        self.sustained.insert(ino, ());
+        true
     }
 
     fn open_handle(&self, ino: Ino) -> u64 {
@@ -500,7 +510,7 @@ impl tidefs_fuse::Vfs for TideVfs {
         if pending >= MAX_PENDING_SLICES
             || self.data.buffered.load(Ordering::Relaxed) > self.opts.buffer_size
         {
-            writer.flush(&self.data, ino, None)?;
+            self.lost_writes_if_err(ino, writer.flush(&self.data, ino, None))?;
         }
         Ok(data.len() as u32)
     }
@@ -630,7 +640,7 @@ impl tidefs_fuse::Vfs for TideVfs {
         Ok(self.data.meta.removexattr(ino, name)?)
     }
 
-    fn fallocate(&self, ino: Ino, fh: u64, offset: u64, len: u64, mode: i32) -> Result<()> {
+    fn fallocate(&self, ino: Ino, _fh: u64, offset: u64, len: u64, mode: i32) -> Result<()> {
         let keep_size = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
         let mode = match mode & !libc::FALLOC_FL_KEEP_SIZE {
             0 => FallocMode::Allocate { keep_size },
@@ -646,15 +656,17 @@ impl tidefs_fuse::Vfs for TideVfs {
         let Some(end) = offset.checked_add(len).filter(|end| *end <= MAX_FILE_SIZE) else {
             return Err(FsError::refused(libc::EFBIG, "file too large"));
         };
-        self.flush_inode(ino, self.handle(fh).as_deref())?;
         // Zero slices take ids from the same ordered source as writes, one per chunk touched,
-        // so a later write always hides them.
+        // before pending writes are committed: every slice still pending then is older, and
+        // every write after this call gets a newer id and hides the hole.
         let zero_ids = match mode {
             FallocMode::Allocate { .. } => Vec::new(),
             _ => self
                 .data
                 .slice_ids((end.div_ceil(CHUNK_SIZE) - offset / CHUNK_SIZE) as usize)?,
         };
+        // Like setattr, this reports only its own failure; close and fsync report the rest.
+        self.flush_inode(ino, None)?;
         let result = self.data.meta.fallocate(ino, mode, offset, len, &zero_ids);
         self.data.invalidate(ino);
         result?;

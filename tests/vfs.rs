@@ -269,3 +269,53 @@ fn a_failing_delete_does_not_block_the_queue() {
     tidefs::vfs::delete_freed(&data).unwrap();
     assert!(objects().is_empty());
 }
+
+/// The kernel may keep a file's cached pages on a reopen only if the file is unchanged, and
+/// never after a commit failed (its pages would hold bytes that are not stored).
+#[test]
+fn kernel_cache_is_kept_only_for_unchanged_files() {
+    let f = fixture(64 << 10);
+    let (a, fh) = f.vfs.create(CTX, ROOT_INO, b"f", 0o644, 0).unwrap();
+    f.vfs.write(a.ino, fh, 0, b"v1").unwrap();
+    f.vfs.release(a.ino, fh).unwrap();
+    let open = || f.vfs.open(CTX, a.ino, libc::O_RDWR).unwrap();
+    let first = open();
+    assert!(!first.keep_cache);
+    f.vfs.release(a.ino, first.fh).unwrap();
+    let second = open();
+    assert!(second.keep_cache, "unchanged file");
+    f.vfs.write(a.ino, second.fh, 0, b"v2").unwrap();
+    f.vfs.release(a.ino, second.fh).unwrap();
+    let third = open();
+    assert!(!third.keep_cache, "changed file");
+    f.store.fail_puts(1000);
+    f.vfs.write(a.ino, third.fh, 0, b"lost").unwrap();
+    assert_eq!(errno(f.vfs.flush(a.ino, third.fh)), libc::EIO);
+    f.store.fail_puts(0);
+    f.vfs.release(a.ino, third.fh).unwrap();
+    let fourth = open();
+    assert!(!fourth.keep_cache, "after a failed commit");
+    assert_eq!(f.vfs.read(a.ino, fourth.fh, 0, 10).unwrap(), b"v2");
+    f.vfs.release(a.ino, fourth.fh).unwrap();
+}
+
+/// Bytes counted as buffered all come back once writes are committed, whatever the block size
+/// and write pattern (a leak would throttle writers forever, an underflow never).
+#[test]
+fn buffered_bytes_return_to_zero() {
+    for block in [64 << 10, 4 << 20] {
+        let f = fixture(block);
+        let (a, fh) = f.vfs.create(CTX, ROOT_INO, b"f", 0o644, 0).unwrap();
+        let chunk = vec![5u8; 1 << 20];
+        for i in 0..9u64 {
+            f.vfs.write(a.ino, fh, i * (1 << 20), &chunk).unwrap();
+        }
+        f.vfs.write(a.ino, fh, 12345, &chunk[..5000]).unwrap();
+        f.vfs.write(a.ino, fh, 100 << 20, b"far").unwrap();
+        f.vfs.fsync(a.ino, fh, false).unwrap();
+        let data = f.vfs.data();
+        assert_eq!(data.buffered.load(std::sync::atomic::Ordering::SeqCst), 0, "block {block}");
+        assert_eq!(f.vfs.read(a.ino, fh, (8 << 20) + 7, 3).unwrap(), [5, 5, 5]);
+        f.vfs.release(a.ino, fh).unwrap();
+    }
+}
