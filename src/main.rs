@@ -118,7 +118,9 @@ struct StatusArgs {
 }
 
 fn init_logging(debug: bool) {
-    let default = if debug { "debug" } else { "info" };
+    // fuser warns when its own unmount at the end finds the filesystem already unmounted by
+    // tidefs; tidefs reports unmount failures itself.
+    let default = if debug { "debug" } else { "info,fuser::mnt=error" };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
