@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building and testing tidefs needs on Debian, if missing (run as root):
 # fuse3 (fusermount3 for unprivileged mounts), libacl1-dev (pjdfstest links libacl),
-# python3 (a lock test probes with it), and /dev/fuse usable by every user.
+# python3 (a lock test probes with it), /dev/fuse usable by every user, and s3s-fs (the S3
+# server the tests run on 127.0.0.1).
 set -euo pipefail
 need=()
 command -v fusermount3 >/dev/null || need+=(fuse3)
@@ -19,3 +20,9 @@ fi
 # Stock Debian makes /dev/fuse 0666 so users can mount (fusermount3); some containers make it
 # 0600. The tests mount as an unprivileged user too.
 chmod 0666 /dev/fuse
+
+export PATH="$PATH:${CARGO_HOME:-$HOME/.cargo}/bin"
+if ! command -v s3s-fs >/dev/null; then
+    echo "install-deps: installing s3s-fs (the S3 test server) with cargo" >&2
+    cargo install s3s-fs --version 0.14.1 --features binary --locked >&2
+fi

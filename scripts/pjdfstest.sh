@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs pjdfstest against a fresh tidefs volume (SQLite metadata, local object directory)
-# mounted in a temporary directory, then unmounts and deletes everything. Run as root.
+# Runs pjdfstest against a fresh tidefs volume (SQLite metadata; objects in a local directory,
+# or with TIDEFS_TEST_STORAGE=s3 in an s3s-fs server started on 127.0.0.1 for the run) mounted
+# in a temporary directory, then unmounts, stops the server and deletes everything. As root.
 # Prints "pjdfstest: N passed, N failed, N skipped" and fails if any test failed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,6 +10,7 @@ bin=${TIDEFS_BIN:-target/debug/tidefs}
 tmp=$(mktemp -d /tmp/tidefs-pjd.XXXXXX)
 chmod 755 "$tmp"
 pid=""
+s3pid=""
 cleanup() {
     if grep -q " $tmp/mnt " /proc/self/mountinfo 2>/dev/null; then
         "$bin" umount "$tmp/mnt" 2>/dev/null || umount -l "$tmp/mnt" 2>/dev/null || true
@@ -17,12 +19,26 @@ cleanup() {
         for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
         kill -9 "$pid" 2>/dev/null || true
     fi
+    [[ -n $s3pid ]] && kill "$s3pid" 2>/dev/null
     rm -rf -- "$tmp"
 }
 trap cleanup EXIT
 mkdir "$tmp/mnt"
-"$bin" format "sqlite3://$tmp/meta.db" pjdfstest --bucket "$tmp/objects" >/dev/null
-"$bin" mount "sqlite3://$tmp/meta.db" "$tmp/mnt" 2>"$tmp/mount.log" >/dev/null &
+store=(--bucket "$tmp/objects")
+keys=()
+if [[ ${TIDEFS_TEST_STORAGE:-} == s3 ]]; then
+    export PATH="$PATH:${CARGO_HOME:-$HOME/.cargo}/bin"
+    port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    mkdir -p "$tmp/s3/pjdfstest"
+    s3s-fs --host 127.0.0.1 --port "$port" --access-key pjd-ak --secret-key pjd-sk "$tmp/s3" \
+        >"$tmp/s3.log" 2>&1 &
+    s3pid=$!
+    for _ in $(seq 200); do (echo >"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.05; done
+    keys=(--access-key pjd-ak --secret-key pjd-sk)
+    store=(--storage s3 --bucket "http://127.0.0.1:$port/pjdfstest" "${keys[@]}")
+fi
+"$bin" format "sqlite3://$tmp/meta.db" pjdfstest "${store[@]}" >/dev/null
+"$bin" mount "sqlite3://$tmp/meta.db" "$tmp/mnt" ${keys[@]+"${keys[@]}"} 2>"$tmp/mount.log" >/dev/null &
 pid=$!
 for _ in $(seq 200); do
     grep -qE " $tmp/mnt .* - fuse(\.tidefs)? tidefs:" /proc/self/mountinfo && break

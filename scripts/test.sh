@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one command that runs every tidefs test: unit tests, the metadata conformance suite,
-# integration tests on real FUSE mounts, and pjdfstest. Run as root on Debian: it installs
+# integration tests on real FUSE mounts and pjdfstest, both on a local object directory and
+# on a real S3 server (s3s-fs on 127.0.0.1). Run as root on Debian: it installs
 # what is missing (scripts/install-deps.sh), and the tests mount filesystems.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,3 +13,6 @@ scripts/install-deps.sh
 cargo build --locked --bins
 cargo test --locked --workspace
 scripts/pjdfstest.sh
+# The same mounts again with data in S3 (a real S3 server on 127.0.0.1).
+TIDEFS_TEST_STORAGE=s3 cargo test --locked --test integration
+TIDEFS_TEST_STORAGE=s3 scripts/pjdfstest.sh

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tidefs::data::DataCtx;
 use tidefs::layout::Layout;
-use tidefs::object::{Instrumented, ObjectStore};
 use tidefs::vfs::{TideVfs, VfsOptions};
 use tidefs::volume::{self, FormatRequest};
 use tidefs_cache::BlockCache;
@@ -66,6 +65,43 @@ struct FormatArgs {
     /// Inode limit (0: unlimited).
     #[arg(long, default_value_t = 0)]
     inodes: u64,
+    #[command(flatten)]
+    store: StoreArgs,
+}
+
+/// How to reach the object store (never stored in metadata).
+#[derive(Args)]
+struct StoreArgs {
+    /// Access key of the object store (default: the AWS credential chain).
+    #[arg(long)]
+    access_key: Option<String>,
+    /// Secret key of the object store (default: the AWS credential chain).
+    #[arg(long)]
+    secret_key: Option<String>,
+    /// Region of an S3 bucket (default: the AWS chain, or us-east-1 for custom endpoints).
+    #[arg(long)]
+    region: Option<String>,
+    /// Concurrent uploads to the object store.
+    #[arg(long, default_value_t = 20)]
+    max_uploads: usize,
+    /// Concurrent downloads from the object store.
+    #[arg(long, default_value_t = 200)]
+    max_downloads: usize,
+}
+
+impl StoreArgs {
+    fn access(&self) -> Result<volume::StoreAccess> {
+        Ok(volume::StoreAccess {
+            credentials: volume::StoreAccess::credentials_from(
+                self.access_key.clone(),
+                self.secret_key.clone(),
+            )?,
+            region: self.region.clone(),
+            max_uploads: self.max_uploads,
+            max_downloads: self.max_downloads,
+            ..volume::StoreAccess::default()
+        })
+    }
 }
 
 #[derive(Args)]
@@ -100,6 +136,8 @@ struct MountArgs {
     /// Mount read-only.
     #[arg(long)]
     read_only: bool,
+    #[command(flatten)]
+    store: StoreArgs,
 }
 
 #[derive(Args)]
@@ -120,7 +158,11 @@ struct StatusArgs {
 fn init_logging(debug: bool) {
     // fuser warns when its own unmount at the end finds the filesystem already unmounted by
     // tidefs; tidefs reports unmount failures itself.
-    let default = if debug { "debug" } else { "info,fuser::mnt=error" };
+    let default = if debug {
+        "debug"
+    } else {
+        "info,fuser::mnt=error"
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
@@ -170,7 +212,7 @@ fn format(a: FormatArgs) -> Result<()> {
         capacity_gib: a.capacity,
         inodes: a.inodes,
     };
-    let f = volume::format_volume(&url, &req)?;
+    let f = volume::format_volume(&url, &req, &a.store.access()?)?;
     println!("{}", serde_json::to_string_pretty(&f)?);
     Ok(())
 }
@@ -205,7 +247,7 @@ fn default_volume() -> Result<String> {
             capacity_gib: 0,
             inodes: 0,
         };
-        volume::format_volume(&parsed, &req)?;
+        volume::format_volume(&parsed, &req, &volume::StoreAccess::default())?;
         tracing::info!(dir = %dir.display(), "formatted the default volume");
     }
     Ok(url)
@@ -240,8 +282,14 @@ fn mount(a: MountArgs) -> Result<()> {
     if a.background && std::env::var_os(DAEMON_ENV).is_none() {
         return daemonize(&a, &mountpoint);
     }
-    let store = volume::open_store(&format)?;
-    let store: Arc<dyn ObjectStore> = Arc::new(Instrumented::new(store));
+    let access = a.store.access()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .thread_name("tidefs-io")
+        .enable_all()
+        .build()
+        .context("cannot start the I/O runtime")?;
+    let (store, _metrics) = rt.block_on(volume::open_store(&format, &access))?;
 
     // Sessions of mounts on this host whose process is gone: free what they held. A live
     // session means the volume is mounted: one volume has one mount until shared volumes exist.
@@ -279,12 +327,6 @@ fn mount(a: MountArgs) -> Result<()> {
         heartbeat: 0,
     })?;
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(4)
-        .thread_name("tidefs-io")
-        .enable_all()
-        .build()
-        .context("cannot start the I/O runtime")?;
     let layout = Layout::new(&format.name, format.block_size);
     let cache = BlockCache::new(a.cache_size << 20);
     let data = Arc::new(DataCtx::new(

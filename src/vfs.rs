@@ -213,16 +213,11 @@ impl TideVfs {
         self.handles.insert(fh, Arc::new(handle));
         fh
     }
-
-    fn wake_background(&self) {
-        let background = self.background.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((tx, _)) = background.as_ref() {
-            let _ = tx.send(());
-        }
-    }
 }
 
-/// Deletes freed objects in batches and keeps the session alive, until the sender is dropped.
+/// Deletes freed objects and keeps the session alive, until the sender is dropped. Deletion
+/// runs once per `delete_interval` rather than on every unlink, so that the objects freed by a
+/// burst of removals (`rm -rf`) go out together in batches of up to 1000 keys.
 fn background_loop(data: &DataCtx, sid: u64, opts: &VfsOptions, wake: mpsc::Receiver<()>) {
     let mut last_beat = Instant::now();
     loop {
@@ -409,7 +404,6 @@ impl tidefs_fuse::Vfs for TideVfs {
         self.data
             .meta
             .unlink(parent, name, self.sid, &|ino| self.keep_if_open(ino))?;
-        self.wake_background();
         Ok(())
     }
 
@@ -435,7 +429,6 @@ impl tidefs_fuse::Vfs for TideVfs {
             self.sid,
             &|ino| self.keep_if_open(ino),
         )?;
-        self.wake_background();
         Ok(())
     }
 
@@ -544,7 +537,6 @@ impl tidefs_fuse::Vfs for TideVfs {
         // If reopened meanwhile (e.g. through /proc/PID/fd), the new handle keeps it alive.
         if !self.is_open(ino) && self.sustained.remove(&ino).is_some() {
             self.data.meta.release(ino, self.sid)?;
-            self.wake_background();
         }
         Ok(())
     }

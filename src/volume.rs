@@ -1,6 +1,9 @@
 //! Volumes: formatting, the default volume, opening the object store, and mountpoint checks.
 
-use crate::object::{LocalStore, ObjectStore, StoreError};
+use crate::object::{
+    Instrumented, LocalStore, ObjectStore, RetryPolicy, Retrying, S3Location, S3Options, S3Store,
+    StoreError, StoreMetrics,
+};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tidefs_meta::{Format, Meta, MetaError, MetaUrl};
@@ -52,6 +55,50 @@ pub struct FormatRequest {
     pub capacity_gib: u64,
     /// Inode limit (0: none).
     pub inodes: u64,
+}
+
+/// How to reach a volume's object store: given at format and at each mount, never stored.
+#[derive(Clone, Debug)]
+pub struct StoreAccess {
+    /// Access key and secret key; None: the standard AWS credential chain.
+    pub credentials: Option<(String, String)>,
+    /// Region of an S3 bucket.
+    pub region: Option<String>,
+    /// Concurrent uploads.
+    pub max_uploads: usize,
+    /// Concurrent downloads.
+    pub max_downloads: usize,
+    /// Retries of transient object-store failures.
+    pub retry: RetryPolicy,
+}
+
+impl Default for StoreAccess {
+    fn default() -> Self {
+        StoreAccess {
+            credentials: None,
+            region: None,
+            max_uploads: 20,
+            max_downloads: 200,
+            retry: RetryPolicy::default(),
+        }
+    }
+}
+
+impl StoreAccess {
+    /// Credentials from an access key and a secret key given together, or neither.
+    pub fn credentials_from(
+        access_key: Option<String>,
+        secret_key: Option<String>,
+    ) -> Result<Option<(String, String)>, VolumeError> {
+        match (access_key, secret_key) {
+            (Some(a), Some(s)) => Ok(Some((a, s))),
+            (None, None) => Ok(None),
+            _ => Err(VolumeError::Invalid(
+                "give --access-key and --secret-key together (or neither, for the AWS chain)"
+                    .into(),
+            )),
+        }
+    }
 }
 
 /// Checks a volume name: 3 to 63 lowercase letters, digits and hyphens, as object-store
@@ -125,9 +172,18 @@ pub fn build_format(url: &MetaUrl, req: &FormatRequest) -> Result<Format, Volume
             };
             absolute(&dir).display().to_string()
         }
+        "s3" => {
+            let Some(bucket) = &req.bucket else {
+                return Err(VolumeError::Invalid(
+                    "--storage s3 needs --bucket s3://BUCKET[/PREFIX] or http(s)://HOST:PORT/BUCKET[/PREFIX]".into(),
+                ));
+            };
+            S3Location::parse(bucket).map_err(VolumeError::Invalid)?;
+            bucket.trim_end_matches('/').to_string()
+        }
         other => {
             return Err(VolumeError::Invalid(format!(
-                "unsupported --storage {other:?} (supported: file)"
+                "unsupported --storage {other:?} (supported: file, s3)"
             )))
         }
     };
@@ -155,11 +211,27 @@ fn new_uuid() -> String {
     )
 }
 
-/// Formats the volume at `url`: checks the object store is writable first, then writes the
-/// format. An existing volume with the same layout is kept (its changeable settings updated);
-/// one with another layout is an error and is left untouched. Returns the stored format.
-pub fn format_volume(url: &MetaUrl, req: &FormatRequest) -> Result<Format, VolumeError> {
+/// Formats the volume at `url`: checks the object store is reachable and writable first (a
+/// probe object is written, read back and deleted), then writes the format. An existing volume
+/// with the same layout is kept (its changeable settings updated); one with another layout is
+/// an error and is left untouched. Returns the stored format.
+pub fn format_volume(
+    url: &MetaUrl,
+    req: &FormatRequest,
+    access: &StoreAccess,
+) -> Result<Format, VolumeError> {
     let format = build_format(url, req)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| VolumeError::Io {
+            what: "cannot start a runtime".into(),
+            source,
+        })?;
+    rt.block_on(async {
+        let (store, _) = open_store(&format, access).await?;
+        probe_store(&*store, &format.name).await
+    })?;
     if let Some(db) = url.local_file() {
         if let Some(dir) = db.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|source| VolumeError::Io {
@@ -168,21 +240,77 @@ pub fn format_volume(url: &MetaUrl, req: &FormatRequest) -> Result<Format, Volum
             })?;
         }
     }
-    open_store(&format)?;
     let meta = tidefs_meta::open(url, true)?;
     let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
     meta.format(&format, uid, gid)?;
     Ok(meta.load_format()?)
 }
 
-/// Opens the object store a format names, checking that it is usable.
-pub fn open_store(format: &Format) -> Result<Arc<dyn ObjectStore>, VolumeError> {
-    match format.storage.as_str() {
-        "file" => Ok(Arc::new(LocalStore::open(Path::new(&format.bucket))?)),
-        other => Err(VolumeError::Invalid(format!(
-            "unsupported storage {other:?}"
-        ))),
+/// Writes, reads back and deletes a probe object, explaining what failed.
+pub async fn probe_store(store: &dyn ObjectStore, volume: &str) -> Result<(), VolumeError> {
+    let key = format!("{volume}/.probe-{:016x}", rand::random::<u64>());
+    let what = |step: &str, e: &dyn std::fmt::Display| {
+        VolumeError::Invalid(format!(
+            "object store {} is not usable ({step} of a probe object failed): {e}",
+            store.describe()
+        ))
+    };
+    let data = bytes::Bytes::from_static(b"tidefs probe");
+    store
+        .put(&key, data.clone())
+        .await
+        .map_err(|e| what("put", &e))?;
+    let back = store.get(&key, None).await.map_err(|e| what("get", &e))?;
+    if back != data {
+        return Err(what("read-back", &"content differs"));
     }
+    let failed = store.delete_batch(std::slice::from_ref(&key)).await;
+    if let Some((_, e)) = failed.first() {
+        return Err(what("delete", e));
+    }
+    Ok(())
+}
+
+/// Opens the object store a format names. Transient failures are retried with backoff; every
+/// call and every retry is counted in the returned metrics.
+pub async fn open_store(
+    format: &Format,
+    access: &StoreAccess,
+) -> Result<(Arc<dyn ObjectStore>, Arc<StoreMetrics>), VolumeError> {
+    let (store, metrics) = open_instrumented(format, access).await?;
+    Ok((
+        Arc::new(Retrying::new(store, access.retry.clone(), metrics.clone())),
+        metrics,
+    ))
+}
+
+async fn open_instrumented(
+    format: &Format,
+    access: &StoreAccess,
+) -> Result<(Arc<dyn ObjectStore>, Arc<StoreMetrics>), VolumeError> {
+    let raw: Arc<dyn ObjectStore> = match format.storage.as_str() {
+        "file" => Arc::new(LocalStore::open(Path::new(&format.bucket))?),
+        "s3" => {
+            let location = S3Location::parse(&format.bucket).map_err(VolumeError::Invalid)?;
+            let opts = S3Options {
+                location,
+                region: access.region.clone(),
+                credentials: access.credentials.clone(),
+                max_uploads: access.max_uploads,
+                max_downloads: access.max_downloads,
+                timeout: std::time::Duration::from_secs(60),
+            };
+            Arc::new(S3Store::new(&opts).await)
+        }
+        other => {
+            return Err(VolumeError::Invalid(format!(
+                "unsupported storage {other:?}"
+            )))
+        }
+    };
+    let instrumented = Instrumented::new(raw);
+    let metrics = instrumented.metrics();
+    Ok((Arc::new(instrumented), metrics))
 }
 
 /// Opens the metadata of an existing volume.

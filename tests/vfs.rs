@@ -314,7 +314,11 @@ fn buffered_bytes_return_to_zero() {
         f.vfs.write(a.ino, fh, 100 << 20, b"far").unwrap();
         f.vfs.fsync(a.ino, fh, false).unwrap();
         let data = f.vfs.data();
-        assert_eq!(data.buffered.load(std::sync::atomic::Ordering::SeqCst), 0, "block {block}");
+        assert_eq!(
+            data.buffered.load(std::sync::atomic::Ordering::SeqCst),
+            0,
+            "block {block}"
+        );
         assert_eq!(f.vfs.read(a.ino, fh, (8 << 20) + 7, 3).unwrap(), [5, 5, 5]);
         f.vfs.release(a.ino, fh).unwrap();
     }

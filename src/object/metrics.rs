@@ -58,6 +58,8 @@ pub struct StoreMetrics {
     pub delete: OpStats,
     /// list calls.
     pub list: OpStats,
+    /// Calls repeated after a transient failure.
+    pub retries: AtomicU64,
 }
 
 /// Wraps a store, counting every call in [`StoreMetrics`].

@@ -6,10 +6,14 @@
 mod faulty;
 mod local;
 mod metrics;
+mod retry;
+mod s3;
 
 pub use faulty::FaultyStore;
 pub use local::LocalStore;
 pub use metrics::{Instrumented, OpStats, StoreMetrics};
+pub use retry::{RetryPolicy, Retrying};
+pub use s3::{S3Location, S3Options, S3Store};
 
 use async_trait::async_trait;
 use bytes::Bytes;

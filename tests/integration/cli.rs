@@ -50,7 +50,7 @@ fn bad_urls_and_unformatted_volumes() {
 
 #[test]
 fn format_over_another_layout_is_refused_and_harmless() {
-    let vol = Volume::new(64);
+    let vol = Volume::local(64);
     fails_with(
         &tidefs(&[
             "format",

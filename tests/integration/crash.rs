@@ -95,7 +95,7 @@ fn kill9_in_the_middle_of_writes_loses_nothing_fsynced() {
     }
     let acked = acked.lock().unwrap().clone();
     // The dead mount is still in the way; mounting again detaches it.
-    let mnt = Mount::start(&vol.url, &path, &[], vol.dir.path().join("mount2.log"));
+    let mnt = vol.mount_at(&path, &[], "mount2.log");
     for (name, data) in &acked {
         let got = fs::read(mnt.p(name)).unwrap_or_else(|e| panic!("{name} lost: {e}"));
         assert!(got == *data, "{name} differs after the crash");
@@ -131,7 +131,7 @@ fn sigterm_and_sigint_flush_and_unmount() {
         assert!(!is_mounted(&mnt.path));
         let path = mnt.path.clone();
         drop(mnt);
-        let mnt = Mount::start(&vol.url, &path, &[], vol.dir.path().join("mount2.log"));
+        let mnt = vol.mount_at(&path, &[], "mount2.log");
         assert_eq!(fs::read(mnt.p("closed")).unwrap(), b"closed file");
         assert!(
             fs::read(mnt.p("open")).unwrap() == data,

@@ -17,16 +17,29 @@ pub fn tidefs(args: &[&str]) -> Output {
         .expect("run tidefs")
 }
 
-/// A formatted volume: SQLite metadata and a local object directory in a temp dir.
+/// A formatted volume: SQLite metadata in a temp dir; objects in a local directory, or in a
+/// bucket of the test S3 server when `TIDEFS_TEST_STORAGE=s3`.
 pub struct Volume {
     pub dir: tempfile::TempDir,
     pub url: String,
+    /// Where the objects end up on the local disk (for the S3 server, its bucket directory).
     pub bucket: PathBuf,
+    /// Extra `mount` arguments the store needs (S3 credentials).
+    pub store_args: Vec<String>,
 }
 
 impl Volume {
-    /// A new volume with blocks of `block_kib` KiB.
+    /// A new volume with blocks of `block_kib` KiB, on the storage this run tests.
     pub fn new(block_kib: u32) -> Volume {
+        Volume::with_storage(block_kib, s3_storage())
+    }
+
+    /// A new volume whose objects are in a local directory, whatever this run tests.
+    pub fn local(block_kib: u32) -> Volume {
+        Volume::with_storage(block_kib, false)
+    }
+
+    fn with_storage(block_kib: u32, s3: bool) -> Volume {
         let dir = tempfile::Builder::new()
             .prefix("tidefs-it.")
             .tempdir()
@@ -38,22 +51,39 @@ impl Volume {
         )
         .unwrap();
         let url = format!("sqlite3://{}", dir.path().join("meta.db").display());
-        let bucket = dir.path().join("objects");
-        let out = tidefs(&[
-            "format",
-            &url,
-            "itest",
-            "--bucket",
-            bucket.to_str().unwrap(),
-            "--block-size",
-            &block_kib.to_string(),
-        ]);
+        let (bucket, mut args, store_args) = if s3 {
+            let server = s3_server();
+            let (bucket_url, bucket_dir) = server.new_bucket();
+            let creds = server.credentials();
+            let mut args = vec![
+                "--storage".to_string(),
+                "s3".into(),
+                "--bucket".into(),
+                bucket_url,
+            ];
+            args.extend(creds.iter().cloned());
+            (bucket_dir, args, creds)
+        } else {
+            let bucket = dir.path().join("objects");
+            let args = vec!["--bucket".to_string(), bucket.display().to_string()];
+            (bucket, args, Vec::new())
+        };
+        args.extend(["--block-size".to_string(), block_kib.to_string()]);
+        let mut all = vec!["format".to_string(), url.clone(), "itest".into()];
+        all.extend(args);
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        let out = tidefs(&all);
         assert!(
             out.status.success(),
             "format failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        Volume { dir, url, bucket }
+        Volume {
+            dir,
+            url,
+            bucket,
+            store_args,
+        }
     }
 
     /// Mounts the volume at a fresh directory.
@@ -65,7 +95,14 @@ impl Volume {
     pub fn mount_with(&self, extra: &[&str]) -> Mount {
         let path = self.dir.path().join("mnt");
         std::fs::create_dir_all(&path).unwrap();
-        Mount::start(&self.url, &path, extra, self.dir.path().join("mount.log"))
+        self.mount_at(&path, extra, "mount.log")
+    }
+
+    /// Mounts at `path`, logging to `log` in the volume's directory.
+    pub fn mount_at(&self, path: &Path, extra: &[&str], log: &str) -> Mount {
+        let mut args: Vec<&str> = self.store_args.iter().map(String::as_str).collect();
+        args.extend_from_slice(extra);
+        Mount::start(&self.url, path, &args, self.dir.path().join(log))
     }
 
     /// Every object file in the bucket (relative keys).
@@ -246,4 +283,105 @@ pub fn errno() -> i32 {
 /// A C string of a path.
 pub fn cpath(p: &Path) -> std::ffi::CString {
     std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap()
+}
+
+/// Whether this run tests S3-backed volumes (`TIDEFS_TEST_STORAGE=s3`).
+pub fn s3_storage() -> bool {
+    std::env::var("TIDEFS_TEST_STORAGE").is_ok_and(|v| v == "s3")
+}
+
+/// The test S3 server, started on first use for the whole test process.
+pub fn s3_server() -> &'static S3Server {
+    static SERVER: std::sync::OnceLock<S3Server> = std::sync::OnceLock::new();
+    SERVER.get_or_init(S3Server::start)
+}
+
+/// An s3s-fs server on a random port of 127.0.0.1, storing buckets as directories under a
+/// temporary root. It is killed when the test process exits (PR_SET_PDEATHSIG), so it never
+/// outlives the tests.
+pub struct S3Server {
+    pub endpoint: String,
+    pub root: tempfile::TempDir,
+    next: std::sync::atomic::AtomicU32,
+    _child: Child,
+}
+
+/// Access key and secret key of the test server.
+pub const S3_KEYS: (&str, &str) = ("tidefs-test-ak", "tidefs-test-sk");
+
+impl S3Server {
+    fn start() -> S3Server {
+        use std::os::unix::process::CommandExt;
+        let bin = std::env::var("S3S_FS").unwrap_or_else(|_| {
+            let cargo_bin = std::env::var("HOME").map(|h| format!("{h}/.cargo/bin/s3s-fs"));
+            cargo_bin
+                .ok()
+                .filter(|p| Path::new(p).exists())
+                .unwrap_or_else(|| "s3s-fs".into())
+        });
+        let root = tempfile::Builder::new()
+            .prefix("tidefs-s3.")
+            .tempdir()
+            .unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut cmd = Command::new(&bin);
+        cmd.args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--access-key", S3_KEYS.0, "--secret-key", S3_KEYS.1])
+            .arg(root.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        // PR_SET_PDEATHSIG fires when the spawning *thread* ends: spawn from a thread that
+        // lives as long as the test process.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(cmd.spawn());
+            loop {
+                std::thread::park();
+            }
+        });
+        let child = rx.recv().unwrap().unwrap_or_else(|e| {
+            panic!("cannot start the S3 test server {bin:?} ({e}): run scripts/install-deps.sh")
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "S3 test server did not start on port {port}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        S3Server {
+            endpoint: format!("http://127.0.0.1:{port}"),
+            root,
+            next: std::sync::atomic::AtomicU32::new(0),
+            _child: child,
+        }
+    }
+
+    /// A fresh bucket: its URL and its directory on the local disk.
+    pub fn new_bucket(&self) -> (String, PathBuf) {
+        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let name = format!("bucket-{}-{n}", std::process::id());
+        let dir = self.root.path().join(&name);
+        std::fs::create_dir(&dir).unwrap();
+        (format!("{}/{name}", self.endpoint), dir)
+    }
+
+    /// The `--access-key`/`--secret-key` arguments for this server.
+    pub fn credentials(&self) -> Vec<String> {
+        ["--access-key", S3_KEYS.0, "--secret-key", S3_KEYS.1]
+            .map(String::from)
+            .to_vec()
+    }
 }

@@ -1,0 +1,218 @@
+//! The S3 store and the data path on a real S3 server (s3s-fs on 127.0.0.1, started by the
+//! harness and killed with the test process).
+
+#[path = "integration/harness.rs"]
+#[allow(dead_code)]
+mod harness;
+
+use bytes::Bytes;
+use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tidefs::data::DataCtx;
+use tidefs::layout::Layout;
+use tidefs::object::{ObjectStore, S3Location, S3Options, S3Store, StoreError};
+use tidefs::vfs::{TideVfs, VfsOptions};
+use tidefs::volume::{self, StoreAccess};
+use tidefs_cache::BlockCache;
+use tidefs_fuse::{Ctx, Vfs};
+use tidefs_meta::{Meta, SqliteMeta, ROOT_INO};
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn access() -> StoreAccess {
+    StoreAccess {
+        credentials: Some((harness::S3_KEYS.0.into(), harness::S3_KEYS.1.into())),
+        ..StoreAccess::default()
+    }
+}
+
+async fn store_for(bucket_url: &str) -> S3Store {
+    S3Store::new(&S3Options {
+        location: S3Location::parse(bucket_url).unwrap(),
+        region: None,
+        credentials: access().credentials,
+        max_uploads: 8,
+        max_downloads: 8,
+        timeout: Duration::from_secs(30),
+    })
+    .await
+}
+
+#[test]
+fn s3_store_contract() {
+    let rt = runtime();
+    let (url, _) = harness::s3_server().new_bucket();
+    rt.block_on(async {
+        let s = store_for(&format!("{url}/some/prefix")).await;
+        s.put("a/1", Bytes::from_static(b"hello world"))
+            .await
+            .unwrap();
+        assert_eq!(s.get("a/1", None).await.unwrap(), "hello world");
+        assert_eq!(s.get("a/1", Some(6..11)).await.unwrap(), "world");
+        assert_eq!(s.head("a/1").await.unwrap(), 11);
+        assert!(matches!(
+            s.get("a/missing", None).await,
+            Err(StoreError::NotFound(_))
+        ));
+        assert!(matches!(
+            s.head("a/missing").await,
+            Err(StoreError::NotFound(_))
+        ));
+        // Listing pages past 1000 keys and honours `after`.
+        let keys: Vec<String> = (0..1200).map(|i| format!("b/{i:05}")).collect();
+        futures::future::try_join_all(keys.iter().map(|k| s.put(k, Bytes::from_static(b"x"))))
+            .await
+            .unwrap();
+        let listed = s.list("b/", None, 5000).await.unwrap();
+        assert_eq!(listed.len(), 1200);
+        assert_eq!(listed[0].key, "b/00000");
+        assert_eq!(s.list("b/", Some("b/01100"), 5000).await.unwrap().len(), 99);
+        // Batch deletes of more than 1000 keys; missing keys count as deleted.
+        let mut doomed = keys.clone();
+        doomed.push("b/never-existed".into());
+        assert!(s.delete_batch(&doomed).await.is_empty());
+        assert!(s.list("b/", None, 10).await.unwrap().is_empty());
+        assert_eq!(s.list("", None, 10).await.unwrap().len(), 1);
+    });
+}
+
+#[test]
+fn bad_buckets_and_credentials_are_clear_errors() {
+    let rt = runtime();
+    let (url, _) = harness::s3_server().new_bucket();
+    let fmt = |bucket: &str| tidefs_meta::Format {
+        storage: "s3".into(),
+        bucket: bucket.into(),
+        ..tidefs_meta::conformance::sample_format()
+    };
+    rt.block_on(async {
+        let (store, _) = volume::open_store(&fmt(&url), &access()).await.unwrap();
+        volume::probe_store(&*store, "vol").await.unwrap();
+        let wrong_keys = StoreAccess {
+            credentials: Some(("nobody".into(), "wrong".into())),
+            retry: tidefs::object::RetryPolicy {
+                attempts: 2,
+                ..Default::default()
+            },
+            ..StoreAccess::default()
+        };
+        let (store, _) = volume::open_store(&fmt(&url), &wrong_keys).await.unwrap();
+        let err = volume::probe_store(&*store, "vol")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not usable") && err.contains("put"), "{err}");
+        // Nothing listens on port 1.
+        let unreachable = StoreAccess {
+            retry: tidefs::object::RetryPolicy {
+                attempts: 1,
+                ..Default::default()
+            },
+            ..access()
+        };
+        let (store, _) = volume::open_store(&fmt("http://127.0.0.1:1/bucket"), &unreachable)
+            .await
+            .unwrap();
+        let err = volume::probe_store(&*store, "vol")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("127.0.0.1:1"), "{err}");
+    });
+}
+
+/// Files written, overwritten, truncated and removed through the VFS on S3: the bucket ends up
+/// with exactly the objects still referenced, and freed objects went out in one batch request.
+#[test]
+fn bucket_holds_exactly_the_referenced_objects() {
+    let rt = runtime();
+    let (url, _) = harness::s3_server().new_bucket();
+    let dir = tempfile::tempdir().unwrap();
+    let meta = SqliteMeta::open(&dir.path().join("meta.db"), true).unwrap();
+    let mut format = tidefs_meta::conformance::sample_format();
+    format.storage = "s3".into();
+    format.bucket = url;
+    format.block_size = 64 << 10;
+    meta.format(&format, 0, 0).unwrap();
+    let meta: Arc<dyn Meta> = Arc::new(meta);
+    let (store, metrics) = rt.block_on(volume::open_store(&format, &access())).unwrap();
+    let layout = Layout::new(&format.name, format.block_size);
+    let sid = meta
+        .new_session(&tidefs_meta::SessionInfo {
+            sid: 0,
+            host: "t".into(),
+            pid: 1,
+            mountpoint: "/t".into(),
+            version: "t".into(),
+            started: 0,
+            heartbeat: 0,
+        })
+        .unwrap();
+    let data = Arc::new(DataCtx::new(
+        meta.clone(),
+        store.clone(),
+        BlockCache::new(0),
+        layout.clone(),
+        rt.handle().clone(),
+    ));
+    // A long interval: this test runs the deletion pass itself.
+    let opts = VfsOptions {
+        delete_interval: Duration::from_secs(3600),
+        ..VfsOptions::default()
+    };
+    let vfs = TideVfs::new(data.clone(), format, sid, opts);
+    let ctx = Ctx {
+        uid: 0,
+        gid: 0,
+        pid: 0,
+    };
+    let mut inos = Vec::new();
+    for i in 0..40u8 {
+        let (a, fh) = vfs
+            .create(ctx, ROOT_INO, format!("f{i}").as_bytes(), 0o644, 0)
+            .unwrap();
+        vfs.write(a.ino, fh, 0, &vec![i; 150_000]).unwrap();
+        vfs.release(a.ino, fh).unwrap();
+        inos.push(a.ino);
+    }
+    // Keep ten files, one of them truncated; remove the rest.
+    vfs.setattr(ctx, inos[0], Default::default(), Some(1000))
+        .unwrap();
+    for i in 10..40u8 {
+        vfs.unlink(ctx, ROOT_INO, format!("f{i}").as_bytes())
+            .unwrap();
+    }
+    let deletes_before = metrics.delete.requests.load(Ordering::SeqCst);
+    tidefs::vfs::delete_freed(&data).unwrap();
+    let delete_requests = metrics.delete.requests.load(Ordering::SeqCst) - deletes_before;
+    assert_eq!(
+        delete_requests, 1,
+        "freed objects should go out in one batch"
+    );
+    let mut referenced = BTreeSet::new();
+    for ino in &inos[..10] {
+        for s in meta.read_chunk(*ino, 0).unwrap() {
+            referenced.extend(layout.slice_keys(s.id, s.size));
+        }
+    }
+    let stored: BTreeSet<String> = rt
+        .block_on(store.list(&layout.prefix(), None, 100_000))
+        .unwrap()
+        .into_iter()
+        .map(|o| o.key)
+        .collect();
+    assert_eq!(stored, referenced);
+    assert_eq!(
+        vfs.read(inos[3], vfs.open(ctx, inos[3], 0).unwrap().fh, 0, 10)
+            .unwrap(),
+        vec![3u8; 10]
+    );
+}
