@@ -146,15 +146,7 @@ fn bucket_holds_exactly_the_referenced_objects() {
     let (store, metrics) = rt.block_on(volume::open_store(&format, &access())).unwrap();
     let layout = Layout::new(&format.name, format.block_size);
     let sid = meta
-        .new_session(&tidefs_meta::SessionInfo {
-            sid: 0,
-            host: "t".into(),
-            pid: 1,
-            mountpoint: "/t".into(),
-            version: "t".into(),
-            started: 0,
-            heartbeat: 0,
-        })
+        .new_session(&tidefs_meta::conformance::sample_session())
         .unwrap();
     let data = Arc::new(DataCtx::new(
         meta.clone(),

@@ -44,15 +44,7 @@ fn fixture_with_cache(block_size: u32, cache_bytes: u64) -> Fixture {
         .build()
         .unwrap();
     let sid = meta
-        .new_session(&tidefs_meta::SessionInfo {
-            sid: 0,
-            host: "test".into(),
-            pid: 1,
-            mountpoint: "/test".into(),
-            version: "test".into(),
-            started: 0,
-            heartbeat: 0,
-        })
+        .new_session(&tidefs_meta::conformance::sample_session())
         .unwrap();
     let data = Arc::new(DataCtx::new(
         meta,

@@ -213,7 +213,7 @@ pub fn unlink_frees_and_queues_slices(m: &dyn Meta) {
 /// An unlinked file that is open stays until its session releases it.
 pub fn unlink_of_open_file_is_deferred(m: &dyn Meta) {
     formatted(m);
-    let sid = m.new_session(&session()).unwrap();
+    let sid = m.new_session(&sample_session()).unwrap();
     let f = file(m, ROOT_INO, "f");
     let id = m.next_slice_ids(1).unwrap();
     m.write_slices(
@@ -237,7 +237,8 @@ pub fn unlink_of_open_file_is_deferred(m: &dyn Meta) {
     assert_eq!(m.pending_deletions(0, 10).unwrap().len(), 1);
 }
 
-fn session() -> SessionInfo {
+/// A session record for checks and tests that need one.
+pub fn sample_session() -> SessionInfo {
     SessionInfo {
         sid: 0,
         host: "h".into(),
@@ -672,8 +673,8 @@ pub fn readdir_cookies_are_stable(m: &dyn Meta) {
 /// Closing a session frees the unlinked files it kept open.
 pub fn sessions_free_kept_files(m: &dyn Meta) {
     formatted(m);
-    let sid = m.new_session(&session()).unwrap();
-    let other = m.new_session(&session()).unwrap();
+    let sid = m.new_session(&sample_session()).unwrap();
+    let other = m.new_session(&sample_session()).unwrap();
     assert_eq!(m.sessions().unwrap().len(), 2);
     m.heartbeat(sid).unwrap();
     let f = file(m, ROOT_INO, "f");
