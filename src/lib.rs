@@ -6,12 +6,14 @@
 //! - [`layout`] and [`slices`]: how file bytes map to chunks, slices and block objects;
 //! - [`data`]: write buffering, uploads, commits and reads;
 //! - [`vfs`]: the filesystem the FUSE adapter (`tidefs-fuse`) calls;
-//! - [`volume`]: formatting and opening volumes, the default volume.
+//! - [`volume`]: formatting and opening volumes, the default volume;
+//! - [`objbench`]: measuring an object store.
 
 pub mod buffers;
 pub mod data;
 pub mod error;
 pub mod layout;
+pub mod objbench;
 pub mod object;
 pub mod perm;
 pub mod slices;

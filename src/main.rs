@@ -39,6 +39,31 @@ enum Command {
     Umount(UmountArgs),
     /// Show a volume's settings, usage and sessions.
     Status(StatusArgs),
+    /// Measure an object store (PUT, GET, batched DELETE) before putting a volume on it.
+    Objbench(ObjbenchArgs),
+}
+
+#[derive(Args)]
+struct ObjbenchArgs {
+    /// s3://BUCKET[/PREFIX], http(s)://HOST:PORT/BUCKET[/PREFIX], or a local directory.
+    bucket: String,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 4)]
+    threads: usize,
+    /// Number of small objects.
+    #[arg(long, default_value_t = 100)]
+    small_objects: usize,
+    /// Size of a small object in KiB.
+    #[arg(long, default_value_t = 128)]
+    small_size: usize,
+    /// Number of block-sized objects.
+    #[arg(long, default_value_t = 16)]
+    big_objects: usize,
+    /// Block size in KiB.
+    #[arg(long, default_value_t = 4096)]
+    block_size: usize,
+    #[command(flatten)]
+    store: StoreArgs,
 }
 
 #[derive(Args)]
@@ -190,6 +215,7 @@ fn main() {
         Command::Mount(a) => mount(a),
         Command::Umount(a) => umount(a),
         Command::Status(a) => status(a),
+        Command::Objbench(a) => objbench(a),
     };
     if let Err(e) = result {
         eprintln!("tidefs: error: {e:#}");
@@ -490,5 +516,42 @@ fn status(a: StatusArgs) -> Result<()> {
         "sessions": meta.sessions()?,
     });
     println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}
+
+fn objbench(a: ObjbenchArgs) -> Result<()> {
+    let s3 = ["s3://", "http://", "https://"]
+        .iter()
+        .any(|p| a.bucket.starts_with(p));
+    let format = tidefs_meta::Format {
+        name: "objbench".into(),
+        uuid: String::new(),
+        storage: if s3 { "s3" } else { "file" }.into(),
+        bucket: a.bucket.trim_start_matches("file://").to_string(),
+        block_size: (a.block_size << 10) as u32,
+        trash_days: 0,
+        capacity: 0,
+        inodes: 0,
+    };
+    let access = a.store.access()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start a runtime")?;
+    let opts = tidefs::objbench::BenchOptions {
+        concurrency: a.threads,
+        small_count: a.small_objects,
+        small_size: a.small_size << 10,
+        big_count: a.big_objects,
+        big_size: a.block_size << 10,
+    };
+    let rows = rt.block_on(async {
+        let (store, _) = volume::open_store(&format, &access).await?;
+        println!("object store: {}", store.describe());
+        tidefs::objbench::run(&*store, &opts)
+            .await
+            .map_err(anyhow::Error::from)
+    })?;
+    print!("{}", tidefs::objbench::table(&rows));
     Ok(())
 }

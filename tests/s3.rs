@@ -208,3 +208,58 @@ fn bucket_holds_exactly_the_referenced_objects() {
         vec![3u8; 10]
     );
 }
+
+/// `tidefs objbench` measures a bucket, prints a table and leaves nothing behind; a bad
+/// bucket is a clear error.
+#[test]
+fn objbench_measures_and_cleans_up() {
+    let (url, dir) = harness::s3_server().new_bucket();
+    let keys = harness::s3_server().credentials();
+    let mut args = vec![
+        "objbench",
+        url.as_str(),
+        "--small-objects",
+        "10",
+        "--big-objects",
+        "2",
+        "--block-size",
+        "1024",
+    ];
+    args.extend(keys.iter().map(String::as_str));
+    let out = harness::tidefs(&args);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for op in [
+        "put 128 KiB",
+        "get 128 KiB",
+        "delete 128 KiB (batched)",
+        "put 1 MiB",
+        "get 1 MiB",
+    ] {
+        assert!(
+            text.contains(&format!("| {op} |")),
+            "{op} missing in:\n{text}"
+        );
+    }
+    let left: Vec<_> = walkdir(&dir);
+    assert!(left.is_empty(), "objbench left {left:?}");
+    let out = harness::tidefs(&["objbench", "s3://Bad_Bucket"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid S3 bucket"));
+}
+
+fn walkdir(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        if e.path().is_dir() {
+            out.extend(walkdir(&e.path()));
+        } else if !e.file_name().to_string_lossy().starts_with('.') {
+            out.push(e.path());
+        }
+    }
+    out
+}

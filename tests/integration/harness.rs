@@ -301,7 +301,7 @@ pub fn s3_server() -> &'static S3Server {
 /// outlives the tests.
 pub struct S3Server {
     pub endpoint: String,
-    pub root: tempfile::TempDir,
+    pub root: PathBuf,
     next: std::sync::atomic::AtomicU32,
     _child: Child,
 }
@@ -319,10 +319,22 @@ impl S3Server {
                 .filter(|p| Path::new(p).exists())
                 .unwrap_or_else(|| "s3s-fs".into())
         });
+        // The server lives in a static, which is never dropped: its directory is removed by
+        // an exit handler instead.
         let root = tempfile::Builder::new()
             .prefix("tidefs-s3.")
             .tempdir()
-            .unwrap();
+            .unwrap()
+            .keep();
+        static ROOT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+        extern "C" fn remove_root() {
+            if let Some(root) = ROOT.get() {
+                let _ = std::fs::remove_dir_all(root);
+            }
+        }
+        if ROOT.set(root.clone()).is_ok() {
+            unsafe { libc::atexit(remove_root) };
+        }
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -331,7 +343,7 @@ impl S3Server {
         let mut cmd = Command::new(&bin);
         cmd.args(["--host", "127.0.0.1", "--port", &port.to_string()])
             .args(["--access-key", S3_KEYS.0, "--secret-key", S3_KEYS.1])
-            .arg(root.path())
+            .arg(&root)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
@@ -373,7 +385,7 @@ impl S3Server {
     pub fn new_bucket(&self) -> (String, PathBuf) {
         let n = self.next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let name = format!("bucket-{}-{n}", std::process::id());
-        let dir = self.root.path().join(&name);
+        let dir = self.root.join(&name);
         std::fs::create_dir(&dir).unwrap();
         (format!("{}/{name}", self.endpoint), dir)
     }
