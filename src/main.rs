@@ -98,10 +98,11 @@ struct FormatArgs {
 #[derive(Args)]
 struct StoreArgs {
     /// Access key of the object store (default: the AWS credential chain).
-    #[arg(long)]
+    #[arg(long, env = "TIDEFS_ACCESS_KEY")]
     access_key: Option<String>,
-    /// Secret key of the object store (default: the AWS credential chain).
-    #[arg(long)]
+    /// Secret key of the object store (default: the AWS credential chain). Prefer the
+    /// environment variable: arguments are visible to every local user.
+    #[arg(long, env = "TIDEFS_SECRET_KEY", hide_env_values = true)]
     secret_key: Option<String>,
     /// Region of an S3 bucket (default: the AWS chain, or us-east-1 for custom endpoints).
     #[arg(long)]
@@ -445,11 +446,24 @@ fn daemonize(a: &MountArgs, mountpoint: &Path) -> Result<()> {
         .append(true)
         .open(&log)
         .with_context(|| format!("cannot open log file {}", log.display()))?;
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|x| x != "--background" && x != "-d")
-        .collect();
+    // The secret key goes to the long-running child through its environment, never through
+    // its arguments (visible to every local user in /proc/PID/cmdline).
+    let mut args: Vec<String> = Vec::new();
+    let mut argv = std::env::args().skip(1);
+    while let Some(x) = argv.next() {
+        match x.as_str() {
+            "--background" | "-d" => {}
+            "--secret-key" => {
+                argv.next();
+            }
+            _ if x.starts_with("--secret-key=") => {}
+            _ => args.push(x),
+        }
+    }
     let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    if let Some(secret) = &a.store.secret_key {
+        cmd.env("TIDEFS_SECRET_KEY", secret);
+    }
     cmd.args(&args)
         .env(DAEMON_ENV, "1")
         .stdin(std::process::Stdio::null())

@@ -58,7 +58,7 @@ pub struct FormatRequest {
 }
 
 /// How to reach a volume's object store: given at format and at each mount, never stored.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct StoreAccess {
     /// Access key and secret key; None: the standard AWS credential chain.
     pub credentials: Option<(String, String)>,
@@ -81,6 +81,22 @@ impl Default for StoreAccess {
             max_downloads: 200,
             retry: RetryPolicy::default(),
         }
+    }
+}
+
+impl std::fmt::Debug for StoreAccess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreAccess")
+            .field("access_key", &self.credentials.as_ref().map(|c| &c.0))
+            .field(
+                "secret_key",
+                &self.credentials.as_ref().map(|_| "<redacted>"),
+            )
+            .field("region", &self.region)
+            .field("max_uploads", &self.max_uploads)
+            .field("max_downloads", &self.max_downloads)
+            .field("retry", &self.retry)
+            .finish()
     }
 }
 
@@ -460,6 +476,19 @@ pub fn unmount(path: &Path, lazy: bool) -> Result<(), VolumeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_output_hides_the_secret_key() {
+        let access = StoreAccess {
+            credentials: Some(("AKID".into(), "very-secret".into())),
+            ..StoreAccess::default()
+        };
+        let text = format!("{access:?}");
+        assert!(
+            text.contains("AKID") && !text.contains("very-secret"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn names_follow_bucket_rules() {

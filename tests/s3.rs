@@ -96,20 +96,20 @@ fn bad_buckets_and_credentials_are_clear_errors() {
     rt.block_on(async {
         let (store, _) = volume::open_store(&fmt(&url), &access()).await.unwrap();
         volume::probe_store(&*store, "vol").await.unwrap();
+        // Wrong keys are a refusal: reported at once, never retried.
         let wrong_keys = StoreAccess {
             credentials: Some(("nobody".into(), "wrong".into())),
-            retry: tidefs::object::RetryPolicy {
-                attempts: 2,
-                ..Default::default()
-            },
             ..StoreAccess::default()
         };
-        let (store, _) = volume::open_store(&fmt(&url), &wrong_keys).await.unwrap();
+        let (store, metrics) = volume::open_store(&fmt(&url), &wrong_keys).await.unwrap();
         let err = volume::probe_store(&*store, "vol")
             .await
             .unwrap_err()
             .to_string();
         assert!(err.contains("not usable") && err.contains("put"), "{err}");
+        assert!(err.contains("refused"), "{err}");
+        assert_eq!(metrics.retries.load(Ordering::SeqCst), 0);
+        assert!(!err.contains("wrong"), "the secret key leaked into: {err}");
         // Nothing listens on port 1.
         let unreachable = StoreAccess {
             retry: tidefs::object::RetryPolicy {

@@ -335,6 +335,7 @@ fn retried_uploads_lose_nothing() {
         attempts: 8,
         base: Duration::from_millis(1),
         cap: Duration::from_millis(10),
+        deadline: Duration::from_secs(60),
     };
     let store: Arc<dyn ObjectStore> =
         Arc::new(Retrying::new(faulty.clone(), policy, metrics.clone()));

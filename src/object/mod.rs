@@ -33,6 +33,15 @@ pub enum StoreError {
         /// The underlying error.
         cause: std::io::Error,
     },
+    /// The store refused the request for good (bad credentials, missing bucket, forbidden,
+    /// bad request): retrying cannot help.
+    #[error("object store refused the request for {key}: {cause}")]
+    Refused {
+        /// The key involved.
+        key: String,
+        /// What the store said.
+        cause: String,
+    },
     /// The stored object does not have the expected size.
     #[error("object {key} is {actual} bytes, expected {expected}")]
     Corrupt {

@@ -20,15 +20,19 @@ pub struct RetryPolicy {
     pub base: Duration,
     /// Longest backoff.
     pub cap: Duration,
+    /// No retry starts after this much time since the first attempt.
+    pub deadline: Duration,
 }
 
 impl Default for RetryPolicy {
     fn default() -> Self {
-        // About a minute of trying before a write is reported as failed.
+        // Up to about two minutes of retrying before a write is reported as failed (the
+        // attempt running at the deadline may take up to its own timeout more).
         RetryPolicy {
             attempts: 10,
             base: Duration::from_millis(100),
             cap: Duration::from_secs(15),
+            deadline: Duration::from_secs(120),
         }
     }
 }
@@ -41,6 +45,8 @@ impl RetryPolicy {
     }
 }
 
+/// Whether retrying may help: I/O errors, 5xx, throttling and timeouts, not refusals or
+/// missing objects.
 fn transient(e: &StoreError) -> bool {
     matches!(e, StoreError::Io { .. })
 }
@@ -72,10 +78,15 @@ impl Retrying {
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, StoreError>>,
     {
+        let started = std::time::Instant::now();
         let mut attempt = 1;
         loop {
             match call().await {
-                Err(e) if transient(&e) && attempt < self.policy.attempts => {
+                Err(e)
+                    if transient(&e)
+                        && attempt < self.policy.attempts
+                        && started.elapsed() < self.policy.deadline =>
+                {
                     self.metrics.retries.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(key, attempt, error = %e, "retrying");
                     tokio::time::sleep(self.policy.backoff(attempt)).await;
@@ -107,11 +118,13 @@ impl ObjectStore for Retrying {
 
     async fn delete_batch(&self, keys: &[String]) -> Vec<(String, StoreError)> {
         let mut pending = keys.to_vec();
+        let started = std::time::Instant::now();
         let mut attempt = 1;
         loop {
             let failed = self.inner.delete_batch(&pending).await;
             let retry = failed.iter().any(|(_, e)| transient(e));
-            if failed.is_empty() || !retry || attempt >= self.policy.attempts {
+            let out_of_time = started.elapsed() >= self.policy.deadline;
+            if failed.is_empty() || !retry || attempt >= self.policy.attempts || out_of_time {
                 return failed;
             }
             // Only the keys that failed go again.
@@ -143,6 +156,7 @@ mod tests {
             attempts: 5,
             base: Duration::from_millis(1),
             cap: Duration::from_millis(5),
+            deadline: Duration::from_secs(60),
         }
     }
 
@@ -196,12 +210,34 @@ mod tests {
         assert!(store.list("d/", None, 100).await.unwrap().is_empty());
     }
 
+    #[tokio::test]
+    async fn retries_stop_at_the_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let faulty = Arc::new(FaultyStore::new(Arc::new(
+            LocalStore::open(dir.path()).unwrap(),
+        )));
+        let metrics = Arc::new(StoreMetrics::default());
+        let policy = RetryPolicy {
+            attempts: 1000,
+            base: Duration::from_millis(20),
+            cap: Duration::from_millis(20),
+            deadline: Duration::from_millis(100),
+        };
+        let store = Retrying::new(faulty.clone(), policy, metrics.clone());
+        faulty.fail_puts(1000);
+        assert!(store.put("k", Bytes::from_static(b"v")).await.is_err());
+        let retries = metrics.retries.load(Ordering::Relaxed);
+        assert!(
+            (1..=20).contains(&retries),
+            "{retries} retries within a 100 ms deadline"
+        );
+    }
+
     #[test]
     fn backoff_grows_and_is_capped() {
         let p = RetryPolicy {
-            attempts: 10,
-            base: Duration::from_millis(100),
             cap: Duration::from_secs(1),
+            ..RetryPolicy::default()
         };
         for n in 1..30 {
             let b = p.backoff(n);

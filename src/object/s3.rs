@@ -9,6 +9,7 @@ use async_trait::async_trait;
 use aws_sdk_s3::config::{
     BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
 };
+use aws_sdk_s3::error::SdkError;
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{Delete, ObjectIdentifier};
 use aws_sdk_s3::Client;
@@ -71,7 +72,7 @@ impl S3Location {
 }
 
 /// How to reach and load a bucket.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct S3Options {
     /// The bucket.
     pub location: S3Location,
@@ -85,6 +86,22 @@ pub struct S3Options {
     pub max_downloads: usize,
     /// Timeout of one request.
     pub timeout: Duration,
+}
+
+impl std::fmt::Debug for S3Options {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Options")
+            .field("location", &self.location)
+            .field("region", &self.region)
+            .field("access_key", &self.credentials.as_ref().map(|c| &c.0))
+            .field(
+                "secret_key",
+                &self.credentials.as_ref().map(|_| "<redacted>"),
+            )
+            .field("max_uploads", &self.max_uploads)
+            .field("max_downloads", &self.max_downloads)
+            .finish()
+    }
 }
 
 /// An S3 bucket (or a prefix of one) as an object store.
@@ -108,6 +125,24 @@ fn io(key: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Io {
         key: key.to_string(),
         cause: std::io::Error::other(e.to_string()),
+    }
+}
+
+/// An SDK error as a store error: a 4xx answer other than 408 (timeout) and 429 (throttled) is
+/// a refusal that retrying cannot fix; everything else (5xx, SlowDown, timeouts, connection
+/// errors) is transient.
+fn sdk_error<E>(key: &str, e: SdkError<E>) -> StoreError
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let status = e.raw_response().map(|r| r.status().as_u16());
+    let cause = aws_sdk_s3::error::DisplayErrorContext(&e).to_string();
+    match status {
+        Some(s) if (400..500).contains(&s) && s != 408 && s != 429 => StoreError::Refused {
+            key: key.to_string(),
+            cause,
+        },
+        _ => io(key, cause),
     }
 }
 
@@ -200,7 +235,7 @@ impl ObjectStore for S3Store {
                 .body(ByteStream::from(data))
                 .send()
                 .await
-                .map_err(|e| io(key, aws_sdk_s3::error::DisplayErrorContext(e)))?;
+                .map_err(|e| sdk_error(key, e))?;
             Ok(())
         })
         .await
@@ -224,7 +259,7 @@ impl ObjectStore for S3Store {
                 if e.as_service_error().is_some_and(|s| s.is_no_such_key()) {
                     StoreError::NotFound(key.to_string())
                 } else {
-                    io(key, aws_sdk_s3::error::DisplayErrorContext(e))
+                    sdk_error(key, e)
                 }
             })?;
             let body = resp.body.collect().await.map_err(|e| io(key, e))?;
@@ -246,7 +281,7 @@ impl ObjectStore for S3Store {
                     if e.as_service_error().is_some_and(|s| s.is_not_found()) {
                         StoreError::NotFound(key.to_string())
                     } else {
-                        io(key, aws_sdk_s3::error::DisplayErrorContext(e))
+                        sdk_error(key, e)
                     }
                 })?;
             Ok(resp.content_length().unwrap_or(0).max(0) as u64)
@@ -275,13 +310,13 @@ impl ObjectStore for S3Store {
                     .delete(delete)
                     .send()
                     .await
-                    .map_err(|e| io("", aws_sdk_s3::error::DisplayErrorContext(e)))?;
+                    .map_err(|e| sdk_error("", e))?;
                 Ok::<_, StoreError>(resp)
             };
             match self.timed("", result).await {
                 Ok(resp) => {
                     for e in resp.errors() {
-                        let full = e.key().unwrap_or_default();
+                        let Some(full) = e.key() else { continue };
                         let key = full.strip_prefix(&self.location.prefix).unwrap_or(full);
                         if e.code() == Some("NoSuchKey") {
                             continue;
@@ -320,9 +355,7 @@ impl ObjectStore for S3Store {
             }
             let resp = self
                 .timed(prefix, async {
-                    req.send()
-                        .await
-                        .map_err(|e| io(prefix, aws_sdk_s3::error::DisplayErrorContext(e)))
+                    req.send().await.map_err(|e| sdk_error(prefix, e))
                 })
                 .await?;
             let objects = resp.contents();

@@ -362,11 +362,15 @@ impl S3Server {
                 std::thread::park();
             }
         });
-        let child = rx.recv().unwrap().unwrap_or_else(|e| {
+        let mut child = rx.recv().unwrap().unwrap_or_else(|e| {
             panic!("cannot start the S3 test server {bin:?} ({e}): run scripts/install-deps.sh")
         });
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            // (If another process took the port first, the server exits: say so.)
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("S3 test server exited ({status}) before listening on port {port}");
+            }
             assert!(
                 Instant::now() < deadline,
                 "S3 test server did not start on port {port}"
