@@ -214,20 +214,7 @@ impl DataCtx {
 
     /// Fetches block `key` of `len` bytes through the cache; concurrent callers share a fetch.
     async fn block(&self, key: &str, len: u32) -> Result<Bytes, ReadError> {
-        let store = self.store.clone();
-        let k = key.to_string();
-        self.cache
-            .get_or_fetch(key, async move {
-                let data = store.get(&k, None).await?;
-                if data.len() as u64 != len as u64 {
-                    return Err(StoreError::Corrupt {
-                        key: k,
-                        actual: data.len() as u64,
-                        expected: len as u64,
-                    });
-                }
-                Ok(data)
-            })
+        fetch_block(self.store.clone(), &self.cache, key, len)
             .await
             .map_err(|e| match *e {
                 StoreError::NotFound(_) => ReadError::Vanished,
@@ -292,29 +279,16 @@ impl DataCtx {
         let Ok(pieces) = self.plan(ino, off, end) else {
             return;
         };
-        for p in pieces {
-            if let Some((key, len, _)) = p.block {
-                let (store, cache) = (self.store.clone(), self.cache.clone());
-                self.rt.spawn(async move {
-                    if cache.get(&key).await.is_some() {
-                        return;
-                    }
-                    let k = key.clone();
-                    let _ = cache
-                        .get_or_fetch(&key, async move {
-                            let data = store.get(&k, None).await?;
-                            if data.len() != len as usize {
-                                return Err(StoreError::Corrupt {
-                                    key: k,
-                                    actual: data.len() as u64,
-                                    expected: len as u64,
-                                });
-                            }
-                            Ok(data)
-                        })
-                        .await;
-                });
-            }
+        // A block split into several pieces (several slices) is fetched once.
+        let blocks: std::collections::BTreeMap<String, u32> = pieces
+            .into_iter()
+            .filter_map(|p| p.block.map(|(key, len, _)| (key, len)))
+            .collect();
+        for (key, len) in blocks {
+            let (store, cache) = (self.store.clone(), self.cache.clone());
+            self.rt.spawn(async move {
+                let _ = fetch_block(store, &cache, &key, len).await;
+            });
         }
     }
 
@@ -364,6 +338,30 @@ impl DataCtx {
         }
         Ok(pieces)
     }
+}
+
+/// Block `key` of `len` bytes, from the cache or else from the store (then cached); a block
+/// of the wrong length is reported as corrupt, never served. Concurrent callers share a fetch.
+async fn fetch_block(
+    store: Arc<dyn ObjectStore>,
+    cache: &BlockCache,
+    key: &str,
+    len: u32,
+) -> Result<Bytes, Arc<StoreError>> {
+    let k = key.to_string();
+    cache
+        .get_or_fetch(key, async move {
+            let data = store.get(&k, None).await?;
+            if data.len() as u64 != len as u64 {
+                return Err(StoreError::Corrupt {
+                    key: k,
+                    actual: data.len() as u64,
+                    expected: len as u64,
+                });
+            }
+            Ok(data)
+        })
+        .await
 }
 
 /// Why a planned read failed.

@@ -120,11 +120,6 @@ impl TideVfs {
         self.data.clone()
     }
 
-    /// The session id of this mount.
-    pub fn sid(&self) -> u64 {
-        self.sid
-    }
-
     fn with_overlay(&self, mut a: Attr) -> Attr {
         if a.kind == FileKind::File {
             if let Some(w) = self.writers.get(&a.ino).map(|w| w.clone()) {

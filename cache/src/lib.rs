@@ -87,13 +87,6 @@ impl BlockCache {
         }
     }
 
-    /// Drops block `key` from the cache.
-    pub async fn invalidate(&self, key: &str) {
-        if let Some(c) = &self.inner {
-            c.invalidate(key).await;
-        }
-    }
-
     /// Bytes currently held (approximate until pending maintenance runs).
     pub fn used(&self) -> u64 {
         self.inner.as_ref().map(|c| c.weighted_size()).unwrap_or(0)

@@ -31,18 +31,6 @@ impl OpStats {
             self.errors.fetch_add(1, Ordering::Relaxed);
         }
     }
-
-    /// (requests, errors, bytes, average latency in microseconds).
-    pub fn snapshot(&self) -> (u64, u64, u64, u64) {
-        let n = self.requests.load(Ordering::Relaxed);
-        let micros = self.micros.load(Ordering::Relaxed);
-        (
-            n,
-            self.errors.load(Ordering::Relaxed),
-            self.bytes.load(Ordering::Relaxed),
-            micros / n.max(1),
-        )
-    }
 }
 
 /// Counters of every call made to a store.
