@@ -12,6 +12,7 @@
 pub mod buffers;
 pub mod data;
 pub mod error;
+pub mod exporter;
 pub mod layout;
 pub mod objbench;
 pub mod object;

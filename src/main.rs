@@ -110,9 +110,12 @@ struct StoreArgs {
     /// Concurrent uploads to the object store.
     #[arg(long, default_value_t = 20)]
     max_uploads: usize,
-    /// Concurrent downloads from the object store.
+    /// Concurrent downloads (GET, HEAD, LIST) from the object store.
     #[arg(long, default_value_t = 200)]
     max_downloads: usize,
+    /// Concurrent batch-delete requests (each removes up to 1000 objects).
+    #[arg(long, default_value_t = 10)]
+    max_deletes: usize,
 }
 
 impl StoreArgs {
@@ -125,6 +128,7 @@ impl StoreArgs {
             region: self.region.clone(),
             max_uploads: self.max_uploads,
             max_downloads: self.max_downloads,
+            max_deletes: self.max_deletes,
             ..volume::StoreAccess::default()
         })
     }
@@ -162,6 +166,13 @@ struct MountArgs {
     /// Mount read-only.
     #[arg(long)]
     read_only: bool,
+    /// Address of the metrics endpoint (Prometheus text at /metrics, JSON at /stats); if the
+    /// port is taken, a free port on the same address is used.
+    #[arg(long, default_value = "127.0.0.1:9567")]
+    metrics: String,
+    /// Serve no metrics endpoint.
+    #[arg(long)]
+    no_metrics: bool,
     #[command(flatten)]
     store: StoreArgs,
 }
@@ -316,7 +327,22 @@ fn mount(a: MountArgs) -> Result<()> {
         .enable_all()
         .build()
         .context("cannot start the I/O runtime")?;
-    let (store, _metrics) = rt.block_on(volume::open_store(&format, &access))?;
+    let (store, store_metrics) = rt.block_on(volume::open_store(&format, &access))?;
+    let metrics_listener = if a.no_metrics {
+        None
+    } else {
+        Some(tidefs::exporter::bind(&a.metrics).with_context(|| {
+            format!(
+                "cannot serve metrics on {} (see --metrics, --no-metrics)",
+                a.metrics
+            )
+        })?)
+    };
+    let metrics_addr = metrics_listener
+        .as_ref()
+        .and_then(|l| l.local_addr().ok())
+        .map(|a| a.to_string())
+        .unwrap_or_default();
 
     // Sessions of mounts on this host whose process is gone: free what they held. A live
     // session means the volume is mounted: one volume has one mount until shared volumes exist.
@@ -352,6 +378,7 @@ fn mount(a: MountArgs) -> Result<()> {
         version: env!("CARGO_PKG_VERSION").into(),
         started: 0,
         heartbeat: 0,
+        metrics: metrics_addr.clone(),
     })?;
 
     let layout = Layout::new(&format.name, format.block_size);
@@ -363,6 +390,14 @@ fn mount(a: MountArgs) -> Result<()> {
         layout,
         rt.handle().clone(),
     ));
+    if let Some(listener) = metrics_listener {
+        let exported = Arc::new(tidefs::exporter::MountMetrics::new(
+            store_metrics,
+            data.clone(),
+        ));
+        rt.spawn(tidefs::exporter::serve(listener, exported));
+        tracing::info!(address = %metrics_addr, "metrics at http://{metrics_addr}/metrics");
+    }
     let opts = VfsOptions {
         buffer_size: a.buffer_size << 20,
         ..VfsOptions::default()
@@ -523,14 +558,58 @@ fn status(a: StatusArgs) -> Result<()> {
     };
     let (meta, format) = volume::open_meta(&parse_url(&url)?)?;
     let usage = meta.usage()?;
+    let sessions = meta.sessions()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start a runtime")?;
+    let host = hostname();
+    let sessions: Vec<serde_json::Value> = sessions
+        .into_iter()
+        .map(|s| {
+            let stats = session_stats(&rt, &s, &host);
+            let mut v = serde_json::to_value(&s).expect("sessions serialize");
+            if let Some(stats) = stats {
+                v["stats"] = stats;
+            }
+            v
+        })
+        .collect();
     let out = serde_json::json!({
         "setting": format,
         "engine": meta.engine(),
         "usage": { "space_bytes": usage.space, "inodes": usage.inodes },
-        "sessions": meta.sessions()?,
+        "sessions": sessions,
     });
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())
+}
+
+/// The live numbers of a mount, asked of its metrics endpoint; None when it has none or it is
+/// on another host behind a loopback address.
+fn session_stats(
+    rt: &tokio::runtime::Runtime,
+    s: &SessionInfo,
+    host: &str,
+) -> Option<serde_json::Value> {
+    let addr: std::net::SocketAddr = s.metrics.parse().ok()?;
+    let local_only = addr.ip().is_loopback() || addr.ip().is_unspecified();
+    if local_only && s.host != host {
+        return None;
+    }
+    let fetched = rt.block_on(tidefs::exporter::fetch(
+        &s.metrics,
+        "/stats",
+        Duration::from_secs(2),
+    ));
+    Some(
+        match fetched.and_then(|t| serde_json::from_str(&t).map_err(|e| e.to_string())) {
+            Ok(v) => v,
+            Err(e) => {
+                serde_json::json!({ "error": format!("metrics endpoint {}: {e}", s.metrics) })
+            }
+        },
+    )
 }
 
 fn objbench(a: ObjbenchArgs) -> Result<()> {

@@ -66,8 +66,10 @@ pub struct StoreAccess {
     pub region: Option<String>,
     /// Concurrent uploads.
     pub max_uploads: usize,
-    /// Concurrent downloads.
+    /// Concurrent downloads (GET, HEAD, LIST).
     pub max_downloads: usize,
+    /// Concurrent batch-delete requests.
+    pub max_deletes: usize,
     /// Retries of transient object-store failures.
     pub retry: RetryPolicy,
 }
@@ -79,6 +81,7 @@ impl Default for StoreAccess {
             region: None,
             max_uploads: 20,
             max_downloads: 200,
+            max_deletes: 10,
             retry: RetryPolicy::default(),
         }
     }
@@ -95,6 +98,7 @@ impl std::fmt::Debug for StoreAccess {
             .field("region", &self.region)
             .field("max_uploads", &self.max_uploads)
             .field("max_downloads", &self.max_downloads)
+            .field("max_deletes", &self.max_deletes)
             .field("retry", &self.retry)
             .finish()
     }
@@ -314,6 +318,7 @@ async fn open_instrumented(
                 credentials: access.credentials.clone(),
                 max_uploads: access.max_uploads,
                 max_downloads: access.max_downloads,
+                max_deletes: access.max_deletes,
                 timeout: std::time::Duration::from_secs(60),
             };
             Arc::new(S3Store::new(&opts).await)

@@ -41,6 +41,7 @@ async fn store_for(bucket_url: &str) -> S3Store {
         credentials: access().credentials,
         max_uploads: 8,
         max_downloads: 8,
+        max_deletes: 2,
         timeout: Duration::from_secs(30),
     })
     .await
@@ -262,4 +263,73 @@ fn walkdir(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
         }
     }
     out
+}
+
+/// Reads one HTTP request (head and Content-Length body) from `conn`.
+fn read_request(conn: &mut std::net::TcpStream) -> (String, Vec<u8>) {
+    use std::io::Read;
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 4096];
+    let head_end = loop {
+        let n = conn.read(&mut byte).unwrap();
+        assert!(n > 0, "connection closed mid-request");
+        buf.extend_from_slice(&byte[..n]);
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_lowercase();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(0);
+    while buf.len() < head_end + len {
+        let n = conn.read(&mut byte).unwrap();
+        assert!(n > 0, "connection closed mid-body");
+        buf.extend_from_slice(&byte[..n]);
+    }
+    (head, buf[head_end..head_end + len].to_vec())
+}
+
+/// Stores that accept only Content-MD5 on DeleteObjects (older MinIO, Ceph RGW) get it: the
+/// request that goes on the wire carries the MD5 of its own body.
+#[test]
+fn batch_deletes_carry_content_md5() {
+    use md5::Digest;
+    use std::io::Write;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let (head, body) = read_request(&mut conn);
+        let reply = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\
+            <DeleteResult xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\"></DeleteResult>";
+        write!(
+            conn,
+            "HTTP/1.1 200 OK\r\nContent-Type: application/xml\r\nContent-Length: {}\r\n\
+             Connection: close\r\n\r\n{reply}",
+            reply.len()
+        )
+        .unwrap();
+        (head, body)
+    });
+    let rt = runtime();
+    let failed = rt.block_on(async {
+        let s = store_for(&format!("http://127.0.0.1:{port}/md5-check")).await;
+        s.delete_batch(&["x/1".to_string(), "x/2".to_string()])
+            .await
+    });
+    assert!(failed.is_empty(), "{failed:?}");
+    let (head, body) = server.join().unwrap();
+    assert!(head.starts_with("post /md5-check/?delete"), "{head}");
+    assert!(String::from_utf8_lossy(&body).contains("<Key>x/2</Key>"));
+    let sent = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-md5:"))
+        .expect("no content-md5 header")
+        .trim()
+        .to_string();
+    let expected = aws_smithy_types::base64::encode(md5::Md5::digest(&body).as_slice());
+    assert_eq!(sent, expected.to_lowercase());
 }

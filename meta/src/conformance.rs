@@ -247,6 +247,7 @@ pub fn sample_session() -> SessionInfo {
         version: "t".into(),
         started: 0,
         heartbeat: 0,
+        metrics: "127.0.0.1:9567".into(),
     }
 }
 
@@ -675,7 +676,20 @@ pub fn sessions_free_kept_files(m: &dyn Meta) {
     formatted(m);
     let sid = m.new_session(&sample_session()).unwrap();
     let other = m.new_session(&sample_session()).unwrap();
-    assert_eq!(m.sessions().unwrap().len(), 2);
+    let listed = m.sessions().unwrap();
+    assert_eq!(listed.len(), 2);
+    let mut expected = sample_session();
+    expected.sid = sid;
+    assert_eq!(listed[0].sid, sid);
+    assert_eq!(
+        (&listed[0].host, listed[0].pid, &listed[0].mountpoint),
+        (&expected.host, expected.pid, &expected.mountpoint)
+    );
+    assert_eq!(
+        (&listed[0].version, &listed[0].metrics),
+        (&expected.version, &expected.metrics)
+    );
+    assert!(listed[0].started > 0 && listed[0].heartbeat >= listed[0].started);
     m.heartbeat(sid).unwrap();
     let f = file(m, ROOT_INO, "f");
     m.unlink(ROOT_INO, b"f", sid, &|_| true).unwrap();

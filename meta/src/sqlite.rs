@@ -38,7 +38,7 @@ CREATE TABLE IF NOT EXISTS slice (
 CREATE TABLE IF NOT EXISTS session (
     sid INTEGER PRIMARY KEY AUTOINCREMENT, host TEXT NOT NULL, pid INTEGER NOT NULL,
     mountpoint TEXT NOT NULL, version TEXT NOT NULL, started INTEGER NOT NULL,
-    heartbeat INTEGER NOT NULL);
+    heartbeat INTEGER NOT NULL, metrics TEXT NOT NULL DEFAULT '');
 CREATE TABLE IF NOT EXISTS sustained (
     sid INTEGER NOT NULL, ino INTEGER NOT NULL, PRIMARY KEY (sid, ino)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS deleted_slice (id INTEGER PRIMARY KEY, size INTEGER NOT NULL);
@@ -314,6 +314,18 @@ fn touch_dir(tx: &Connection, dir: &mut Attr, now: Timestamp) -> Result<()> {
     put_node(tx, dir)
 }
 
+/// Brings a database made by an earlier tidefs up to the current schema.
+fn upgrade(conn: &Connection) -> Result<()> {
+    let session_columns: Vec<String> = conn
+        .prepare("SELECT name FROM pragma_table_info('session')")?
+        .query_map([], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    if !session_columns.is_empty() && !session_columns.iter().any(|c| c == "metrics") {
+        conn.execute_batch("ALTER TABLE session ADD COLUMN metrics TEXT NOT NULL DEFAULT ''")?;
+    }
+    Ok(())
+}
+
 impl SqliteMeta {
     /// Opens the database at `path`. With `create` a missing file is created; without it a
     /// missing file is [`MetaError::NotFormatted`].
@@ -327,6 +339,7 @@ impl SqliteMeta {
             limits: Mutex::new(None),
         };
         let conn = meta.connect(create)?;
+        upgrade(&conn)?;
         meta.put_conn(conn);
         Ok(meta)
     }
@@ -498,9 +511,16 @@ impl Meta for SqliteMeta {
         self.write(|tx| {
             let now = unix_now();
             tx.execute(
-                "INSERT INTO session (host, pid, mountpoint, version, started, heartbeat)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
-                params![info.host, info.pid, info.mountpoint, info.version, now],
+                "INSERT INTO session (host, pid, mountpoint, version, started, heartbeat, metrics)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6)",
+                params![
+                    info.host,
+                    info.pid,
+                    info.mountpoint,
+                    info.version,
+                    now,
+                    info.metrics
+                ],
             )?;
             Ok(tx.last_insert_rowid() as u64)
         })
@@ -534,8 +554,8 @@ impl Meta for SqliteMeta {
     fn sessions(&self) -> Result<Vec<SessionInfo>> {
         self.read(|tx| {
             let mut stmt = tx.prepare(
-                "SELECT sid, host, pid, mountpoint, version, started, heartbeat FROM session
-                 ORDER BY sid",
+                "SELECT sid, host, pid, mountpoint, version, started, heartbeat, metrics
+                 FROM session ORDER BY sid",
             )?;
             let rows = stmt
                 .query_map([], |r| {
@@ -547,6 +567,7 @@ impl Meta for SqliteMeta {
                         version: r.get(4)?,
                         started: r.get(5)?,
                         heartbeat: r.get(6)?,
+                        metrics: r.get(7)?,
                     })
                 })?
                 .collect::<rusqlite::Result<_>>()?;

@@ -319,6 +319,9 @@ pub struct SessionInfo {
     pub started: i64,
     /// Last heartbeat, seconds since the epoch.
     pub heartbeat: i64,
+    /// Address of the mount's metrics endpoint (`host:port`), or empty.
+    #[serde(default)]
+    pub metrics: String,
 }
 
 /// Settings of a volume, fixed at format time except where noted.

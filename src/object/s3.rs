@@ -82,8 +82,10 @@ pub struct S3Options {
     pub credentials: Option<(String, String)>,
     /// Concurrent PUT requests.
     pub max_uploads: usize,
-    /// Concurrent GET requests.
+    /// Concurrent GET, HEAD and LIST requests.
     pub max_downloads: usize,
+    /// Concurrent DeleteObjects requests (each up to 1000 keys).
+    pub max_deletes: usize,
     /// Timeout of one request.
     pub timeout: Duration,
 }
@@ -100,6 +102,7 @@ impl std::fmt::Debug for S3Options {
             )
             .field("max_uploads", &self.max_uploads)
             .field("max_downloads", &self.max_downloads)
+            .field("max_deletes", &self.max_deletes)
             .finish()
     }
 }
@@ -110,6 +113,7 @@ pub struct S3Store {
     location: S3Location,
     uploads: Arc<Semaphore>,
     downloads: Arc<Semaphore>,
+    deletes: Arc<Semaphore>,
     timeout: Duration,
 }
 
@@ -143,6 +147,18 @@ where
             cause,
         },
         _ => io(key, cause),
+    }
+}
+
+/// Adds `Content-MD5` to a request with an in-memory body. S3 requires an integrity header on
+/// DeleteObjects; the SDK sends a CRC32 checksum, but several S3-compatible stores (older MinIO,
+/// Ceph RGW) accept only Content-MD5, so both are sent.
+fn add_content_md5(req: &mut aws_sdk_s3::config::http::HttpRequest) {
+    use md5::Digest;
+    if let Some(body) = req.body().bytes() {
+        let digest = md5::Md5::digest(body);
+        let value = aws_smithy_types::base64::encode(digest.as_slice());
+        req.headers_mut().insert("content-md5", value);
     }
 }
 
@@ -193,6 +209,7 @@ impl S3Store {
             location: opts.location.clone(),
             uploads: Arc::new(Semaphore::new(opts.max_uploads.max(1))),
             downloads: Arc::new(Semaphore::new(opts.max_downloads.max(1))),
+            deletes: Arc::new(Semaphore::new(opts.max_deletes.max(1))),
             timeout: opts.timeout,
         }
     }
@@ -269,6 +286,7 @@ impl ObjectStore for S3Store {
     }
 
     async fn head(&self, key: &str) -> Result<u64, StoreError> {
+        let _permit = self.downloads.acquire().await.map_err(|e| io(key, e))?;
         self.timed(key, async {
             let resp = self
                 .client
@@ -298,6 +316,7 @@ impl ObjectStore for S3Store {
                 .map(|k| ObjectIdentifier::builder().key(self.full_key(k)).build())
                 .collect();
             let result = async {
+                let _permit = self.deletes.acquire().await.map_err(|e| io("", e))?;
                 let delete = Delete::builder()
                     .set_objects(Some(ids.map_err(|e| io("", e))?))
                     .quiet(true)
@@ -308,6 +327,8 @@ impl ObjectStore for S3Store {
                     .delete_objects()
                     .bucket(&self.location.bucket)
                     .delete(delete)
+                    .customize()
+                    .mutate_request(add_content_md5)
                     .send()
                     .await
                     .map_err(|e| sdk_error("", e))?;
@@ -355,6 +376,7 @@ impl ObjectStore for S3Store {
             }
             let resp = self
                 .timed(prefix, async {
+                    let _permit = self.downloads.acquire().await.map_err(|e| io(prefix, e))?;
                     req.send().await.map_err(|e| sdk_error(prefix, e))
                 })
                 .await?;

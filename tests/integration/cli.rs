@@ -232,3 +232,72 @@ fn log_says_unmounted(data: &Path) -> bool {
         .unwrap_or_default()
         .contains("unmounted")
 }
+
+/// A mount serves its numbers, `tidefs status` shows them per session, and a taken port moves
+/// the endpoint to a free one instead of failing the mount.
+#[test]
+fn status_shows_live_store_metrics() {
+    let vol = Volume::new(1024);
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = vec!["mount", &vol.url, dir.path().to_str().unwrap()];
+    args.extend(vol.store_args.iter().map(String::as_str));
+    args.extend(["--metrics", "localhost"]);
+    fails_with(&tidefs(&args), "invalid metrics address");
+    assert!(!is_mounted(dir.path()));
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_addr = taken.local_addr().unwrap().to_string();
+    let mnt = vol.mount_with(&["--metrics", &taken_addr]);
+    let data = vec![7u8; 3 << 20];
+    std::fs::write(mnt.p("f"), &data).unwrap();
+    assert_eq!(std::fs::read(mnt.p("f")).unwrap(), data);
+
+    let out = tidefs(&["status", &vol.url]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let session = &status["sessions"][0];
+    let addr = session["metrics"].as_str().unwrap().to_string();
+    assert!(
+        addr.starts_with("127.0.0.1:") && addr != taken_addr,
+        "{addr}"
+    );
+    let put = &session["stats"]["object_store"]["put"];
+    assert!(put["requests"].as_u64().unwrap() >= 3, "{session}");
+    assert!(put["bytes"].as_u64().unwrap() >= 3 << 20, "{session}");
+    assert_eq!(put["errors"].as_u64(), Some(0), "{session}");
+    assert!(put["p99_ms_at_most"].as_f64().unwrap() > 0.0, "{session}");
+    assert!(
+        session["stats"]["cache"]["capacity_bytes"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let timeout = std::time::Duration::from_secs(5);
+    let text = rt
+        .block_on(tidefs::exporter::fetch(&addr, "/metrics", timeout))
+        .unwrap();
+    let puts: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("tidefs_object_requests_total{method=\"put\"} "))
+        .expect("put counter")
+        .parse()
+        .unwrap();
+    assert!(puts >= 3, "{text}");
+    assert!(
+        text.contains("tidefs_object_request_duration_seconds_bucket{method=\"put\",le=\"+Inf\"}")
+    );
+    assert!(rt
+        .block_on(tidefs::exporter::fetch(&addr, "/nope", timeout))
+        .unwrap_err()
+        .contains("404"));
+    drop(taken);
+    mnt.unmount();
+}
