@@ -10,7 +10,19 @@
 //!
 //! The two directory levels keep listings and local directories small; the block length in the
 //! name lets readers and gc check an object's size without metadata.
+//!
+//! A volume formatted with `--shards N` (N > 1) spreads its blocks over N key prefixes, so that
+//! an S3 bucket can split its request-rate partitions among them:
+//!
+//! ```text
+//! <volume>/chunks/s<shard>/<id / 1_000_000>/<id / 1_000>/<id>_<block index>_<block length>
+//! ```
+//!
+//! where `shard` is a fixed hash of the slice id and block index modulo N ([`shard_of`]), so
+//! the blocks of one file land on every prefix. Every block key still starts with
+//! `<volume>/chunks/`.
 
+use tidefs_meta::Format;
 pub use tidefs_meta::CHUNK_SIZE;
 
 /// Naming and sizing of the blocks of one volume.
@@ -18,15 +30,33 @@ pub use tidefs_meta::CHUNK_SIZE;
 pub struct Layout {
     volume: String,
     block_size: u32,
+    shards: u32,
+}
+
+/// The shard (of `shards`) holding block `index` of slice `id`. Part of the on-disk format:
+/// it must never change.
+pub fn shard_of(id: u64, index: u32, shards: u32) -> u32 {
+    const MIX: u64 = 0x9E37_79B9_7F4A_7C15;
+    let h = (id.wrapping_mul(MIX) ^ index as u64).wrapping_mul(MIX);
+    ((h >> 32) % shards.max(1) as u64) as u32
 }
 
 impl Layout {
-    /// The layout of volume `volume` with blocks of `block_size` bytes.
+    /// The layout of volume `volume` with blocks of `block_size` bytes, on one prefix.
     pub fn new(volume: &str, block_size: u32) -> Self {
         assert!(block_size > 0 && CHUNK_SIZE % block_size as u64 == 0);
         Layout {
             volume: volume.to_string(),
             block_size,
+            shards: 1,
+        }
+    }
+
+    /// The layout a volume was formatted with.
+    pub fn of(format: &Format) -> Self {
+        Layout {
+            shards: format.shards.max(1),
+            ..Layout::new(&format.name, format.block_size)
         }
     }
 
@@ -37,15 +67,13 @@ impl Layout {
 
     /// The key of block `index` (of length `len`) of slice `id`.
     pub fn block_key(&self, id: u64, index: u32, len: u32) -> String {
-        format!(
-            "{}/chunks/{}/{}/{}_{}_{}",
-            self.volume,
-            id / 1_000_000,
-            id / 1_000,
-            id,
-            index,
-            len
-        )
+        let (vol, hi, lo) = (&self.volume, id / 1_000_000, id / 1_000);
+        if self.shards > 1 {
+            let shard = shard_of(id, index, self.shards);
+            format!("{vol}/chunks/s{shard}/{hi}/{lo}/{id}_{index}_{len}")
+        } else {
+            format!("{vol}/chunks/{hi}/{lo}/{id}_{index}_{len}")
+        }
     }
 
     /// Length of block `index` of a slice holding `size` bytes.
@@ -81,6 +109,55 @@ mod tests {
         );
         assert_eq!(l.block_key(7, 0, 4 << 20), "vol/chunks/0/0/7_0_4194304");
         assert!(l.block_key(7, 0, 1).starts_with(&l.prefix()));
+    }
+
+    #[test]
+    fn shards_spread_blocks_and_never_move() {
+        let format = Format {
+            name: "vol".into(),
+            block_size: 4 << 20,
+            shards: 16,
+            ..tidefs_meta::conformance::sample_format()
+        };
+        let l = Layout::of(&format);
+        // Pinned: a change here would lose every sharded volume's data.
+        assert_eq!(
+            l.block_key(1_234_567, 3, 100),
+            format!(
+                "vol/chunks/s{}/1/1234/1234567_3_100",
+                shard_of(1_234_567, 3, 16)
+            )
+        );
+        assert_eq!(
+            [
+                shard_of(1, 0, 16),
+                shard_of(1, 1, 16),
+                shard_of(2, 0, 16),
+                shard_of(1000, 7, 16)
+            ],
+            [2, 9, 5, 8]
+        );
+        // Consecutive slices and the blocks of one slice both spread evenly.
+        let mut per_shard = [0u32; 16];
+        for id in 1..=1000u64 {
+            for index in 0..16 {
+                per_shard[shard_of(id, index, 16) as usize] += 1;
+            }
+        }
+        assert!(
+            per_shard.iter().all(|&n| (800..1200).contains(&n)),
+            "{per_shard:?}"
+        );
+        let one_file: std::collections::HashSet<u32> =
+            (0..16).map(|i| shard_of(42, i, 16)).collect();
+        assert!(one_file.len() >= 8, "{one_file:?}");
+        assert!(l.block_key(9, 0, 1).starts_with(&l.prefix()));
+        // Unsharded volumes keep the original keys.
+        let plain = Layout::of(&Format {
+            shards: 1,
+            ..format
+        });
+        assert_eq!(plain.block_key(7, 0, 1), "vol/chunks/0/0/7_0_1");
     }
 
     #[test]

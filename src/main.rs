@@ -90,6 +90,10 @@ struct FormatArgs {
     /// Inode limit (0: unlimited).
     #[arg(long, default_value_t = 0)]
     inodes: u64,
+    /// Spread block keys over N prefixes (up to 256) to raise the request rate an S3 bucket
+    /// allows; fixed at format (0: one prefix).
+    #[arg(long, default_value_t = 0)]
+    shards: u32,
     #[command(flatten)]
     store: StoreArgs,
 }
@@ -249,6 +253,7 @@ fn format(a: FormatArgs) -> Result<()> {
         trash_days: a.trash_days,
         capacity_gib: a.capacity,
         inodes: a.inodes,
+        shards: a.shards,
     };
     let f = volume::format_volume(&url, &req, &a.store.access()?)?;
     println!("{}", serde_json::to_string_pretty(&f)?);
@@ -284,6 +289,7 @@ fn default_volume() -> Result<String> {
             trash_days: 0,
             capacity_gib: 0,
             inodes: 0,
+            shards: 0,
         };
         volume::format_volume(&parsed, &req, &volume::StoreAccess::default())?;
         tracing::info!(dir = %dir.display(), "formatted the default volume");
@@ -381,7 +387,7 @@ fn mount(a: MountArgs) -> Result<()> {
         metrics: metrics_addr.clone(),
     })?;
 
-    let layout = Layout::new(&format.name, format.block_size);
+    let layout = Layout::of(&format);
     let cache = BlockCache::new(a.cache_size << 20);
     let data = Arc::new(DataCtx::new(
         meta.clone(),
@@ -625,6 +631,7 @@ fn objbench(a: ObjbenchArgs) -> Result<()> {
         trash_days: 0,
         capacity: 0,
         inodes: 0,
+        shards: 0,
     };
     let access = a.store.access()?;
     let rt = tokio::runtime::Builder::new_multi_thread()

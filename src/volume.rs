@@ -55,6 +55,8 @@ pub struct FormatRequest {
     pub capacity_gib: u64,
     /// Inode limit (0: none).
     pub inodes: u64,
+    /// Prefixes to spread block keys over (0: one).
+    pub shards: u32,
 }
 
 /// How to reach a volume's object store: given at format and at each mount, never stored.
@@ -166,6 +168,9 @@ fn absolute(p: &Path) -> PathBuf {
     std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
+/// The most key prefixes a volume's blocks can be spread over.
+pub const MAX_SHARDS: u32 = 256;
+
 /// Builds the format record asked for, checking every setting.
 pub fn build_format(url: &MetaUrl, req: &FormatRequest) -> Result<Format, VolumeError> {
     check_name(&req.name)?;
@@ -173,6 +178,12 @@ pub fn build_format(url: &MetaUrl, req: &FormatRequest) -> Result<Format, Volume
     if !(64..=16384).contains(&bs) || !bs.is_power_of_two() {
         return Err(VolumeError::Invalid(format!(
             "invalid --block-size {bs}: a power of two from 64 to 16384 (KiB)"
+        )));
+    }
+    if req.shards > MAX_SHARDS {
+        return Err(VolumeError::Invalid(format!(
+            "invalid --shards {}: at most {MAX_SHARDS}",
+            req.shards
         )));
     }
     if req.trash_days > 0 {
@@ -216,6 +227,7 @@ pub fn build_format(url: &MetaUrl, req: &FormatRequest) -> Result<Format, Volume
         trash_days: req.trash_days,
         capacity: req.capacity_gib << 30,
         inodes: req.inodes,
+        shards: req.shards,
     })
 }
 
@@ -521,6 +533,7 @@ mod tests {
             trash_days: 0,
             capacity_gib: 0,
             inodes: 0,
+            shards: 0,
         };
         let f = build_format(&url, &req).unwrap();
         assert_eq!(
@@ -533,6 +546,13 @@ mod tests {
             .to_string()
             .contains("power of two"));
         req.block_size_kib = 1024;
+        req.shards = 257;
+        assert!(build_format(&url, &req)
+            .unwrap_err()
+            .to_string()
+            .contains("--shards"));
+        req.shards = 16;
+        assert_eq!(build_format(&url, &req).unwrap().shards, 16);
         req.storage = "ftp".into();
         assert!(build_format(&url, &req)
             .unwrap_err()

@@ -145,7 +145,7 @@ fn bucket_holds_exactly_the_referenced_objects() {
     meta.format(&format, 0, 0).unwrap();
     let meta: Arc<dyn Meta> = Arc::new(meta);
     let (store, metrics) = rt.block_on(volume::open_store(&format, &access())).unwrap();
-    let layout = Layout::new(&format.name, format.block_size);
+    let layout = Layout::of(&format);
     let sid = meta
         .new_session(&tidefs_meta::conformance::sample_session())
         .unwrap();

@@ -46,6 +46,7 @@ pub fn sample_format() -> Format {
         trash_days: 0,
         capacity: 0,
         inodes: 0,
+        shards: 0,
     }
 }
 

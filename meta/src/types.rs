@@ -343,6 +343,9 @@ pub struct Format {
     pub capacity: u64,
     /// Inode limit (0: unlimited). Changeable.
     pub inodes: u64,
+    /// Block keys are spread over this many prefixes (0 or 1: one prefix).
+    #[serde(default)]
+    pub shards: u32,
 }
 
 impl Format {
@@ -352,5 +355,6 @@ impl Format {
             && self.storage == other.storage
             && self.bucket == other.bucket
             && self.block_size == other.block_size
+            && self.shards.max(1) == other.shards.max(1)
     }
 }

@@ -236,6 +236,43 @@ fn removing_files_frees_their_objects() {
 }
 
 /// Data written and closed is there after an unmount and a new mount; fsync'd data too.
+/// A volume formatted with `--shards` spreads one file's blocks over the prefixes, reads them
+/// back after a remount, and frees them all.
+#[test]
+fn sharded_volume_spreads_reads_and_frees_blocks() {
+    let vol = Volume::formatted_with(64, &["--shards", "4"]);
+    let mut data = vec![0u8; 1 << 20];
+    rand::thread_rng().fill_bytes(&mut data);
+    {
+        let mnt = vol.mount();
+        std::fs::write(mnt.p("f"), &data).unwrap();
+        mnt.unmount();
+    }
+    let objects = vol.objects();
+    assert_eq!(objects.len(), 16, "{objects:?}");
+    let shards: std::collections::BTreeSet<&str> = objects
+        .iter()
+        .map(|k| {
+            let shard = k.strip_prefix("itest/chunks/").expect(k).split('/').next();
+            shard.filter(|s| s.starts_with('s')).expect(k)
+        })
+        .collect();
+    assert_eq!(shards.len(), 4, "{shards:?}");
+    let mnt = vol.mount();
+    assert_same(&read_all(&mnt.p("f")), &data, "sharded file");
+    std::fs::remove_file(mnt.p("f")).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !vol.objects().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "objects not deleted: {:?}",
+            vol.objects()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    mnt.unmount();
+}
+
 #[test]
 fn data_survives_remount() {
     let vol = Volume::new(4096);

@@ -31,15 +31,20 @@ pub struct Volume {
 impl Volume {
     /// A new volume with blocks of `block_kib` KiB, on the storage this run tests.
     pub fn new(block_kib: u32) -> Volume {
-        Volume::with_storage(block_kib, s3_storage())
+        Volume::with_storage(block_kib, s3_storage(), &[])
+    }
+
+    /// A new volume formatted with extra `tidefs format` options.
+    pub fn formatted_with(block_kib: u32, extra: &[&str]) -> Volume {
+        Volume::with_storage(block_kib, s3_storage(), extra)
     }
 
     /// A new volume whose objects are in a local directory, whatever this run tests.
     pub fn local(block_kib: u32) -> Volume {
-        Volume::with_storage(block_kib, false)
+        Volume::with_storage(block_kib, false, &[])
     }
 
-    fn with_storage(block_kib: u32, s3: bool) -> Volume {
+    fn with_storage(block_kib: u32, s3: bool, extra: &[&str]) -> Volume {
         let dir = tempfile::Builder::new()
             .prefix("tidefs-it.")
             .tempdir()
@@ -69,6 +74,7 @@ impl Volume {
             (bucket, args, Vec::new())
         };
         args.extend(["--block-size".to_string(), block_kib.to_string()]);
+        args.extend(extra.iter().map(|a| a.to_string()));
         let mut all = vec!["format".to_string(), url.clone(), "itest".into()];
         all.extend(args);
         let all: Vec<&str> = all.iter().map(String::as_str).collect();
