@@ -17,6 +17,7 @@ pub mod layout;
 pub mod objbench;
 pub mod object;
 pub mod perm;
+pub mod secret;
 pub mod slices;
 pub mod vfs;
 pub mod volume;

@@ -94,11 +94,15 @@ struct FormatArgs {
     /// allows; fixed at format (0: one prefix).
     #[arg(long, default_value_t = 0)]
     shards: u32,
+    /// Keep the access key and the secret key (sealed, never in clear) in the volume, so that
+    /// mounts need no keys; whoever can read the metadata can then reach the bucket.
+    #[arg(long)]
+    store_secret: bool,
     #[command(flatten)]
     store: StoreArgs,
 }
 
-/// How to reach the object store (never stored in metadata).
+/// How to reach the object store (stored in the volume only with `format --store-secret`).
 #[derive(Args)]
 struct StoreArgs {
     /// Access key of the object store (default: the AWS credential chain).
@@ -254,9 +258,13 @@ fn format(a: FormatArgs) -> Result<()> {
         capacity_gib: a.capacity,
         inodes: a.inodes,
         shards: a.shards,
+        store_secret: a.store_secret,
     };
     let f = volume::format_volume(&url, &req, &a.store.access()?)?;
-    println!("{}", serde_json::to_string_pretty(&f)?);
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&volume::display_format(&f))?
+    );
     Ok(())
 }
 
@@ -290,6 +298,7 @@ fn default_volume() -> Result<String> {
             capacity_gib: 0,
             inodes: 0,
             shards: 0,
+            store_secret: false,
         };
         volume::format_volume(&parsed, &req, &volume::StoreAccess::default())?;
         tracing::info!(dir = %dir.display(), "formatted the default volume");
@@ -582,7 +591,7 @@ fn status(a: StatusArgs) -> Result<()> {
         })
         .collect();
     let out = serde_json::json!({
-        "setting": format,
+        "setting": volume::display_format(&format),
         "engine": meta.engine(),
         "usage": { "space_bytes": usage.space, "inodes": usage.inodes },
         "sessions": sessions,
@@ -632,6 +641,8 @@ fn objbench(a: ObjbenchArgs) -> Result<()> {
         capacity: 0,
         inodes: 0,
         shards: 0,
+        access_key: String::new(),
+        secret_key: String::new(),
     };
     let access = a.store.access()?;
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -57,6 +57,8 @@ pub struct FormatRequest {
     pub inodes: u64,
     /// Prefixes to spread block keys over (0: one).
     pub shards: u32,
+    /// Keep the access key and the sealed secret key in the volume, so mounts need no keys.
+    pub store_secret: bool,
 }
 
 /// How to reach a volume's object store: given at format and at each mount, never stored.
@@ -228,6 +230,8 @@ pub fn build_format(url: &MetaUrl, req: &FormatRequest) -> Result<Format, Volume
         capacity: req.capacity_gib << 30,
         inodes: req.inodes,
         shards: req.shards,
+        access_key: String::new(),
+        secret_key: String::new(),
     })
 }
 
@@ -252,7 +256,12 @@ pub fn format_volume(
     req: &FormatRequest,
     access: &StoreAccess,
 ) -> Result<Format, VolumeError> {
-    let format = build_format(url, req)?;
+    let mut format = build_format(url, req)?;
+    if req.store_secret && access.credentials.is_none() {
+        return Err(VolumeError::Invalid(
+            "--store-secret needs --access-key and --secret-key".into(),
+        ));
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -273,9 +282,44 @@ pub fn format_volume(
         }
     }
     let meta = tidefs_meta::open(url, true)?;
+    if req.store_secret {
+        // Sealed for the UUID the volume keeps: the existing one when formatting again.
+        match meta.load_format() {
+            Ok(existing) => format.uuid = existing.uuid,
+            Err(MetaError::NotFormatted) => {}
+            Err(e) => return Err(e.into()),
+        }
+        if let Some((ak, sk)) = &access.credentials {
+            format.access_key = ak.clone();
+            format.secret_key = crate::secret::seal(&format.uuid, &format.name, sk);
+        }
+    }
     let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
     meta.format(&format, uid, gid)?;
     Ok(meta.load_format()?)
+}
+
+/// A format record as shown to users: a stored secret key is replaced by a note saying so.
+pub fn display_format(format: &Format) -> serde_json::Value {
+    let mut v = serde_json::to_value(format).expect("formats serialize");
+    if !format.secret_key.is_empty() {
+        v["secret_key"] = "stored in the volume, sealed (not shown)".into();
+    }
+    v
+}
+
+/// The credentials a mount uses: those given, else those stored in the volume, else none
+/// (the AWS credential chain).
+pub fn effective_credentials(
+    format: &Format,
+    access: &StoreAccess,
+) -> Result<Option<(String, String)>, VolumeError> {
+    if access.credentials.is_some() || format.secret_key.is_empty() {
+        return Ok(access.credentials.clone());
+    }
+    let secret = crate::secret::open(&format.uuid, &format.name, &format.secret_key)
+        .map_err(|e| VolumeError::Invalid(e.to_string()))?;
+    Ok(Some((format.access_key.clone(), secret)))
 }
 
 /// Writes, reads back and deletes a probe object, explaining what failed.
@@ -327,7 +371,7 @@ async fn open_instrumented(
             let opts = S3Options {
                 location,
                 region: access.region.clone(),
-                credentials: access.credentials.clone(),
+                credentials: effective_credentials(format, access)?,
                 max_uploads: access.max_uploads,
                 max_downloads: access.max_downloads,
                 max_deletes: access.max_deletes,
@@ -534,6 +578,7 @@ mod tests {
             capacity_gib: 0,
             inodes: 0,
             shards: 0,
+            store_secret: false,
         };
         let f = build_format(&url, &req).unwrap();
         assert_eq!(

@@ -333,3 +333,70 @@ fn batch_deletes_carry_content_md5() {
     let expected = aws_smithy_types::base64::encode(md5::Md5::digest(&body).as_slice());
     assert_eq!(sent, expected.to_lowercase());
 }
+
+/// `format --store-secret` keeps the keys in the volume, sealed: neither the database nor
+/// `format`/`status` output holds the secret in clear, and a mount given no keys uses them.
+#[test]
+fn stored_secret_is_sealed_hidden_and_used() {
+    let server = harness::s3_server();
+    let (bucket_url, bucket_dir) = server.new_bucket();
+    let dir = tempfile::tempdir().unwrap();
+    let meta_url = format!("sqlite3://{}", dir.path().join("meta.db").display());
+    let base = [
+        "format",
+        &meta_url,
+        "vol",
+        "--storage",
+        "s3",
+        "--bucket",
+        &bucket_url,
+        "--store-secret",
+    ];
+    let out = harness::tidefs(&base);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--store-secret needs --access-key"), "{err}");
+
+    let creds = server.credentials();
+    let mut args: Vec<&str> = base.to_vec();
+    args.extend(creds.iter().map(String::as_str));
+    let secret = harness::S3_KEYS.1;
+    for out in [
+        harness::tidefs(&args),
+        harness::tidefs(&["status", &meta_url]),
+    ] {
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!text.contains(secret), "{text}");
+        assert!(text.contains("sealed (not shown)"), "{text}");
+        assert!(
+            text.contains(harness::S3_KEYS.0),
+            "the access key is shown: {text}"
+        );
+    }
+    for file in ["meta.db", "meta.db-wal"] {
+        if let Ok(bytes) = std::fs::read(dir.path().join(file)) {
+            assert!(
+                !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                "{file} holds the secret in clear"
+            );
+        }
+    }
+
+    let mp = dir.path().join("mnt");
+    std::fs::create_dir(&mp).unwrap();
+    let mnt = harness::Mount::start(&meta_url, &mp, &[], dir.path().join("mount.log"));
+    std::fs::write(mnt.p("f"), vec![5u8; 100_000]).unwrap();
+    assert_eq!(std::fs::read(mnt.p("f")).unwrap(), vec![5u8; 100_000]);
+    mnt.unmount();
+    assert!(
+        walkdir(&bucket_dir)
+            .iter()
+            .any(|p| p.to_string_lossy().contains("/chunks/")),
+        "blocks reached the bucket with the stored keys"
+    );
+}

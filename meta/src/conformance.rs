@@ -47,6 +47,8 @@ pub fn sample_format() -> Format {
         capacity: 0,
         inodes: 0,
         shards: 0,
+        access_key: String::new(),
+        secret_key: String::new(),
     }
 }
 
@@ -116,6 +118,25 @@ pub fn format_and_root(m: &dyn Meta) {
     file(m, ROOT_INO, "kept");
     m.format(&sample_format(), 0, 0).unwrap();
     m.lookup(ROOT_INO, b"kept").unwrap();
+    // The changeable settings take the new values; the rest stays as formatted.
+    let changed = Format {
+        uuid: "11111111-1111-4111-8111-111111111111".into(),
+        capacity: 1 << 40,
+        inodes: 1000,
+        access_key: "AK".into(),
+        secret_key: "sealed-v1:xyz".into(),
+        ..sample_format()
+    };
+    m.format(&changed, 0, 0).unwrap();
+    let now = m.load_format().unwrap();
+    assert_eq!(now.uuid, sample_format().uuid);
+    assert_eq!((now.capacity, now.inodes), (1 << 40, 1000));
+    assert_eq!(
+        (now.access_key.as_str(), now.secret_key.as_str()),
+        ("AK", "sealed-v1:xyz")
+    );
+    m.format(&sample_format(), 0, 0).unwrap();
+    assert_eq!(m.load_format().unwrap(), sample_format());
 }
 
 /// Formatting over a volume with another layout fails and changes nothing.

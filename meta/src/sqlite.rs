@@ -451,6 +451,8 @@ impl Meta for SqliteMeta {
                 updated.trash_days = format.trash_days;
                 updated.capacity = format.capacity;
                 updated.inodes = format.inodes;
+                updated.access_key = format.access_key.clone();
+                updated.secret_key = format.secret_key.clone();
                 let json = serde_json::to_string(&updated).expect("format serializes");
                 tx.execute("UPDATE setting SET value = ?1 WHERE name = 'format'", [json])?;
                 return Ok(());

@@ -346,6 +346,13 @@ pub struct Format {
     /// Block keys are spread over this many prefixes (0 or 1: one prefix).
     #[serde(default)]
     pub shards: u32,
+    /// Access key of the object store, kept only when the user asked to store it. Changeable.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub access_key: String,
+    /// Secret key of the object store, sealed (never in clear), kept only when the user asked
+    /// to store it. Changeable.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub secret_key: String,
 }
 
 impl Format {
