@@ -90,6 +90,20 @@ impl Layout {
             .collect()
     }
 
+    /// The (slice id, block index, block length) that a block key of this volume names; None
+    /// for any other key.
+    pub fn parse_key(&self, key: &str) -> Option<(u64, u32, u32)> {
+        let name = key.strip_prefix(&self.prefix())?.rsplit('/').next()?;
+        let mut parts = name.split('_');
+        let id = parts.next()?.parse().ok()?;
+        let index = parts.next()?.parse().ok()?;
+        let len = parts.next()?.parse().ok()?;
+        if parts.next().is_some() {
+            return None;
+        }
+        (self.block_key(id, index, len) == key).then_some((id, index, len))
+    }
+
     /// The prefix of every block key of this volume.
     pub fn prefix(&self) -> String {
         format!("{}/chunks/", self.volume)
@@ -172,6 +186,28 @@ mod tests {
             ]
         );
         assert_eq!(l.slice_keys(5, 2048).len(), 2);
+        assert_eq!(l.parse_key("v/chunks/0/0/5_2_452"), Some((5, 2, 452)));
+        for foreign in [
+            "v/chunks/0/0/5_2",
+            "v/chunks/0/0/5_2_452_1",
+            "v/chunks/0/9/5_2_452",
+            "v/chunks/0/0/x_2_452",
+            "w/chunks/0/0/5_2_452",
+            "v/.probe-1",
+        ] {
+            assert_eq!(l.parse_key(foreign), None, "{foreign}");
+        }
+        let sharded = Layout {
+            shards: 8,
+            ..l.clone()
+        };
+        let key = sharded.block_key(123_456, 1, 1024);
+        assert_eq!(sharded.parse_key(&key), Some((123_456, 1, 1024)));
+        assert_eq!(
+            l.parse_key(&key),
+            None,
+            "a sharded key is foreign to an unsharded layout"
+        );
         assert!(l.slice_keys(5, 0).is_empty());
         assert_eq!(l.block_len(2500, 2), 452);
     }

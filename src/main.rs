@@ -41,6 +41,36 @@ enum Command {
     Status(StatusArgs),
     /// Measure an object store (PUT, GET, batched DELETE) before putting a volume on it.
     Objbench(ObjbenchArgs),
+    /// Find objects in the bucket that no metadata references; --delete removes them.
+    Gc(GcArgs),
+    /// Check the namespace and that every referenced block is in the bucket; --repair fixes
+    /// what can be fixed without losing data.
+    Fsck(FsckArgs),
+}
+
+#[derive(Args)]
+struct GcArgs {
+    /// Metadata engine URL (default: the default volume).
+    meta_url: Option<String>,
+    /// Delete leaked objects, and the objects of freed slices still queued for deletion.
+    #[arg(long)]
+    delete: bool,
+    /// Leave unreferenced objects younger than this many seconds (uploads not committed yet).
+    #[arg(long, default_value_t = 3600)]
+    grace: u64,
+    #[command(flatten)]
+    store: StoreArgs,
+}
+
+#[derive(Args)]
+struct FsckArgs {
+    /// Metadata engine URL (default: the default volume).
+    meta_url: Option<String>,
+    /// Fix the problems whose fix loses nothing.
+    #[arg(long)]
+    repair: bool,
+    #[command(flatten)]
+    store: StoreArgs,
 }
 
 #[derive(Args)]
@@ -236,6 +266,8 @@ fn main() {
         Command::Umount(a) => umount(a),
         Command::Status(a) => status(a),
         Command::Objbench(a) => objbench(a),
+        Command::Gc(a) => gc(a),
+        Command::Fsck(a) => fsck(a),
     };
     if let Err(e) = result {
         eprintln!("tidefs: error: {e:#}");
@@ -566,11 +598,93 @@ fn umount(a: UmountArgs) -> Result<()> {
     Ok(())
 }
 
-fn status(a: StatusArgs) -> Result<()> {
-    let url = match a.meta_url {
-        Some(u) => u,
-        None => volume::default_meta_url(&volume::default_data_dir()),
+/// The given META_URL, or the default volume's.
+fn meta_url_or_default(url: Option<String>) -> String {
+    url.unwrap_or_else(|| volume::default_meta_url(&volume::default_data_dir()))
+}
+
+/// A spinner on stderr showing a scan's progress (hidden when stderr is not a terminal).
+fn spinner() -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.enable_steady_tick(Duration::from_millis(120));
+    bar
+}
+
+fn gc(a: GcArgs) -> Result<()> {
+    let (meta, format) = volume::open_meta(&parse_url(&meta_url_or_default(a.meta_url))?)?;
+    let access = a.store.access()?;
+    let opts = tidefs::gc::GcOptions {
+        delete: a.delete,
+        grace: Duration::from_secs(a.grace),
     };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start a runtime")?;
+    let bar = spinner();
+    let report = rt.block_on(async {
+        let (store, _) = volume::open_store(&format, &access).await?;
+        let mut show = |r: &tidefs::gc::GcReport| {
+            bar.set_message(format!(
+                "{} objects scanned, {} leaked, {} deleted",
+                r.objects, r.leaked, r.deleted
+            ))
+        };
+        tidefs::gc::gc(&*meta, &*store, &Layout::of(&format), &opts, &mut show)
+            .await
+            .map_err(anyhow::Error::from)
+    })?;
+    bar.finish_and_clear();
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    if report.leaked > 0 && !a.delete {
+        eprintln!(
+            "tidefs: {} leaked objects ({} bytes); run again with --delete to remove them",
+            report.leaked, report.leaked_bytes
+        );
+    }
+    if report.delete_failures > 0 {
+        bail!("{} deletes failed; run gc again", report.delete_failures);
+    }
+    Ok(())
+}
+
+fn fsck(a: FsckArgs) -> Result<()> {
+    let (meta, format) = volume::open_meta(&parse_url(&meta_url_or_default(a.meta_url))?)?;
+    let access = a.store.access()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start a runtime")?;
+    let bar = spinner();
+    let report = rt.block_on(async {
+        let (store, _) = volume::open_store(&format, &access).await?;
+        let mut show = |r: &tidefs::fsck::FsckReport| {
+            bar.set_message(format!(
+                "{} objects listed, {} slices checked, {} blocks missing",
+                r.objects,
+                r.slices,
+                r.missing.len()
+            ))
+        };
+        tidefs::fsck::fsck(&*meta, &*store, &Layout::of(&format), a.repair, &mut show)
+            .await
+            .map_err(anyhow::Error::from)
+    })?;
+    bar.finish_and_clear();
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    if report.is_broken() {
+        bail!(
+            "{} namespace problems left, {} blocks missing, {} blocks of the wrong size",
+            report.namespace_unrepaired,
+            report.missing.len(),
+            report.wrong_size.len()
+        );
+    }
+    Ok(())
+}
+
+fn status(a: StatusArgs) -> Result<()> {
+    let url = meta_url_or_default(a.meta_url);
     let (meta, format) = volume::open_meta(&parse_url(&url)?)?;
     let usage = meta.usage()?;
     let sessions = meta.sessions()?;

@@ -18,7 +18,8 @@ macro_rules! meta_conformance_tests {
             hard_links, link_limit, symlinks, rename_simple_and_replace, rename_flags, rename_directories,
             rename_into_own_subtree_fails, setattr_and_times, setgid_directories, xattrs,
             slices_and_length, truncate_clips_slices, fallocate_modes, readdir_cookies_are_stable,
-            sessions_free_kept_files, slice_ids_are_unique, usage_counts, limits_are_enforced);
+            sessions_free_kept_files, slice_ids_are_unique, usage_counts, limits_are_enforced,
+            referenced_slices_page_in_id_order, namespace_check_passes_after_every_kind_of_change);
     };
     (@each $make:expr; $($name:ident),*) => {
         $(
@@ -797,4 +798,80 @@ pub fn limits_are_enforced(m: &dyn Meta) {
         err(m.mknod(ROOT_INO, b"c", &node(FileKind::File, 0o644))),
         libc::ENOSPC
     );
+}
+
+/// Referenced slices come once each, in id order, without zero slices, and leave when freed.
+pub fn referenced_slices_page_in_id_order(m: &dyn Meta) {
+    formatted(m);
+    let a = file(m, ROOT_INO, "a");
+    let b = file(m, ROOT_INO, "b");
+    let first = m.next_slice_ids(5).unwrap();
+    let commit = |ino, chunk, slice| {
+        m.write_slices(ino, &[ChunkSlice { chunk, slice }], Timestamp::now())
+            .unwrap();
+    };
+    commit(b.ino, 0, data_slice(first + 3, 0, 10));
+    commit(a.ino, 0, data_slice(first, 0, 100));
+    commit(a.ino, 1, data_slice(first + 1, 0, 200));
+    let mut zero = data_slice(first + 2, 50, 10);
+    zero.size = 0;
+    commit(a.ino, 0, zero);
+    let all = m.referenced_slices(0, 100).unwrap();
+    assert_eq!(
+        all,
+        vec![
+            SliceRef {
+                id: first,
+                size: 100,
+                ino: a.ino
+            },
+            SliceRef {
+                id: first + 1,
+                size: 200,
+                ino: a.ino
+            },
+            SliceRef {
+                id: first + 3,
+                size: 10,
+                ino: b.ino
+            },
+        ]
+    );
+    assert_eq!(m.referenced_slices(first, 1).unwrap(), all[1..2]);
+    assert!(m.referenced_slices(first + 3, 100).unwrap().is_empty());
+    m.unlink(ROOT_INO, b"a", 1, &closed).unwrap();
+    assert_eq!(m.referenced_slices(0, 100).unwrap(), all[2..]);
+}
+
+/// A namespace shaped by every kind of operation passes the check, which changes nothing.
+pub fn namespace_check_passes_after_every_kind_of_change(m: &dyn Meta) {
+    formatted(m);
+    assert_eq!(m.check_namespace(false).unwrap(), vec![]);
+    let none = RenameFlags::default();
+    let d = dir(m, ROOT_INO, "d");
+    let sub = dir(m, d.ino, "sub");
+    let f = file(m, sub.ino, "f");
+    m.link(f.ino, ROOT_INO, b"f2").unwrap();
+    let id = m.next_slice_ids(1).unwrap();
+    m.write_slices(
+        f.ino,
+        &[ChunkSlice {
+            chunk: 0,
+            slice: data_slice(id, 0, 5000),
+        }],
+        Timestamp::now(),
+    )
+    .unwrap();
+    m.rename(d.ino, b"sub", ROOT_INO, b"moved", none, 1, &closed)
+        .unwrap();
+    let g = file(m, ROOT_INO, "g");
+    let sid = m.new_session(&sample_session()).unwrap();
+    m.unlink(ROOT_INO, b"g", sid, &|ino| ino == g.ino).unwrap();
+    m.truncate(f.ino, 10, Timestamp::now()).unwrap();
+    m.rmdir(ROOT_INO, b"d").unwrap();
+    let before = m.usage().unwrap();
+    assert_eq!(m.check_namespace(false).unwrap(), vec![]);
+    assert_eq!(m.check_namespace(true).unwrap(), vec![]);
+    assert_eq!(m.usage().unwrap(), before);
+    assert_eq!(m.getattr(g.ino).unwrap().nlink, 0, "still held open");
 }

@@ -122,6 +122,14 @@ pub trait Meta: Send + Sync {
     fn pending_deletions(&self, after: u64, limit: usize) -> Result<Vec<FreedSlice>>;
     /// Forgets freed slices whose objects are now deleted.
     fn ack_deletions(&self, ids: &[u64]) -> Result<()>;
+    /// Up to `limit` slices with data (zero slices have none) that files reference, with ids
+    /// above `after`, each once, in id order.
+    fn referenced_slices(&self, after: u64, limit: usize) -> Result<Vec<SliceRef>>;
+    /// Checks that link counts, directory parents and sizes, entries, open-but-unlinked inodes
+    /// and the usage and id counters agree. With `repair` it also fixes every problem whose
+    /// fix loses nothing (each [`Problem`] says whether it was fixed). Safe on a mounted
+    /// volume: each operation of a mount is one transaction, and so is the check.
+    fn check_namespace(&self, repair: bool) -> Result<Vec<Problem>>;
 
     /// Makes every committed operation durable against power loss, not only process crashes.
     fn sync(&self) -> Result<()>;

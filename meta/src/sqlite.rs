@@ -42,6 +42,7 @@ CREATE TABLE IF NOT EXISTS session (
 CREATE TABLE IF NOT EXISTS sustained (
     sid INTEGER NOT NULL, ino INTEGER NOT NULL, PRIMARY KEY (sid, ino)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS deleted_slice (id INTEGER PRIMARY KEY, size INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS slice_by_id ON slice (id);
 ";
 
 const NODE_COLUMNS: &str =
@@ -323,7 +324,232 @@ fn upgrade(conn: &Connection) -> Result<()> {
     if !session_columns.is_empty() && !session_columns.iter().any(|c| c == "metrics") {
         conn.execute_batch("ALTER TABLE session ADD COLUMN metrics TEXT NOT NULL DEFAULT ''")?;
     }
+    let has_slices: bool = conn
+        .query_row(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'slice'",
+            [],
+            |_| Ok(()),
+        )
+        .optional()?
+        .is_some();
+    if has_slices {
+        conn.execute_batch("CREATE INDEX IF NOT EXISTS slice_by_id ON slice (id)")?;
+    }
     Ok(())
+}
+
+/// The checks of [`Meta::check_namespace`], in one transaction.
+fn check_namespace(tx: &Connection, repair: bool) -> Result<Vec<Problem>> {
+    let dir = FileKind::Dir.code() as i64;
+    let mut problems = Vec::new();
+    let mut note = |what: String, fix: Option<&str>| {
+        problems.push(Problem {
+            what,
+            fix: fix.map(str::to_string),
+            repaired: repair && fix.is_some(),
+        })
+    };
+
+    // Entries naming no inode.
+    let dangling: Vec<(i64, Vec<u8>, i64)> = tx
+        .prepare(
+            "SELECT e.parent, e.name, e.ino FROM edge e LEFT JOIN node n ON n.ino = e.ino
+             WHERE n.ino IS NULL",
+        )?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    for (parent, name, ino) in dangling {
+        if repair {
+            remove_edge(tx, parent as Ino, &name)?;
+        }
+        let name = String::from_utf8_lossy(&name);
+        note(
+            format!("entry {name:?} in directory {parent} names missing inode {ino}"),
+            Some("remove the entry"),
+        );
+    }
+    // Entries in something that is not a directory: the child is reported, not moved.
+    let misplaced: Vec<(i64, Vec<u8>)> = tx
+        .prepare(
+            "SELECT e.parent, e.name FROM edge e LEFT JOIN node p ON p.ino = e.parent
+             WHERE p.ino IS NULL OR p.kind != ?1",
+        )?
+        .query_map([dir], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    for (parent, name) in misplaced {
+        let name = String::from_utf8_lossy(&name);
+        note(
+            format!("entry {name:?} is in {parent}, which is not a directory"),
+            None,
+        );
+    }
+    // Link counts of everything but directories: one per entry; 0 only while held open.
+    let counts: Vec<(i64, i64, i64, bool)> = tx
+        .prepare(
+            "SELECT n.ino, n.nlink,
+                    (SELECT COUNT(*) FROM edge e WHERE e.ino = n.ino),
+                    EXISTS (SELECT 1 FROM sustained s WHERE s.ino = n.ino)
+             FROM node n WHERE n.kind != ?1",
+        )?
+        .query_map([dir], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    for (ino, nlink, names, held) in counts {
+        if nlink == names {
+            if names == 0 && !held {
+                if repair {
+                    free_if_orphan(tx, ino as Ino)?;
+                }
+                note(
+                    format!("inode {ino} has no name and is not open"),
+                    Some("free it"),
+                );
+            }
+            continue;
+        }
+        if names == 0 && !held {
+            note(
+                format!("inode {ino} has link count {nlink} but no name: unreachable"),
+                None,
+            );
+            continue;
+        }
+        if repair {
+            tx.execute("UPDATE node SET nlink = ?2 WHERE ino = ?1", [ino, names])?;
+        }
+        note(
+            format!("inode {ino} has link count {nlink}, but {names} entries name it"),
+            Some("set the link count"),
+        );
+    }
+    // Directories: one name (the root none), parent = the directory naming it, link count 2 +
+    // subdirectories, size 4096.
+    /// ino, nlink, parent, length, names, first directory naming it, subdirectories.
+    type DirRow = (i64, i64, i64, i64, i64, Option<i64>, i64);
+    let dirs: Vec<DirRow> = tx
+        .prepare(
+            "SELECT n.ino, n.nlink, n.parent, n.length,
+                    (SELECT COUNT(*) FROM edge e WHERE e.ino = n.ino),
+                    (SELECT MIN(e.parent) FROM edge e WHERE e.ino = n.ino),
+                    (SELECT COUNT(*) FROM edge e WHERE e.parent = n.ino AND e.kind = ?1)
+             FROM node n WHERE n.kind = ?1",
+        )?
+        .query_map([dir], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+                r.get(6)?,
+            ))
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    for (ino, nlink, parent, length, names, named_in, subdirs) in dirs {
+        let root = ino as Ino == ROOT_INO;
+        let expected_parent = if root { Some(ino) } else { named_in };
+        if !root && names != 1 {
+            note(
+                format!("directory {ino} has {names} names (expected 1)"),
+                None,
+            );
+        }
+        if let Some(p) = expected_parent.filter(|&p| p != parent) {
+            if repair {
+                tx.execute("UPDATE node SET parent = ?2 WHERE ino = ?1", [ino, p])?;
+            }
+            note(
+                format!("directory {ino} records parent {parent} but is in {p}"),
+                Some("set the parent"),
+            );
+        }
+        if nlink != 2 + subdirs {
+            if repair {
+                tx.execute(
+                    "UPDATE node SET nlink = ?2 WHERE ino = ?1",
+                    [ino, 2 + subdirs],
+                )?;
+            }
+            note(
+                format!(
+                    "directory {ino} has link count {nlink}, expected {}",
+                    2 + subdirs
+                ),
+                Some("set the link count"),
+            );
+        }
+        if length != 4096 {
+            if repair {
+                tx.execute("UPDATE node SET length = 4096 WHERE ino = ?1", [ino])?;
+            }
+            note(
+                format!("directory {ino} has size {length}, expected 4096"),
+                Some("set the size"),
+            );
+        }
+    }
+    // Inodes held open by sessions that no longer exist.
+    let stale: Vec<(i64, i64)> = tx
+        .prepare(
+            "SELECT s.sid, s.ino FROM sustained s LEFT JOIN session x ON x.sid = s.sid
+             WHERE x.sid IS NULL",
+        )?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    for (sid, ino) in stale {
+        if repair {
+            tx.execute(
+                "DELETE FROM sustained WHERE sid = ?1 AND ino = ?2",
+                [sid, ino],
+            )?;
+            free_if_orphan(tx, ino as Ino)?;
+        }
+        note(
+            format!("inode {ino} is held open by session {sid}, which is gone"),
+            Some("release it"),
+        );
+    }
+    // Usage counters.
+    let file = FileKind::File.code() as i64;
+    let (inodes, space): (i64, i64) = tx.query_row(
+        "SELECT COUNT(*), COALESCE(SUM(CASE WHEN kind = ?1 THEN (length + 4095) / 4096 * 4096
+                                            ELSE 0 END), 0) FROM node",
+        [file],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    for (name, actual) in [("used_inodes", inodes), ("used_space", space)] {
+        let recorded = counter(tx, name)?;
+        if recorded != actual {
+            if repair {
+                bump_counter(tx, name, actual - recorded)?;
+            }
+            note(
+                format!("counter {name} is {recorded}, actual {actual}"),
+                Some("set the counter"),
+            );
+        }
+    }
+    // Id counters must stay above every id in use, or ids would be handed out twice.
+    let max_ino: i64 = tx.query_row("SELECT COALESCE(MAX(ino), 0) FROM node", [], |r| r.get(0))?;
+    let max_slice: i64 = tx.query_row(
+        "SELECT MAX(COALESCE((SELECT MAX(id) FROM slice), 0),
+                    COALESCE((SELECT MAX(id) FROM deleted_slice), 0))",
+        [],
+        |r| r.get(0),
+    )?;
+    for (name, max) in [("next_ino", max_ino), ("next_slice", max_slice)] {
+        let next = counter(tx, name)?;
+        if next <= max {
+            if repair {
+                bump_counter(tx, name, max + 1 - next)?;
+            }
+            note(
+                format!("counter {name} is {next} but {max} is in use"),
+                Some("raise the counter"),
+            );
+        }
+    }
+    Ok(problems)
 }
 
 impl SqliteMeta {
@@ -1206,6 +1432,33 @@ impl Meta for SqliteMeta {
                 .collect::<rusqlite::Result<_>>()?;
             Ok(rows)
         })
+    }
+
+    fn referenced_slices(&self, after: u64, limit: usize) -> Result<Vec<SliceRef>> {
+        self.read(|tx| {
+            let rows = tx
+                .prepare_cached(
+                    "SELECT id, size, MIN(ino) FROM slice WHERE id > ?1 AND size > 0
+                     GROUP BY id ORDER BY id LIMIT ?2",
+                )?
+                .query_map(params![after as i64, limit as i64], |r| {
+                    Ok(SliceRef {
+                        id: r.get::<_, i64>(0)? as u64,
+                        size: r.get(1)?,
+                        ino: r.get::<_, i64>(2)? as u64,
+                    })
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn check_namespace(&self, repair: bool) -> Result<Vec<Problem>> {
+        if repair {
+            self.write(|tx| check_namespace(tx, true))
+        } else {
+            self.read(|tx| check_namespace(tx, false))
+        }
     }
 
     fn ack_deletions(&self, ids: &[u64]) -> Result<()> {

@@ -243,6 +243,38 @@ pub struct FreedSlice {
     pub size: u32,
 }
 
+/// A slice with data that some file references, as gc and fsck see it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SliceRef {
+    /// Slice id.
+    pub id: u64,
+    /// Bytes stored for it: its objects hold exactly this many.
+    pub size: u32,
+    /// A file that references it.
+    pub ino: Ino,
+}
+
+/// An inconsistency found by [`crate::Meta::check_namespace`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// What is wrong, for people.
+    pub what: String,
+    /// What a repair does about it; None when no fix is safe (it would lose data).
+    pub fix: Option<String>,
+    /// Whether it was repaired.
+    pub repaired: bool,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (&self.fix, self.repaired) {
+            (Some(fix), true) => write!(f, "{} (repaired: {fix})", self.what),
+            (Some(fix), false) => write!(f, "{} (--repair would {fix})", self.what),
+            (None, _) => write!(f, "{} (not repairable without losing data)", self.what),
+        }
+    }
+}
+
 /// One directory entry.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DirEntry {

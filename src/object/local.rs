@@ -150,6 +150,7 @@ impl LocalStore {
                 out.push(ObjectInfo {
                     key,
                     size: meta.len(),
+                    modified: meta.modified().ok(),
                 });
             }
         }

@@ -61,6 +61,8 @@ pub struct ObjectInfo {
     pub key: String,
     /// Its size in bytes.
     pub size: u64,
+    /// When it was written, if the store says.
+    pub modified: Option<std::time::SystemTime>,
 }
 
 /// A store of immutable objects.

@@ -391,6 +391,9 @@ impl ObjectStore for S3Store {
                 out.push(ObjectInfo {
                     key: key.to_string(),
                     size: o.size().unwrap_or(0).max(0) as u64,
+                    modified: o
+                        .last_modified()
+                        .and_then(|t| std::time::SystemTime::try_from(*t).ok()),
                 });
             }
             if !resp.is_truncated().unwrap_or(false) {

@@ -7,3 +7,4 @@ mod crash;
 mod data;
 mod harness;
 mod namespace;
+mod space;

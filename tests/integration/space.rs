@@ -1,0 +1,148 @@
+//! Space checks on real volumes: `tidefs gc` finds and removes exactly the unreferenced objects
+//! (including those of a write killed before its commit), and `tidefs fsck` finds missing and
+//! damaged blocks.
+
+use crate::harness::*;
+use std::io::Write;
+use std::sync::Arc;
+use tidefs::layout::Layout;
+use tidefs::object::ObjectStore;
+use tidefs::volume::{self, StoreAccess};
+
+/// The volume's object store, opened the way a mount opens it.
+fn store_of(vol: &Volume) -> (Arc<dyn ObjectStore>, Layout, tokio::runtime::Runtime) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (_, format) = volume::open_meta(&tidefs_meta::MetaUrl::parse(&vol.url).unwrap()).unwrap();
+    let access = StoreAccess {
+        credentials: s3_storage().then(|| (S3_KEYS.0.to_string(), S3_KEYS.1.to_string())),
+        ..StoreAccess::default()
+    };
+    let (store, _) = rt.block_on(volume::open_store(&format, &access)).unwrap();
+    (store, Layout::of(&format), rt)
+}
+
+/// Runs `tidefs CMD URL ARGS` with the volume's store arguments; returns (exit ok, JSON out).
+fn run(vol: &Volume, cmd: &str, args: &[&str]) -> (bool, serde_json::Value, String) {
+    let mut all = vec![cmd, vol.url.as_str()];
+    all.extend(args);
+    all.extend(vol.store_args.iter().map(String::as_str));
+    let out = tidefs(&all);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!err.contains("panicked"), "{err}");
+    let json = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{cmd} printed no JSON ({e}): {err}"));
+    (out.status.success(), json, err)
+}
+
+fn count(v: &serde_json::Value, field: &str) -> u64 {
+    v[field]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no {field} in {v}"))
+}
+
+#[test]
+fn gc_removes_exactly_the_unreferenced_objects() {
+    let vol = Volume::new(64);
+    let mnt = vol.mount();
+    for i in 0..5 {
+        std::fs::write(mnt.p(&format!("f{i}")), vec![i as u8; 150_000]).unwrap();
+    }
+    // A write killed before its commit leaves uploaded blocks no metadata references.
+    let mut f = std::fs::File::create(mnt.p("unfinished")).unwrap();
+    f.write_all(&vec![9u8; 2 << 20]).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while vol.objects().len() < 5 * 3 + 8 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "blocks never uploaded"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    mnt.kill9();
+    drop(f);
+    let (store, layout, rt) = store_of(&vol);
+    let stray = layout.block_key(987_654_321, 0, 5);
+    rt.block_on(store.put(&stray, bytes::Bytes::from_static(b"stray")))
+        .unwrap();
+
+    let (ok, r, _) = run(&vol, "gc", &[]);
+    assert!(ok);
+    assert_eq!(count(&r, "leaked"), 0, "all young: {r}");
+    assert!(count(&r, "young") > 8, "{r}");
+
+    let (ok, r, err) = run(&vol, "gc", &["--grace", "0"]);
+    assert!(ok);
+    let referenced = count(&r, "referenced");
+    assert!(referenced >= 5 * 3, "{r}");
+    assert!(count(&r, "leaked") > 8, "{r}");
+    assert_eq!(count(&r, "deleted"), 0);
+    assert!(err.contains("--delete"), "{err}");
+    assert!(vol.objects().contains(&stray));
+
+    let (ok, r, _) = run(&vol, "gc", &["--grace", "0", "--delete"]);
+    assert!(ok);
+    assert_eq!(count(&r, "deleted"), count(&r, "leaked"), "{r}");
+    assert_eq!(count(&r, "delete_failures"), 0);
+    assert_eq!(
+        vol.objects().len() as u64,
+        referenced,
+        "{:?}",
+        vol.objects()
+    );
+    let (_, r, _) = run(&vol, "gc", &["--grace", "0"]);
+    assert_eq!(
+        (count(&r, "leaked"), count(&r, "referenced")),
+        (0, referenced)
+    );
+
+    let mnt = vol.mount();
+    for i in 0..5 {
+        assert_eq!(
+            std::fs::read(mnt.p(&format!("f{i}"))).unwrap(),
+            vec![i as u8; 150_000]
+        );
+    }
+    mnt.unmount();
+}
+
+#[test]
+fn fsck_reports_missing_and_damaged_blocks() {
+    let vol = Volume::new(64);
+    let mnt = vol.mount();
+    std::fs::create_dir(mnt.p("d")).unwrap();
+    std::fs::write(mnt.p("d/a"), vec![1u8; 200_000]).unwrap();
+    std::fs::write(mnt.p("b"), vec![2u8; 100_000]).unwrap();
+    std::fs::hard_link(mnt.p("b"), mnt.p("d/b2")).unwrap();
+    mnt.unmount();
+
+    let (ok, r, err) = run(&vol, "fsck", &[]);
+    assert!(ok, "{err}");
+    assert_eq!(r["namespace"].as_array().unwrap().len(), 0, "{r}");
+    assert!(count(&r, "slices") >= 2, "{r}");
+    assert_eq!(count(&r, "blocks"), vol.objects().len() as u64, "{r}");
+
+    let (store, layout, rt) = store_of(&vol);
+    let keys = vol.objects();
+    let (gone, short) = (keys[0].clone(), keys[1].clone());
+    assert!(layout.parse_key(&gone).is_some(), "{gone}");
+    assert!(rt
+        .block_on(store.delete_batch(std::slice::from_ref(&gone)))
+        .is_empty());
+    rt.block_on(store.put(&short, bytes::Bytes::from_static(b"short")))
+        .unwrap();
+
+    let (ok, r, err) = run(&vol, "fsck", &["--repair"]);
+    assert!(!ok, "a missing block fails the check");
+    assert!(
+        err.contains("1 blocks missing, 1 blocks of the wrong size"),
+        "{err}"
+    );
+    assert!(r["missing"][0].as_str().unwrap().starts_with(&gone), "{r}");
+    assert!(
+        r["wrong_size"][0].as_str().unwrap().contains("5 bytes"),
+        "{r}"
+    );
+}
