@@ -19,6 +19,7 @@ pub mod layout;
 pub mod objbench;
 pub mod object;
 pub mod perm;
+pub mod readahead;
 pub mod scan;
 pub mod secret;
 pub mod slices;

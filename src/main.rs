@@ -189,6 +189,10 @@ struct MountArgs {
     /// Write buffer size in MiB (uncommitted writes before writers commit at once).
     #[arg(long, default_value_t = 300)]
     buffer_size: u64,
+    /// Most MiB a sequential reader fetches ahead (the window grows to it from one block;
+    /// it is also held to half of --cache-size).
+    #[arg(long, default_value_t = 64)]
+    max_readahead: u64,
     /// Kernel attribute cache timeout in seconds.
     #[arg(long, default_value_t = 1.0)]
     attr_cache: f64,
@@ -447,6 +451,7 @@ fn mount(a: MountArgs) -> Result<()> {
     }
     let opts = VfsOptions {
         buffer_size: a.buffer_size << 20,
+        max_readahead: a.max_readahead << 20,
         ..VfsOptions::default()
     };
     let vfs = TideVfs::new(data, format.clone(), sid, opts);

@@ -9,6 +9,7 @@ use crate::data::{DataCtx, FileWriter, MAX_FILE_SIZE, MAX_PENDING_SLICES};
 use crate::error::FsError;
 use crate::layout::CHUNK_SIZE;
 use crate::perm;
+use crate::readahead::Readahead;
 use dashmap::DashMap;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -30,6 +31,8 @@ pub struct VfsOptions {
     pub heartbeat: Duration,
     /// How often freed objects are deleted when nobody asks sooner.
     pub delete_interval: Duration,
+    /// Most bytes a sequential reader has fetched ahead (also held to half the block cache).
+    pub max_readahead: u64,
 }
 
 impl Default for VfsOptions {
@@ -38,14 +41,15 @@ impl Default for VfsOptions {
             buffer_size: 300 << 20,
             heartbeat: Duration::from_secs(30),
             delete_interval: Duration::from_secs(1),
+            max_readahead: 64 << 20,
         }
     }
 }
 
 /// One open(2) of a file.
 struct OpenHandle {
-    /// End of the last read, to detect sequential reading.
-    last_end: AtomicU64,
+    /// Sequential detection and the readahead window.
+    readahead: Readahead,
     /// Commit failures of the file this handle has reported (see [`FileWriter::flush`]).
     err_seen: AtomicU64,
 }
@@ -81,9 +85,6 @@ type Result<T> = std::result::Result<T, FsError>;
 
 /// Files whose last-open version is remembered (about 50 bytes each).
 const MAX_SEEN_VERSIONS: usize = 100_000;
-
-/// Blocks fetched ahead of a sequential reader.
-const READ_AHEAD_BLOCKS: u64 = 3;
 
 impl TideVfs {
     /// The VFS of session `sid` of the volume with `format`.
@@ -202,7 +203,7 @@ impl TideVfs {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let err_seq = self.writers.get(&ino).map(|w| w.err_seq()).unwrap_or(0);
         let handle = OpenHandle {
-            last_end: AtomicU64::new(0),
+            readahead: Readahead::default(),
             err_seen: AtomicU64::new(err_seq),
         };
         self.handles.insert(fh, Arc::new(handle));
@@ -474,13 +475,12 @@ impl tidefs_fuse::Vfs for TideVfs {
         let out = self.data.read(ino, length, offset, size)?;
         if let Some(h) = self.handle(fh) {
             let end = offset + out.len() as u64;
-            let sequential = h.last_end.swap(end, Ordering::Relaxed) == offset && offset > 0;
             let bs = self.data.layout.block_size() as u64;
-            // Sequential reading crossing into a new block: fetch the next blocks ahead.
-            if sequential && end < length && (offset - 1) / bs != (end - 1) / bs {
-                let next = end.div_ceil(bs) * bs;
-                self.data
-                    .prefetch(ino, next, length.min(next + READ_AHEAD_BLOCKS * bs));
+            let max = self.opts.max_readahead.min(self.data.cache.capacity() / 2);
+            if let Some(ahead) = h.readahead.on_read(offset, end, bs, max) {
+                if ahead.start < length {
+                    self.data.prefetch(ino, ahead.start, ahead.end.min(length));
+                }
             }
         }
         Ok(out)
