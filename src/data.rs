@@ -461,6 +461,24 @@ struct WriterState {
     last_error: Option<String>,
 }
 
+/// What a read must do about a file's uncommitted writes.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PendingRead {
+    /// Nothing is pending: the committed data is the file.
+    Nothing,
+    /// The read needs bytes that are no longer in memory (uploaded, not yet committed) or a
+    /// commit is under way: commit first, then read.
+    CommitFirst,
+    /// Read the committed data as if the file were `length` bytes long, then lay each
+    /// `(file offset, bytes)` over it in order.
+    Overlay {
+        /// The length the file has with its pending writes.
+        length: u64,
+        /// Pending bytes within the read, oldest first.
+        parts: Vec<(u64, Vec<u8>)>,
+    },
+}
+
 /// The uncommitted writes of one file.
 #[derive(Default)]
 pub struct FileWriter {
@@ -535,6 +553,39 @@ impl FileWriter {
     pub fn overlay(&self) -> Option<(u64, Timestamp)> {
         let st = self.lock();
         st.mtime.map(|m| (st.length, m))
+    }
+
+    /// How a read of `[off, end)` sees the pending writes: most reads of data just written
+    /// are served from the write buffer, with no commit and no upload.
+    pub fn pending_read(&self, off: u64, end: u64) -> PendingRead {
+        let st = self.lock();
+        if !st.committing.is_empty() {
+            return PendingRead::CommitFirst;
+        }
+        if st.slices.is_empty() {
+            return PendingRead::Nothing;
+        }
+        let mut parts = Vec::new();
+        // Slices are in id order, so later ones are laid over earlier ones.
+        for s in &st.slices {
+            let start = s.chunk as u64 * CHUNK_SIZE + s.pos as u64;
+            let in_memory = start + s.uploaded as u64;
+            let stop = start + s.len as u64;
+            if stop <= off || start >= end {
+                continue;
+            }
+            // Overlaps the part handed to uploads (the read already overlaps the slice).
+            if s.uploaded > 0 && off < in_memory {
+                return PendingRead::CommitFirst;
+            }
+            let (from, to) = (off.max(in_memory), end.min(stop));
+            let rel = (from - in_memory) as usize..(to - in_memory) as usize;
+            parts.push((from, s.buf[rel].to_vec()));
+        }
+        PendingRead::Overlay {
+            length: st.length,
+            parts,
+        }
     }
 
     /// Whether nothing is pending or committing.

@@ -5,7 +5,7 @@
 //! writes first, so another open after a close sees every byte (close-to-open), and fsync
 //! returns only when data is in the object store and metadata is durable.
 
-use crate::data::{DataCtx, FileWriter, MAX_FILE_SIZE, MAX_PENDING_SLICES};
+use crate::data::{DataCtx, FileWriter, PendingRead, MAX_FILE_SIZE, MAX_PENDING_SLICES};
 use crate::error::FsError;
 use crate::layout::CHUNK_SIZE;
 use crate::perm;
@@ -468,11 +468,27 @@ impl tidefs_fuse::Vfs for TideVfs {
     }
 
     fn read(&self, ino: Ino, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
-        if self.writers.get(&ino).is_some_and(|w| w.has_pending()) {
-            self.flush_inode(ino, None)?;
+        let writer = self.writers.get(&ino).map(|w| w.clone());
+        let pending = writer.map_or(PendingRead::Nothing, |w| {
+            w.pending_read(offset, offset + size as u64)
+        });
+        let (length, overlay) = match pending {
+            PendingRead::Nothing => (self.data.length(ino)?, Vec::new()),
+            PendingRead::CommitFirst => {
+                self.flush_inode(ino, None)?;
+                (self.data.length(ino)?, Vec::new())
+            }
+            PendingRead::Overlay { length, parts } => (self.data.length(ino)?.max(length), parts),
+        };
+        let mut out = self.data.read(ino, length, offset, size)?;
+        for (at, bytes) in overlay {
+            let dst = (at - offset) as usize;
+            if dst >= out.len() {
+                continue;
+            }
+            let n = bytes.len().min(out.len() - dst);
+            out[dst..dst + n].copy_from_slice(&bytes[..n]);
         }
-        let length = self.data.length(ino)?;
-        let out = self.data.read(ino, length, offset, size)?;
         if let Some(h) = self.handle(fh) {
             let end = offset + out.len() as u64;
             let bs = self.data.layout.block_size() as u64;
