@@ -271,6 +271,29 @@ def small_files(path, count, size):
     return write_rate, read_rate
 
 
+def rewrite_loop(path, seconds=5.0, size_mib=64):
+    """Cycles per second of: read 8 KiB, seek back, write it again, go on (bonnie++'s
+    rewrite pattern), over a file written and closed first."""
+    name = os.path.join(path, "rewrite")
+    with open(name, "wb") as f:
+        chunk = os.urandom(1 << 20)
+        for _ in range(size_mib):
+            f.write(chunk)
+    fd = os.open(name, os.O_RDWR)
+    size, off, cycles = size_mib << 20, 0, 0
+    deadline = time.perf_counter() + seconds
+    start = time.perf_counter()
+    while time.perf_counter() < deadline:
+        buf = os.pread(fd, 8192, off)
+        os.pwrite(fd, buf, off)
+        off = (off + 8192) % size
+        cycles += 1
+    rate = cycles / (time.perf_counter() - start)
+    os.close(fd)
+    os.unlink(name)
+    return rate
+
+
 def metadata(path, count):
     d = os.path.join(path, "meta")
     os.makedirs(d)
@@ -305,6 +328,7 @@ def one_round(target, args):
     w, rd = small_files(p, args.small_files, 64 << 10)
     r["64 KiB files written (files/s)"] = w
     r["64 KiB files read (files/s)"] = rd
+    r["8 KiB read-seek-rewrite loop (cycles/s)"] = rewrite_loop(p)
     c, s, u = metadata(p, args.meta_files)
     r["create (ops/s)"] = c
     r["stat (ops/s)"] = s
