@@ -148,6 +148,7 @@ class Tidefs:
         self.bin = args.tidefs
         self.url = f"sqlite3://{tmp}/tidefs.db"
         self.path = os.path.join(tmp, "tidefs-mnt")
+        self.cache = os.path.join(tmp, "tidefs-cache")
         self.args = args
         os.makedirs(self.path)
         if args.s3 is not None:
@@ -168,7 +169,8 @@ class Tidefs:
 
     def start(self):
         self.proc = subprocess.Popen(
-            [self.bin, "mount", self.url, self.path, "--cache-size", str(args_cache(self.args))],
+            [self.bin, "mount", self.url, self.path, "--cache-dir", self.cache,
+             "--cache-size", str(args_cache(self.args))],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_mounted(self.path, self.proc)
 
@@ -186,6 +188,7 @@ class Tidefs:
 
     def remount_cold(self):
         self.stop()
+        shutil.rmtree(self.cache, ignore_errors=True)
         drop_caches()
         self.start()
 
@@ -428,9 +431,9 @@ def main():
 
 NOTES = """## Reading the table
 
-* Both filesystems use the same block size and `--cache-size`. tidefs's cache is in
-  memory; the local-disk cache comes later. JuiceFS's `--cache-size` is a disk cache. So
-  tidefs's peak RSS includes the cache, and JuiceFS's does not.
+* Both filesystems use the same block size and a disk cache of the same `--cache-size` in
+  the run's temporary directory (tidefs keeps a 64 MiB memory layer in front of it); "cold"
+  reads come after a remount with the cache directory removed and the page cache dropped.
 * The durability is not the same. tidefs fsyncs every object file and its directory before
   it commits a slice. JuiceFS's `file` object store writes a temporary file and renames it
   with no fsync, so its data is not durable on power loss even after fsync(2).

@@ -62,6 +62,47 @@ impl MountMetrics {
                 "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
             );
         }
+        if let Some(disk) = self.data.cache.disk() {
+            let s = disk.stats();
+            let rows = [
+                (
+                    "tidefs_disk_cache_used_bytes",
+                    "gauge",
+                    "Bytes in the disk cache.",
+                    disk.used(),
+                ),
+                (
+                    "tidefs_disk_cache_hits_total",
+                    "counter",
+                    "Blocks read from the disk cache.",
+                    s.hits.load(Ordering::Relaxed),
+                ),
+                (
+                    "tidefs_disk_cache_misses_total",
+                    "counter",
+                    "Blocks not found in the disk cache.",
+                    s.misses.load(Ordering::Relaxed),
+                ),
+                (
+                    "tidefs_disk_cache_dropped_total",
+                    "counter",
+                    "Damaged disk cache files dropped.",
+                    s.dropped.load(Ordering::Relaxed),
+                ),
+                (
+                    "tidefs_disk_cache_skipped_total",
+                    "counter",
+                    "Blocks not cached: disk failing, full or busy.",
+                    s.skipped.load(Ordering::Relaxed),
+                ),
+            ];
+            for (name, kind, help, value) in rows {
+                let _ = writeln!(
+                    out,
+                    "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+                );
+            }
+        }
         out
     }
 
@@ -73,6 +114,14 @@ impl MountMetrics {
             "cache": {
                 "used_bytes": self.data.cache.used(),
                 "capacity_bytes": self.data.cache.capacity(),
+                "disk": self.data.cache.disk().map(|d| serde_json::json!({
+                    "used_bytes": d.used(),
+                    "capacity_bytes": d.capacity(),
+                    "hits": d.stats().hits.load(Ordering::Relaxed),
+                    "misses": d.stats().misses.load(Ordering::Relaxed),
+                    "dropped": d.stats().dropped.load(Ordering::Relaxed),
+                    "skipped": d.stats().skipped.load(Ordering::Relaxed),
+                })),
             },
             "buffer_used_bytes": self.data.buffered.load(Ordering::Relaxed),
         })

@@ -183,9 +183,19 @@ struct MountArgs {
     /// Log file for --background (default: tidefs.log in the data directory).
     #[arg(long)]
     log: Option<PathBuf>,
-    /// Memory block cache size in MiB.
-    #[arg(long, default_value_t = 128)]
-    cache_size: u64,
+    /// Where to cache blocks: directories on local disks separated by ':', or "memory".
+    #[arg(long, default_value = "memory")]
+    cache_dir: String,
+    /// Cache size in MiB: of the disk cache with --cache-dir DIR (default 10240), of memory
+    /// with --cache-dir memory (default 128).
+    #[arg(long)]
+    cache_size: Option<u64>,
+    /// Memory in MiB for the hottest blocks in front of a disk cache.
+    #[arg(long, default_value_t = 64)]
+    mem_cache_size: u64,
+    /// Stop adding blocks to a cache disk with less than this share of it free.
+    #[arg(long, default_value_t = 0.1)]
+    free_space_ratio: f64,
     /// Write buffer size in MiB (uncommitted writes before writers commit at once).
     #[arg(long, default_value_t = 300)]
     buffer_size: u64,
@@ -433,7 +443,18 @@ fn mount(a: MountArgs) -> Result<()> {
     })?;
 
     let layout = Layout::of(&format);
-    let cache = BlockCache::new(a.cache_size << 20);
+    let cache = if a.cache_dir == "memory" {
+        BlockCache::new(a.cache_size.unwrap_or(128) << 20)
+    } else {
+        let config = tidefs_cache::DiskCacheConfig {
+            dirs: a.cache_dir.split(':').map(PathBuf::from).collect(),
+            capacity: a.cache_size.unwrap_or(10240) << 20,
+            free_ratio: a.free_space_ratio.clamp(0.0, 1.0),
+        };
+        let disk = tidefs_cache::DiskCache::open(&config).context("cannot open the disk cache")?;
+        tracing::info!(dirs = %a.cache_dir, used = disk.used(), "disk cache opened");
+        BlockCache::with_disk(a.mem_cache_size << 20, disk)
+    };
     let data = Arc::new(DataCtx::new(
         meta.clone(),
         store,

@@ -492,7 +492,7 @@ impl tidefs_fuse::Vfs for TideVfs {
         if let Some(h) = self.handle(fh) {
             let end = offset + out.len() as u64;
             let bs = self.data.layout.block_size() as u64;
-            let max = self.opts.max_readahead.min(self.data.cache.capacity() / 2);
+            let max = self.opts.max_readahead.min(self.data.cache.room() / 2);
             if let Some(ahead) = h.readahead.on_read(offset, end, bs, max) {
                 if ahead.start < length {
                     self.data.prefetch(ino, ahead.start, ahead.end.min(length));

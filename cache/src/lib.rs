@@ -1,18 +1,30 @@
 //! Block cache of tidefs.
 //!
 //! [`BlockCache`] keeps recently read blocks in memory up to a byte limit, evicting the least
-//! recently used first. Concurrent misses on the same block share one fetch, so a block
-//! read by many readers at once is fetched from the object store once.
+//! recently used first, optionally in front of a [`DiskCache`] on local disks. Concurrent
+//! misses on the same block share one fetch, so a block read by many readers at once is
+//! fetched from the object store (or the disk) once.
+
+mod disk;
+
+pub use disk::{DiskCache, DiskCacheConfig, DiskCacheError, DiskCacheStats};
 
 use bytes::Bytes;
 use moka::future::Cache;
 use std::future::Future;
 use std::sync::Arc;
+use tokio::sync::Semaphore;
 
-/// An in-memory cache of immutable blocks, keyed by object key.
+/// Blocks waiting to be written to the disk cache at most; more are not cached, so a slow
+/// disk cannot make fetched blocks pile up in memory.
+const DISK_WRITES_IN_FLIGHT: usize = 32;
+
+/// A cache of immutable blocks, keyed by object key: memory, then optionally local disks.
 #[derive(Clone)]
 pub struct BlockCache {
     inner: Option<Cache<Arc<str>, Bytes>>,
+    disk: Option<Arc<DiskCache>>,
+    disk_writes: Arc<Semaphore>,
 }
 
 impl std::fmt::Debug for BlockCache {
@@ -27,8 +39,13 @@ impl BlockCache {
     /// A cache holding at most `capacity` bytes of block data; 0 disables caching (every read
     /// fetches, but concurrent fetches are still not shared).
     pub fn new(capacity: u64) -> Self {
+        let disk_writes = Arc::new(Semaphore::new(DISK_WRITES_IN_FLIGHT));
         if capacity == 0 {
-            return BlockCache { inner: None };
+            return BlockCache {
+                inner: None,
+                disk: None,
+                disk_writes,
+            };
         }
         // LRU rather than TinyLFU admission: blocks are read in streams, and a block fetched
         // ahead of a reader must be admitted, not rejected for being new.
@@ -37,15 +54,40 @@ impl BlockCache {
             .max_capacity(capacity)
             .weigher(|_k: &Arc<str>, v: &Bytes| v.len().try_into().unwrap_or(u32::MAX))
             .build();
-        BlockCache { inner: Some(inner) }
+        BlockCache {
+            inner: Some(inner),
+            disk: None,
+            disk_writes,
+        }
     }
 
-    /// The byte limit.
+    /// A cache of `memory` bytes in front of `disk`: blocks missing from memory are looked
+    /// for on disk before they are fetched, and fetched blocks are written to disk in the
+    /// background.
+    pub fn with_disk(memory: u64, disk: DiskCache) -> Self {
+        BlockCache {
+            disk: Some(Arc::new(disk)),
+            ..BlockCache::new(memory)
+        }
+    }
+
+    /// The disk layer, if any.
+    pub fn disk(&self) -> Option<&DiskCache> {
+        self.disk.as_deref()
+    }
+
+    /// The byte limit of the memory layer.
     pub fn capacity(&self) -> u64 {
         self.inner
             .as_ref()
             .and_then(|c| c.policy().max_capacity())
             .unwrap_or(0)
+    }
+
+    /// The byte limit of the largest layer: what a reader may fetch ahead without losing it.
+    pub fn room(&self) -> u64 {
+        self.capacity()
+            .max(self.disk.as_ref().map_or(0, |d| d.capacity()))
     }
 
     /// The cached block `key`, if present.
@@ -70,6 +112,7 @@ impl BlockCache {
         F: Future<Output = Result<Bytes, E>>,
         E: Send + Sync + 'static,
     {
+        let fetch = self.through_disk(key, fetch);
         match &self.inner {
             Some(c) => {
                 let fetched = std::sync::atomic::AtomicBool::new(false);
@@ -85,6 +128,37 @@ impl BlockCache {
             }
             None => fetch.await.map_err(Arc::new),
         }
+    }
+
+    /// `fetch`, looking on disk first and writing what it fetched to disk after.
+    async fn through_disk<E, F>(&self, key: &str, fetch: F) -> Result<Bytes, E>
+    where
+        F: Future<Output = Result<Bytes, E>>,
+    {
+        let Some(disk) = self.disk.clone() else {
+            return fetch.await;
+        };
+        let key: Arc<str> = Arc::from(key);
+        let (d, k) = (disk.clone(), key.clone());
+        if let Ok(Some(data)) = tokio::task::spawn_blocking(move || d.get(&k)).await {
+            return Ok(data);
+        }
+        let data = fetch.await?;
+        match self.disk_writes.clone().try_acquire_owned() {
+            Ok(permit) => {
+                let copy = data.clone();
+                tokio::task::spawn_blocking(move || {
+                    disk.insert(&key, &copy);
+                    drop(permit);
+                });
+            }
+            Err(_) => {
+                disk.stats()
+                    .skipped
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        Ok(data)
     }
 
     /// Bytes currently held (approximate until pending maintenance runs).
@@ -146,6 +220,37 @@ mod tests {
             .await;
         assert_eq!(*err.unwrap_err(), "boom");
         assert!(cache.get("bad").await.is_none());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn fetched_blocks_land_on_disk_and_serve_later_mounts() {
+        let tmp = tempfile::tempdir().unwrap();
+        let config = DiskCacheConfig {
+            dirs: vec![tmp.path().to_path_buf()],
+            capacity: 1 << 20,
+            free_ratio: 0.0,
+        };
+        let cache = BlockCache::with_disk(0, DiskCache::open(&config).unwrap());
+        let v = cache
+            .get_or_fetch::<(), _>("k", async { Ok(Bytes::from_static(b"from store")) })
+            .await;
+        assert_eq!(v.unwrap(), Bytes::from_static(b"from store"));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while cache.disk().unwrap().used() == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never written to disk"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        drop(cache);
+        // A new cache on the same directory (a remount) serves it without fetching.
+        let cache = BlockCache::with_disk(1 << 20, DiskCache::open(&config).unwrap());
+        let v = cache
+            .get_or_fetch("k", async { Err::<Bytes, _>("store is down") })
+            .await;
+        assert_eq!(v.unwrap(), Bytes::from_static(b"from store"));
+        assert_eq!(cache.room(), 1 << 20);
     }
 
     #[tokio::test]

@@ -106,47 +106,65 @@ impl LocalStore {
         Ok(Bytes::from(buf))
     }
 
+    /// Up to `limit` objects starting with `prefix` and sorting after `after`, in key order.
+    /// Directories are walked in key order and those wholly before `after` are skipped, so a
+    /// page costs about `limit` entries, not the whole tree.
     fn list_sync(
         &self,
         prefix: &str,
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<ObjectInfo>, StoreError> {
-        // Walk the whole tree below the deepest directory named by the prefix.
-        let base = match prefix.rfind('/') {
-            Some(i) => &prefix[..i],
-            None => "",
-        };
+        let base = prefix.rfind('/').map_or("", |i| &prefix[..=i]);
         let mut out = Vec::new();
-        let mut stack = vec![self.root.join(base)];
-        while let Some(dir) = stack.pop() {
-            let entries = match fs::read_dir(&dir) {
-                Ok(e) => e,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(io_err(prefix, e)),
+        self.walk(base, prefix, after, limit, &mut out)?;
+        Ok(out)
+    }
+
+    /// Appends the objects below directory key `dir` (empty or ending in `/`); see
+    /// [`LocalStore::list_sync`].
+    fn walk(
+        &self,
+        dir: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+        out: &mut Vec<ObjectInfo>,
+    ) -> Result<(), StoreError> {
+        let entries = match fs::read_dir(self.root.join(dir)) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io_err(prefix, e)),
+        };
+        // A directory sorts as its name and a slash, which makes the walk visit keys in
+        // exactly their byte order.
+        let mut children = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|e| io_err(prefix, e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') {
+                continue;
+            }
+            let meta = entry.metadata().map_err(|e| io_err(prefix, e))?;
+            let key = if meta.is_dir() {
+                format!("{dir}{name}/")
+            } else {
+                format!("{dir}{name}")
             };
-            for entry in entries {
-                let entry = entry.map_err(|e| io_err(prefix, e))?;
-                let meta = entry.metadata().map_err(|e| io_err(prefix, e))?;
-                if meta.is_dir() {
-                    stack.push(entry.path());
-                    continue;
+            children.push((key, meta));
+        }
+        children.sort_by(|a, b| a.0.cmp(&b.0));
+        for (key, meta) in children {
+            if out.len() >= limit {
+                break;
+            }
+            if meta.is_dir() {
+                let wanted = key.starts_with(prefix) || prefix.starts_with(&key);
+                let passed = after.is_some_and(|a| key.as_str() < a && !a.starts_with(&key));
+                if wanted && !passed {
+                    self.walk(&key, prefix, after, limit, out)?;
                 }
-                let Ok(rel) = entry
-                    .path()
-                    .strip_prefix(&self.root)
-                    .map(|p| p.to_path_buf())
-                else {
-                    continue;
-                };
-                let key = rel.to_string_lossy().into_owned();
-                let name = entry.file_name();
-                if name.to_string_lossy().starts_with('.') || !key.starts_with(prefix) {
-                    continue;
-                }
-                if after.is_some_and(|a| key.as_str() <= a) {
-                    continue;
-                }
+            } else if key.starts_with(prefix) && after.is_none_or(|a| key.as_str() > a) {
                 out.push(ObjectInfo {
                     key,
                     size: meta.len(),
@@ -154,9 +172,7 @@ impl LocalStore {
                 });
             }
         }
-        out.sort_by(|a, b| a.key.cmp(&b.key));
-        out.truncate(limit);
-        Ok(out)
+        Ok(())
     }
 }
 
@@ -236,6 +252,48 @@ impl ObjectStore for LocalStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn listing_pages_in_byte_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path()).unwrap();
+        let mut keys: Vec<String> = [
+            "v/a/1/x", "v/a/1_0", "v/a/12/x", "v/a/1-2", "v/a/2", "v/b", "v/b0/z", "w/x",
+        ]
+        .iter()
+        .map(|k| k.to_string())
+        .collect();
+        keys.extend((0..300).map(|i| format!("v/c/{}/{i}_0_1", i % 7)));
+        for k in &keys {
+            store.put(k, Bytes::from_static(b"x")).await.unwrap();
+        }
+        let mut want: Vec<String> = keys
+            .iter()
+            .filter(|k| k.starts_with("v/"))
+            .cloned()
+            .collect();
+        want.sort();
+        for page in [1, 7, 1000] {
+            let mut got = Vec::new();
+            let mut after: Option<String> = None;
+            loop {
+                let batch = store.list("v/", after.as_deref(), page).await.unwrap();
+                assert!(batch.len() <= page);
+                let Some(last) = batch.last() else { break };
+                after = Some(last.key.clone());
+                got.extend(batch.into_iter().map(|o| o.key));
+            }
+            assert_eq!(got, want, "pages of {page}");
+        }
+        let some: Vec<String> = store
+            .list("v/a/1", None, 100)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|o| o.key)
+            .collect();
+        assert_eq!(some, ["v/a/1-2", "v/a/1/x", "v/a/1_0", "v/a/12/x"]);
+    }
 
     #[tokio::test]
     async fn put_get_range_list_delete() {

@@ -2,6 +2,7 @@
 //! for real with the `tidefs` binary (root is needed for allow_other and chown).
 
 mod attrs;
+mod cache;
 mod cli;
 mod crash;
 mod data;

@@ -1,0 +1,482 @@
+//! A block cache on local disks: one file per block, checksummed, found again after a restart.
+//!
+//! Each cached block is a file `<dir>/<xx>/<hash>` holding a header (magic, the block's key,
+//! its length and CRC32) and then the block. A read checks all of them, so a truncated,
+//! corrupt or misplaced file is dropped and reported as a miss, never served. Files are
+//! written under a temporary name and renamed, without fsync: after a crash a damaged file is
+//! dropped like any other. Opening a cache reads every file's header to rebuild the index,
+//! oldest first, so the least recently written blocks are evicted first. A directory whose
+//! disk fails is left alone for a while, and one short of free space takes no new blocks:
+//! either way reads go on, uncached.
+
+use bytes::Bytes;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+const MAGIC: &[u8; 4] = b"TDC1";
+/// How long a directory that failed a write is left alone.
+const FAILURE_PAUSE: Duration = Duration::from_secs(30);
+/// How often a directory's free space is measured.
+const SPACE_CHECK: Duration = Duration::from_secs(1);
+
+/// Where and how much to cache on disk.
+#[derive(Clone, Debug)]
+pub struct DiskCacheConfig {
+    /// Cache directories, typically one per local SSD; blocks are spread over them by key.
+    pub dirs: Vec<PathBuf>,
+    /// Bytes of block data to keep over all directories.
+    pub capacity: u64,
+    /// Stop adding blocks to a directory whose disk has less than this share free.
+    pub free_ratio: f64,
+}
+
+/// Why a disk cache could not be opened.
+#[derive(Debug, thiserror::Error)]
+#[error("cache directory {dir}: {source}")]
+pub struct DiskCacheError {
+    /// The directory.
+    pub dir: PathBuf,
+    /// What failed.
+    pub source: std::io::Error,
+}
+
+struct CacheDir {
+    root: PathBuf,
+    failed_at: Mutex<Option<Instant>>,
+    low_space: AtomicBool,
+    space_checked: Mutex<Option<Instant>>,
+}
+
+impl CacheDir {
+    /// Whether new blocks may go here now.
+    fn usable(&self, free_ratio: f64) -> bool {
+        let failed = *self.failed_at.lock().unwrap_or_else(|e| e.into_inner());
+        if failed.is_some_and(|t| t.elapsed() < FAILURE_PAUSE) {
+            return false;
+        }
+        let mut checked = self.space_checked.lock().unwrap_or_else(|e| e.into_inner());
+        if checked.is_none_or(|t| t.elapsed() >= SPACE_CHECK) {
+            *checked = Some(Instant::now());
+            self.low_space
+                .store(free_share(&self.root) < free_ratio, Ordering::Relaxed);
+        }
+        !self.low_space.load(Ordering::Relaxed)
+    }
+
+    fn failed(&self, what: &str, e: &std::io::Error) {
+        let mut failed = self.failed_at.lock().unwrap_or_else(|e| e.into_inner());
+        if failed.is_none_or(|t| t.elapsed() >= FAILURE_PAUSE) {
+            tracing::warn!(dir = %self.root.display(), error = %e, "cache {what} failed; \
+                 not caching there for {}s", FAILURE_PAUSE.as_secs());
+        }
+        *failed = Some(Instant::now());
+    }
+}
+
+/// The share of the disk holding `dir` that is free (1.0 if it cannot be measured).
+fn free_share(dir: &Path) -> f64 {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return 1.0;
+    };
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 || st.f_blocks == 0 {
+        return 1.0;
+    }
+    st.f_bavail as f64 / st.f_blocks as f64
+}
+
+/// Where a cached block is, and its length.
+#[derive(Clone, Copy, Debug)]
+struct Entry {
+    dir: u16,
+    name: u64,
+    len: u32,
+}
+
+/// Counters of a disk cache.
+#[derive(Debug, Default)]
+pub struct DiskCacheStats {
+    /// Reads served from disk.
+    pub hits: AtomicU64,
+    /// Reads that found nothing usable.
+    pub misses: AtomicU64,
+    /// Cached files found damaged and dropped.
+    pub dropped: AtomicU64,
+    /// Blocks not cached because their directory failed or was short of space.
+    pub skipped: AtomicU64,
+}
+
+/// A block cache on local disks; see the module docs. Every call does blocking file I/O.
+pub struct DiskCache {
+    dirs: Vec<Arc<CacheDir>>,
+    index: moka::sync::Cache<Arc<str>, Entry>,
+    free_ratio: f64,
+    stats: DiskCacheStats,
+}
+
+impl std::fmt::Debug for DiskCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let dirs: Vec<_> = self.dirs.iter().map(|d| &d.root).collect();
+        f.debug_struct("DiskCache")
+            .field("dirs", &dirs)
+            .finish_non_exhaustive()
+    }
+}
+
+/// FNV-1a: a stable 64-bit hash of a key, naming its file.
+fn name_of(key: &str) -> u64 {
+    key.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+fn path_of(root: &Path, name: u64) -> PathBuf {
+    root.join(format!("{:02x}", name & 0xff))
+        .join(format!("{name:016x}"))
+}
+
+/// A header as written before a block.
+fn header(key: &str, data: &[u8]) -> Vec<u8> {
+    let mut h = Vec::with_capacity(14 + key.len());
+    h.extend_from_slice(MAGIC);
+    h.extend_from_slice(&(key.len() as u16).to_le_bytes());
+    h.extend_from_slice(key.as_bytes());
+    h.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    h.extend_from_slice(&crc32fast::hash(data).to_le_bytes());
+    h
+}
+
+/// The key, data length and CRC a header records, and the header's length.
+fn read_header(r: &mut impl Read) -> std::io::Result<(String, u32, u32, u64)> {
+    let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "bad cache header");
+    let mut fixed = [0u8; 6];
+    r.read_exact(&mut fixed)?;
+    if &fixed[..4] != MAGIC {
+        return Err(bad());
+    }
+    let key_len = u16::from_le_bytes([fixed[4], fixed[5]]) as usize;
+    let mut key = vec![0u8; key_len];
+    r.read_exact(&mut key)?;
+    let mut tail = [0u8; 8];
+    r.read_exact(&mut tail)?;
+    let len = u32::from_le_bytes([tail[0], tail[1], tail[2], tail[3]]);
+    let crc = u32::from_le_bytes([tail[4], tail[5], tail[6], tail[7]]);
+    let key = String::from_utf8(key).map_err(|_| bad())?;
+    Ok((key, len, crc, (6 + key_len + 8) as u64))
+}
+
+impl DiskCache {
+    /// Opens the cache directories (creating them if needed) and indexes the blocks already
+    /// in them; damaged files are removed.
+    pub fn open(config: &DiskCacheConfig) -> Result<Self, DiskCacheError> {
+        let mut dirs = Vec::new();
+        for root in &config.dirs {
+            std::fs::create_dir_all(root).map_err(|source| DiskCacheError {
+                dir: root.clone(),
+                source,
+            })?;
+            dirs.push(Arc::new(CacheDir {
+                root: root.clone(),
+                failed_at: Mutex::new(None),
+                low_space: AtomicBool::new(false),
+                space_checked: Mutex::new(None),
+            }));
+        }
+        let roots: Vec<PathBuf> = dirs.iter().map(|d| d.root.clone()).collect();
+        let index = moka::sync::Cache::builder()
+            .eviction_policy(moka::policy::EvictionPolicy::lru())
+            .max_capacity(config.capacity)
+            .weigher(|_k: &Arc<str>, e: &Entry| e.len.max(1))
+            .eviction_listener(move |_k, e: Entry, cause| {
+                // Replaced entries name the same file, which now holds the new block.
+                if cause != moka::notification::RemovalCause::Replaced {
+                    let _ = std::fs::remove_file(path_of(&roots[e.dir as usize], e.name));
+                }
+            })
+            .build();
+        let cache = DiskCache {
+            dirs,
+            index,
+            free_ratio: config.free_ratio,
+            stats: DiskCacheStats::default(),
+        };
+        cache.rebuild();
+        Ok(cache)
+    }
+
+    /// Indexes the files already in the directories, oldest first.
+    fn rebuild(&self) {
+        let mut found = Vec::new();
+        for (i, dir) in self.dirs.iter().enumerate() {
+            let Ok(subdirs) = std::fs::read_dir(&dir.root) else {
+                continue;
+            };
+            for sub in subdirs.flatten() {
+                let Ok(files) = std::fs::read_dir(sub.path()) else {
+                    continue;
+                };
+                for f in files.flatten() {
+                    let path = f.path();
+                    let name = f.file_name().to_string_lossy().into_owned();
+                    if name.starts_with(".tmp-") {
+                        let _ = std::fs::remove_file(&path);
+                        continue;
+                    }
+                    let Ok(name) = u64::from_str_radix(&name, 16) else {
+                        continue;
+                    };
+                    match Self::probe(&path) {
+                        Some((key, len, modified)) if name_of(&key) == name => {
+                            found.push((
+                                modified,
+                                key,
+                                Entry {
+                                    dir: i as u16,
+                                    name,
+                                    len,
+                                },
+                            ));
+                        }
+                        _ => {
+                            let _ = std::fs::remove_file(&path);
+                            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            }
+        }
+        found.sort_by_key(|(modified, _, _)| *modified);
+        for (_, key, entry) in found {
+            self.index.insert(Arc::from(key.as_str()), entry);
+        }
+        self.index.run_pending_tasks();
+    }
+
+    /// The key, length and mtime of a cache file whose size matches its header.
+    fn probe(path: &Path) -> Option<(String, u32, SystemTime)> {
+        let mut f = std::fs::File::open(path).ok()?;
+        let meta = f.metadata().ok()?;
+        let (key, len, _, header_len) = read_header(&mut f).ok()?;
+        (meta.len() == header_len + len as u64)
+            .then(|| (key, len, meta.modified().unwrap_or(SystemTime::UNIX_EPOCH)))
+    }
+
+    /// The cached block `key` if its file is whole and matches its checksum; a damaged file
+    /// is removed.
+    pub fn get(&self, key: &str) -> Option<Bytes> {
+        let Some(e) = self.index.get(key) else {
+            self.stats.misses.fetch_add(1, Ordering::Relaxed);
+            return None;
+        };
+        let path = path_of(&self.dirs[e.dir as usize].root, e.name);
+        match Self::read_block(&path, key) {
+            Some(data) => {
+                self.stats.hits.fetch_add(1, Ordering::Relaxed);
+                Some(data)
+            }
+            None => {
+                self.index.invalidate(key);
+                let _ = std::fs::remove_file(&path);
+                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                self.stats.misses.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+        }
+    }
+
+    fn read_block(path: &Path, key: &str) -> Option<Bytes> {
+        let mut f = std::fs::File::open(path).ok()?;
+        let (stored_key, len, crc, _) = read_header(&mut f).ok()?;
+        if stored_key != key {
+            return None;
+        }
+        let mut data = Vec::with_capacity(len as usize);
+        f.take(len as u64 + 1).read_to_end(&mut data).ok()?;
+        (data.len() == len as usize && crc32fast::hash(&data) == crc).then(|| Bytes::from(data))
+    }
+
+    /// Caches `data` as block `key`, unless it is cached already or its directory is failing
+    /// or short of space.
+    pub fn insert(&self, key: &str, data: &[u8]) {
+        if self.dirs.is_empty() || self.index.contains_key(key) {
+            return;
+        }
+        let name = name_of(key);
+        let dir_index = (name % self.dirs.len() as u64) as usize;
+        let dir = &self.dirs[dir_index];
+        if !dir.usable(self.free_ratio) {
+            self.stats.skipped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let path = path_of(&dir.root, name);
+        let parent = path.parent().expect("cache files are in a subdirectory");
+        let tmp = parent.join(format!(".tmp-{name:016x}-{}", std::process::id()));
+        let written = std::fs::create_dir_all(parent)
+            .and_then(|_| std::fs::File::create(&tmp))
+            .and_then(|mut f| {
+                f.write_all(&header(key, data))?;
+                f.write_all(data)
+            })
+            .and_then(|_| std::fs::rename(&tmp, &path));
+        match written {
+            Ok(()) => {
+                let entry = Entry {
+                    dir: dir_index as u16,
+                    name,
+                    len: data.len() as u32,
+                };
+                self.index.insert(Arc::from(key), entry);
+                self.index.run_pending_tasks();
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                dir.failed("write", &e);
+                self.stats.skipped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Bytes of block data indexed.
+    pub fn used(&self) -> u64 {
+        self.index.run_pending_tasks();
+        self.index.weighted_size()
+    }
+
+    /// The byte limit.
+    pub fn capacity(&self) -> u64 {
+        self.index.policy().max_capacity().unwrap_or(0)
+    }
+
+    /// Hits, misses, drops and skips so far.
+    pub fn stats(&self) -> &DiskCacheStats {
+        &self.stats
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(dir: &Path, capacity: u64) -> DiskCacheConfig {
+        DiskCacheConfig {
+            dirs: vec![dir.join("a"), dir.join("b")],
+            capacity,
+            free_ratio: 0.0,
+        }
+    }
+
+    fn files(dir: &Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for root in ["a", "b"] {
+            for sub in std::fs::read_dir(dir.join(root))
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                for f in std::fs::read_dir(sub.path())
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                {
+                    out.push(f.path());
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn blocks_survive_a_reopen() {
+        let tmp = tempfile::tempdir().unwrap();
+        let c = DiskCache::open(&config(tmp.path(), 1 << 20)).unwrap();
+        for i in 0..20 {
+            c.insert(&format!("vol/chunks/0/0/{i}_0_1000"), &[i as u8; 1000]);
+        }
+        assert_eq!(c.used(), 20_000);
+        assert_eq!(files(tmp.path()).len(), 20);
+        drop(c);
+        let c = DiskCache::open(&config(tmp.path(), 1 << 20)).unwrap();
+        assert_eq!(c.used(), 20_000);
+        assert_eq!(c.get("vol/chunks/0/0/7_0_1000").unwrap(), vec![7u8; 1000]);
+        assert!(c.get("vol/chunks/0/0/99_0_1000").is_none());
+    }
+
+    #[test]
+    fn damaged_files_are_dropped_never_served() {
+        let tmp = tempfile::tempdir().unwrap();
+        let c = DiskCache::open(&config(tmp.path(), 1 << 20)).unwrap();
+        c.insert("k1", &[1u8; 5000]);
+        c.insert("k2", &[2u8; 5000]);
+        c.insert("k3", &[3u8; 5000]);
+        let path = |key: &str| {
+            let name = name_of(key);
+            let root = if name % 2 == 0 { "a" } else { "b" };
+            path_of(&tmp.path().join(root), name)
+        };
+        // A flipped byte, a truncated file, a file holding another key.
+        let mut bytes = std::fs::read(path("k1")).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        std::fs::write(path("k1"), &bytes).unwrap();
+        let bytes = std::fs::read(path("k2")).unwrap();
+        std::fs::write(path("k3"), &bytes).unwrap();
+        std::fs::write(path("k2"), &bytes[..bytes.len() - 10]).unwrap();
+        for key in ["k1", "k2", "k3"] {
+            assert!(c.get(key).is_none(), "{key} served though damaged");
+            assert!(!path(key).exists(), "{key} not removed");
+        }
+        assert_eq!(c.stats().dropped.load(Ordering::Relaxed), 3);
+        // Damage found at open: the file is removed and not indexed.
+        c.insert("k4", &[4u8; 5000]);
+        drop(c);
+        let bytes = std::fs::read(path("k4")).unwrap();
+        std::fs::write(path("k4"), &bytes[..100]).unwrap();
+        std::fs::write(path("k4").with_file_name(".tmp-leftover"), b"x").unwrap();
+        let c = DiskCache::open(&config(tmp.path(), 1 << 20)).unwrap();
+        assert_eq!(c.used(), 0);
+        assert!(files(tmp.path()).is_empty(), "{:?}", files(tmp.path()));
+    }
+
+    #[test]
+    fn capacity_holds_and_evicted_files_go() {
+        let tmp = tempfile::tempdir().unwrap();
+        let c = DiskCache::open(&config(tmp.path(), 10_000)).unwrap();
+        for i in 0..50 {
+            c.insert(&format!("b{i}"), &[0u8; 1000]);
+        }
+        assert!(c.used() <= 10_000, "{}", c.used());
+        let on_disk = files(tmp.path()).len();
+        assert!((5..=10).contains(&on_disk), "{on_disk} files");
+        assert!(c.get("b49").is_some(), "the newest block stays");
+    }
+
+    #[test]
+    fn a_failing_directory_degrades_to_no_caching() {
+        let tmp = tempfile::tempdir().unwrap();
+        let c = DiskCache::open(&DiskCacheConfig {
+            dirs: vec![tmp.path().join("gone")],
+            capacity: 1 << 20,
+            free_ratio: 0.0,
+        })
+        .unwrap();
+        // The disk disappears under the cache: a file where the directory was.
+        std::fs::remove_dir_all(tmp.path().join("gone")).unwrap();
+        std::fs::write(tmp.path().join("gone"), b"not a directory").unwrap();
+        c.insert("k", &[1u8; 100]);
+        assert!(c.get("k").is_none());
+        assert_eq!(c.stats().skipped.load(Ordering::Relaxed), 1);
+        // A directory short of free space takes nothing.
+        let full = DiskCache::open(&DiskCacheConfig {
+            dirs: vec![tmp.path().join("full")],
+            capacity: 1 << 20,
+            free_ratio: 1.1,
+        })
+        .unwrap();
+        full.insert("k", &[1u8; 100]);
+        assert!(full.get("k").is_none());
+    }
+}

@@ -1,0 +1,112 @@
+//! The local-disk block cache on real mounts: blocks read once are served from disk after a
+//! remount even with the object store gone, and damaged cache files are never served.
+
+use crate::harness::*;
+use rand::RngCore;
+
+fn cache_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for sub in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        for f in std::fs::read_dir(sub.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            out.push(f.path());
+        }
+    }
+    out
+}
+
+fn wait_for_files(dir: &std::path::Path, n: usize) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while cache_files(dir).len() < n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} cache files, expected {n}",
+            cache_files(dir).len()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn disk_cache_survives_remounts_and_drops_damaged_files() {
+    let vol = Volume::local(64);
+    let cache = vol.dir.path().join("cache");
+    let opts = ["--cache-dir", cache.to_str().unwrap(), "--cache-size", "64"];
+    let mut data = vec![0u8; 1 << 20];
+    rand::thread_rng().fill_bytes(&mut data);
+    {
+        let mnt = vol.mount_with(&opts);
+        std::fs::write(mnt.p("f"), &data).unwrap();
+        mnt.unmount();
+    }
+    // A remount reads the file once, filling the disk cache (16 blocks of 64 KiB).
+    {
+        let mnt = vol.mount_with(&opts);
+        assert_eq!(std::fs::read(mnt.p("f")).unwrap(), data);
+        wait_for_files(&cache, 16);
+        mnt.unmount();
+    }
+    // With the objects gone, the next mount still reads the file: from the disk cache.
+    let hidden = vol.dir.path().join("objects-away");
+    std::fs::rename(&vol.bucket, &hidden).unwrap();
+    std::fs::create_dir(&vol.bucket).unwrap();
+    {
+        let mnt = vol.mount_with(&opts);
+        assert_eq!(std::fs::read(mnt.p("f")).unwrap(), data);
+        mnt.unmount();
+    }
+    // Damage every cache file: with the objects still gone the read fails rather than
+    // return wrong bytes; with them back it succeeds and the cache is written again.
+    for f in cache_files(&cache) {
+        let mut bytes = std::fs::read(&f).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x55;
+        std::fs::write(&f, bytes).unwrap();
+    }
+    {
+        let mnt = vol.mount_with(&opts);
+        let err = std::fs::read(mnt.p("f")).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+        mnt.unmount();
+    }
+    std::fs::remove_dir(&vol.bucket).unwrap();
+    std::fs::rename(&hidden, &vol.bucket).unwrap();
+    {
+        let mnt = vol.mount_with(&opts);
+        assert_eq!(std::fs::read(mnt.p("f")).unwrap(), data);
+        wait_for_files(&cache, 16);
+        mnt.unmount();
+    }
+    std::fs::rename(&vol.bucket, &hidden).unwrap();
+    std::fs::create_dir(&vol.bucket).unwrap();
+    let mnt = vol.mount_with(&opts);
+    assert_eq!(
+        std::fs::read(mnt.p("f")).unwrap(),
+        data,
+        "rewritten cache files serve"
+    );
+    mnt.unmount();
+}
+
+#[test]
+fn bad_cache_dir_is_a_clear_error() {
+    let vol = Volume::local(64);
+    let file = vol.dir.path().join("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    let path = vol.dir.path().join("mnt");
+    std::fs::create_dir_all(&path).unwrap();
+    let out = tidefs(&[
+        "mount",
+        &vol.url,
+        path.to_str().unwrap(),
+        "--cache-dir",
+        file.join("sub").to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot open the disk cache"), "{err}");
+    assert!(!is_mounted(&path));
+}
