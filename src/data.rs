@@ -255,20 +255,26 @@ impl DataCtx {
     fn read_planned(&self, ino: Ino, off: u64, end: u64) -> Result<Vec<u8>, ReadError> {
         let pieces = self.plan(ino, off, end).map_err(ReadError::Fs)?;
         let mut out = vec![0u8; (end - off) as usize];
+        // Each piece's bytes: from a cache layer if one holds them (the disk layer reads just
+        // the piece), else from the whole block, fetched once for every reader.
         let fetched = self.rt.block_on(async {
             let fetches = pieces.iter().map(|p| async move {
-                match &p.block {
-                    None => Ok(None),
-                    Some((key, len, _)) => self.block(key, *len).await.map(Some),
+                let Some((key, len, in_block)) = &p.block else {
+                    return Ok(None);
+                };
+                let range = *in_block..*in_block + p.len;
+                if let Some(bytes) = self.cache.get_range(key, range.clone()).await {
+                    return Ok(Some(bytes));
                 }
+                let block = self.block(key, *len).await?;
+                Ok(Some(block.slice(range.start as usize..range.end as usize)))
             });
             futures::future::try_join_all(fetches).await
         })?;
         for (p, data) in pieces.iter().zip(fetched) {
-            if let (Some((_, _, in_block)), Some(data)) = (&p.block, data) {
+            if let Some(data) = data {
                 let dst = (p.file_off - off) as usize;
-                let src = *in_block as usize;
-                out[dst..dst + p.len as usize].copy_from_slice(&data[src..src + p.len as usize]);
+                out[dst..dst + p.len as usize].copy_from_slice(&data);
             }
         }
         Ok(out)

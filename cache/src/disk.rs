@@ -1,8 +1,9 @@
 //! A block cache on local disks: one file per block, checksummed, found again after a restart.
 //!
 //! Each cached block is a file `<dir>/<xx>/<hash>` holding a header (magic, the block's key,
-//! its length and CRC32) and then the block. A read checks all of them, so a truncated,
-//! corrupt or misplaced file is dropped and reported as a miss, never served. Files are
+//! its length, and a CRC32 for each 64 KiB segment) and then the block. A read checks the key,
+//! the length and the CRC of every segment it touches, so a truncated, corrupt or misplaced
+//! file is dropped and reported as a miss, never served; a small read touches one segment. Files are
 //! written under a temporary name and renamed, without fsync: after a crash a damaged file is
 //! dropped like any other. Opening a cache reads every file's header to rebuild the index,
 //! oldest first, so the least recently written blocks are evicted first. A directory whose
@@ -11,12 +12,16 @@
 
 use bytes::Bytes;
 use std::io::{Read, Write};
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-const MAGIC: &[u8; 4] = b"TDC1";
+const MAGIC: &[u8; 4] = b"TDC2";
+/// Bytes covered by one checksum.
+const SEGMENT: usize = 64 << 10;
 /// How long a directory that failed a write is left alone.
 const FAILURE_PAUSE: Duration = Duration::from_secs(30);
 /// How often a directory's free space is measured.
@@ -90,11 +95,15 @@ fn free_share(dir: &Path) -> f64 {
 }
 
 /// Where a cached block is, and its length.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 struct Entry {
     dir: u16,
     name: u64,
     len: u32,
+    /// Bytes before the block in the file.
+    header: u32,
+    /// The CRC32 of each segment, kept here so that a read costs one pread.
+    crcs: Arc<[u32]>,
 }
 
 /// Counters of a disk cache.
@@ -139,19 +148,30 @@ fn path_of(root: &Path, name: u64) -> PathBuf {
         .join(format!("{name:016x}"))
 }
 
-/// A header as written before a block.
-fn header(key: &str, data: &[u8]) -> Vec<u8> {
-    let mut h = Vec::with_capacity(14 + key.len());
+/// A header as written before a block of `len` bytes with segment checksums `crcs`.
+fn header(key: &str, len: usize, crcs: &[u32]) -> Vec<u8> {
+    let mut h = Vec::with_capacity(14 + key.len() + 4 * crcs.len());
     h.extend_from_slice(MAGIC);
     h.extend_from_slice(&(key.len() as u16).to_le_bytes());
     h.extend_from_slice(key.as_bytes());
-    h.extend_from_slice(&(data.len() as u32).to_le_bytes());
-    h.extend_from_slice(&crc32fast::hash(data).to_le_bytes());
+    h.extend_from_slice(&(len as u32).to_le_bytes());
+    h.extend_from_slice(&(crcs.len() as u32).to_le_bytes());
+    for crc in crcs {
+        h.extend_from_slice(&crc.to_le_bytes());
+    }
     h
 }
 
-/// The key, data length and CRC a header records, and the header's length.
-fn read_header(r: &mut impl Read) -> std::io::Result<(String, u32, u32, u64)> {
+/// What a file's header records.
+struct Header {
+    key: String,
+    len: u32,
+    crcs: Vec<u32>,
+    /// Bytes before the block.
+    size: u64,
+}
+
+fn read_header(r: &mut impl Read) -> std::io::Result<Header> {
     let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "bad cache header");
     let mut fixed = [0u8; 6];
     r.read_exact(&mut fixed)?;
@@ -164,9 +184,23 @@ fn read_header(r: &mut impl Read) -> std::io::Result<(String, u32, u32, u64)> {
     let mut tail = [0u8; 8];
     r.read_exact(&mut tail)?;
     let len = u32::from_le_bytes([tail[0], tail[1], tail[2], tail[3]]);
-    let crc = u32::from_le_bytes([tail[4], tail[5], tail[6], tail[7]]);
+    let segments = u32::from_le_bytes([tail[4], tail[5], tail[6], tail[7]]) as usize;
+    if segments != (len as usize).div_ceil(SEGMENT) {
+        return Err(bad());
+    }
+    let mut raw = vec![0u8; 4 * segments];
+    r.read_exact(&mut raw)?;
+    let crcs = raw
+        .chunks(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
     let key = String::from_utf8(key).map_err(|_| bad())?;
-    Ok((key, len, crc, (6 + key_len + 8) as u64))
+    Ok(Header {
+        key,
+        len,
+        crcs,
+        size: (6 + key_len + 8 + 4 * segments) as u64,
+    })
 }
 
 impl DiskCache {
@@ -230,16 +264,15 @@ impl DiskCache {
                         continue;
                     };
                     match Self::probe(&path) {
-                        Some((key, len, modified)) if name_of(&key) == name => {
-                            found.push((
-                                modified,
-                                key,
-                                Entry {
-                                    dir: i as u16,
-                                    name,
-                                    len,
-                                },
-                            ));
+                        Some((h, modified)) if name_of(&h.key) == name => {
+                            let entry = Entry {
+                                dir: i as u16,
+                                name,
+                                len: h.len,
+                                header: h.size as u32,
+                                crcs: Arc::from(h.crcs),
+                            };
+                            found.push((modified, h.key, entry));
                         }
                         _ => {
                             let _ = std::fs::remove_file(&path);
@@ -256,24 +289,34 @@ impl DiskCache {
         self.index.run_pending_tasks();
     }
 
-    /// The key, length and mtime of a cache file whose size matches its header.
-    fn probe(path: &Path) -> Option<(String, u32, SystemTime)> {
+    /// The header and mtime of a cache file whose size matches its header.
+    fn probe(path: &Path) -> Option<(Header, SystemTime)> {
         let mut f = std::fs::File::open(path).ok()?;
         let meta = f.metadata().ok()?;
-        let (key, len, _, header_len) = read_header(&mut f).ok()?;
-        (meta.len() == header_len + len as u64)
-            .then(|| (key, len, meta.modified().unwrap_or(SystemTime::UNIX_EPOCH)))
+        let h = read_header(&mut std::io::BufReader::new(&mut f)).ok()?;
+        let modified = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+        (meta.len() == h.size + h.len as u64).then_some((h, modified))
     }
 
-    /// The cached block `key` if its file is whole and matches its checksum; a damaged file
-    /// is removed.
+    /// The cached block `key` if its file is whole and matches its checksums; a damaged
+    /// file is removed.
     pub fn get(&self, key: &str) -> Option<Bytes> {
+        self.get_range(key, None)
+    }
+
+    /// Bytes `range` of the cached block `key` (all of it for None), reading and checking only
+    /// the segments they fall in; None if not cached, out of range or damaged (then removed).
+    pub fn get_range(&self, key: &str, range: Option<Range<u32>>) -> Option<Bytes> {
         let Some(e) = self.index.get(key) else {
             self.stats.misses.fetch_add(1, Ordering::Relaxed);
             return None;
         };
         let path = path_of(&self.dirs[e.dir as usize].root, e.name);
-        match Self::read_block(&path, key) {
+        let range = range.unwrap_or(0..e.len);
+        if range.start > range.end || range.end > e.len {
+            return None;
+        }
+        match Self::read_range(&path, &e, range) {
             Some(data) => {
                 self.stats.hits.fetch_add(1, Ordering::Relaxed);
                 Some(data)
@@ -288,15 +331,26 @@ impl DiskCache {
         }
     }
 
-    fn read_block(path: &Path, key: &str) -> Option<Bytes> {
-        let mut f = std::fs::File::open(path).ok()?;
-        let (stored_key, len, crc, _) = read_header(&mut f).ok()?;
-        if stored_key != key {
+    /// The segments holding `range`, checked against the checksums indexed when the file was
+    /// written or found: a file replaced, damaged or cut short since fails the check.
+    fn read_range(path: &Path, e: &Entry, range: Range<u32>) -> Option<Bytes> {
+        let f = std::fs::File::open(path).ok()?;
+        let first = range.start as usize / SEGMENT;
+        let last = (range.end as usize).div_ceil(SEGMENT).max(first + 1);
+        let start = first * SEGMENT;
+        let end = (last * SEGMENT).min(e.len as usize);
+        let mut data = vec![0u8; end - start];
+        f.read_exact_at(&mut data, e.header as u64 + start as u64)
+            .ok()?;
+        let intact = data
+            .chunks(SEGMENT)
+            .zip(&e.crcs[first..])
+            .all(|(seg, crc)| crc32fast::hash(seg) == *crc);
+        if !intact {
             return None;
         }
-        let mut data = Vec::with_capacity(len as usize);
-        f.take(len as u64 + 1).read_to_end(&mut data).ok()?;
-        (data.len() == len as usize && crc32fast::hash(&data) == crc).then(|| Bytes::from(data))
+        let data = Bytes::from(data);
+        Some(data.slice(range.start as usize - start..range.end as usize - start))
     }
 
     /// Caches `data` as block `key`, unless it is cached already or its directory is failing
@@ -315,10 +369,12 @@ impl DiskCache {
         let path = path_of(&dir.root, name);
         let parent = path.parent().expect("cache files are in a subdirectory");
         let tmp = parent.join(format!(".tmp-{name:016x}-{}", std::process::id()));
+        let crcs: Arc<[u32]> = data.chunks(SEGMENT).map(crc32fast::hash).collect();
+        let head = header(key, data.len(), &crcs);
         let written = std::fs::create_dir_all(parent)
             .and_then(|_| std::fs::File::create(&tmp))
             .and_then(|mut f| {
-                f.write_all(&header(key, data))?;
+                f.write_all(&head)?;
                 f.write_all(data)
             })
             .and_then(|_| std::fs::rename(&tmp, &path));
@@ -328,6 +384,8 @@ impl DiskCache {
                     dir: dir_index as u16,
                     name,
                     len: data.len() as u32,
+                    header: head.len() as u32,
+                    crcs,
                 };
                 self.index.insert(Arc::from(key), entry);
                 self.index.run_pending_tasks();
@@ -338,6 +396,11 @@ impl DiskCache {
                 self.stats.skipped.fetch_add(1, Ordering::Relaxed);
             }
         }
+    }
+
+    /// Whether block `key` is indexed (its file may still turn out damaged).
+    pub fn contains(&self, key: &str) -> bool {
+        self.index.contains_key(key)
     }
 
     /// Bytes of block data indexed.
@@ -439,6 +502,39 @@ mod tests {
         let c = DiskCache::open(&config(tmp.path(), 1 << 20)).unwrap();
         assert_eq!(c.used(), 0);
         assert!(files(tmp.path()).is_empty(), "{:?}", files(tmp.path()));
+    }
+
+    #[test]
+    fn ranges_read_and_check_only_their_segments() {
+        let tmp = tempfile::tempdir().unwrap();
+        let c = DiskCache::open(&config(tmp.path(), 1 << 20)).unwrap();
+        let block: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        c.insert("k", &block);
+        assert_eq!(c.get("k").unwrap(), block);
+        for r in [
+            0..1,
+            65_530..65_550,
+            200_000..300_000,
+            299_999..300_000,
+            7..7,
+        ] {
+            let got = c.get_range("k", Some(r.clone())).unwrap();
+            assert_eq!(got, block[r.start as usize..r.end as usize], "{r:?}");
+        }
+        assert!(c.get_range("k", Some(299_000..300_001)).is_none());
+        // Damage in the last segment: ranges elsewhere still read; one touching it drops
+        // the file.
+        let name = name_of("k");
+        let root = if name % 2 == 0 { "a" } else { "b" };
+        let path = path_of(&tmp.path().join(root), name);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        std::fs::write(&path, bytes).unwrap();
+        assert!(c.get_range("k", Some(0..100)).is_some());
+        assert!(c.get_range("k", Some(299_000..299_100)).is_none());
+        assert!(!path.exists());
+        assert!(c.get("k").is_none());
     }
 
     #[test]

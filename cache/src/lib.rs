@@ -95,6 +95,23 @@ impl BlockCache {
         self.inner.as_ref()?.get(key).await
     }
 
+    /// Bytes `range` of block `key` if the memory or the disk layer holds it, without
+    /// fetching; the disk layer reads only the segments the range falls in.
+    pub async fn get_range(&self, key: &str, range: std::ops::Range<u32>) -> Option<Bytes> {
+        if let Some(c) = &self.inner {
+            if let Some(b) = c.get(key).await {
+                let r = range.start as usize..range.end as usize;
+                return (r.start <= r.end && r.end <= b.len()).then(|| b.slice(r));
+            }
+        }
+        let disk = self.disk.clone().filter(|d| d.contains(key))?;
+        let key = key.to_string();
+        tokio::task::spawn_blocking(move || disk.get_range(&key, Some(range)))
+            .await
+            .ok()
+            .flatten()
+    }
+
     /// Caches `data` as block `key`.
     pub async fn insert(&self, key: &str, data: Bytes) {
         if let Some(c) = &self.inner {
