@@ -292,7 +292,8 @@ mod tests {
             .into_iter()
             .map(|o| o.key)
             .collect();
-        assert_eq!(some, ["v/a/1-2", "v/a/1/x", "v/a/1_0", "v/a/12/x"]);
+        // Byte order: '-' < '/' < '2' < '_'.
+        assert_eq!(some, ["v/a/1-2", "v/a/1/x", "v/a/12/x", "v/a/1_0"]);
     }
 
     #[tokio::test]
