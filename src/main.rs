@@ -636,31 +636,48 @@ fn spinner() -> indicatif::ProgressBar {
     bar
 }
 
-fn gc(a: GcArgs) -> Result<()> {
-    let (meta, format) = volume::open_meta(&parse_url(&meta_url_or_default(a.meta_url))?)?;
-    let access = a.store.access()?;
-    let opts = tidefs::gc::GcOptions {
-        delete: a.delete,
-        grace: Duration::from_secs(a.grace),
-    };
+/// A volume opened for a scan of its metadata and bucket (gc, fsck), with a spinner.
+struct Scan {
+    meta: Arc<dyn tidefs_meta::Meta>,
+    store: Arc<dyn tidefs::object::ObjectStore>,
+    layout: Layout,
+    rt: tokio::runtime::Runtime,
+    bar: indicatif::ProgressBar,
+}
+
+fn open_scan(meta_url: Option<String>, store: &StoreArgs) -> Result<Scan> {
+    let (meta, format) = volume::open_meta(&parse_url(&meta_url_or_default(meta_url))?)?;
+    let access = store.access()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start a runtime")?;
-    let bar = spinner();
-    let report = rt.block_on(async {
-        let (store, _) = volume::open_store(&format, &access).await?;
-        let mut show = |r: &tidefs::gc::GcReport| {
-            bar.set_message(format!(
-                "{} objects scanned, {} leaked, {} deleted",
-                r.objects, r.leaked, r.deleted
-            ))
-        };
-        tidefs::gc::gc(&*meta, &*store, &Layout::of(&format), &opts, &mut show)
-            .await
-            .map_err(anyhow::Error::from)
-    })?;
-    bar.finish_and_clear();
+    let (store, _) = rt.block_on(volume::open_store(&format, &access))?;
+    Ok(Scan {
+        meta,
+        store,
+        layout: Layout::of(&format),
+        rt,
+        bar: spinner(),
+    })
+}
+
+fn gc(a: GcArgs) -> Result<()> {
+    let opts = tidefs::gc::GcOptions {
+        delete: a.delete,
+        grace: Duration::from_secs(a.grace),
+    };
+    let s = open_scan(a.meta_url, &a.store)?;
+    let mut show = |r: &tidefs::gc::GcReport| {
+        s.bar.set_message(format!(
+            "{} objects scanned, {} leaked, {} deleted",
+            r.objects, r.leaked, r.deleted
+        ))
+    };
+    let report = s.rt.block_on(tidefs::gc::gc(
+        &*s.meta, &*s.store, &s.layout, &opts, &mut show,
+    ))?;
+    s.bar.finish_and_clear();
     println!("{}", serde_json::to_string_pretty(&report)?);
     if report.leaked > 0 && !a.delete {
         eprintln!(
@@ -675,28 +692,19 @@ fn gc(a: GcArgs) -> Result<()> {
 }
 
 fn fsck(a: FsckArgs) -> Result<()> {
-    let (meta, format) = volume::open_meta(&parse_url(&meta_url_or_default(a.meta_url))?)?;
-    let access = a.store.access()?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start a runtime")?;
-    let bar = spinner();
-    let report = rt.block_on(async {
-        let (store, _) = volume::open_store(&format, &access).await?;
-        let mut show = |r: &tidefs::fsck::FsckReport| {
-            bar.set_message(format!(
-                "{} objects listed, {} slices checked, {} blocks missing",
-                r.objects,
-                r.slices,
-                r.missing.len()
-            ))
-        };
-        tidefs::fsck::fsck(&*meta, &*store, &Layout::of(&format), a.repair, &mut show)
-            .await
-            .map_err(anyhow::Error::from)
-    })?;
-    bar.finish_and_clear();
+    let s = open_scan(a.meta_url, &a.store)?;
+    let mut show = |r: &tidefs::fsck::FsckReport| {
+        s.bar.set_message(format!(
+            "{} objects listed, {} slices checked, {} blocks missing",
+            r.objects,
+            r.slices,
+            r.missing.len()
+        ))
+    };
+    let report = s.rt.block_on(tidefs::fsck::fsck(
+        &*s.meta, &*s.store, &s.layout, a.repair, &mut show,
+    ))?;
+    s.bar.finish_and_clear();
     println!("{}", serde_json::to_string_pretty(&report)?);
     if report.is_broken() {
         bail!(

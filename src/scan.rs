@@ -23,29 +23,34 @@ pub enum ScanError {
 
 /// Every slice id files reference, with its size, read page by page.
 pub fn referenced(meta: &dyn Meta) -> Result<HashMap<u64, u32>, MetaError> {
-    let mut out = HashMap::new();
-    let mut after = 0;
-    loop {
+    all_pages(|after| {
         let page = meta.referenced_slices(after, SLICE_PAGE)?;
-        let Some(last) = page.last() else {
-            return Ok(out);
-        };
-        after = last.id;
-        out.extend(page.iter().map(|s| (s.id, s.size)));
-    }
+        Ok(page.iter().map(|s| (s.id, s.size)).collect())
+    })
 }
 
 /// Every freed slice whose objects are still queued for deletion, with its size.
 pub fn queued(meta: &dyn Meta) -> Result<HashMap<u64, u32>, MetaError> {
+    all_pages(|after| {
+        let page = meta.pending_deletions(after, SLICE_PAGE)?;
+        Ok(page.iter().map(|s| (s.id, s.size)).collect())
+    })
+}
+
+/// Collects `(id, size)` pages in id order, each asked for after the last id of the one
+/// before, until one comes back empty.
+fn all_pages(
+    mut page: impl FnMut(u64) -> Result<Vec<(u64, u32)>, MetaError>,
+) -> Result<HashMap<u64, u32>, MetaError> {
     let mut out = HashMap::new();
     let mut after = 0;
     loop {
-        let page = meta.pending_deletions(after, SLICE_PAGE)?;
-        let Some(last) = page.last() else {
+        let rows = page(after)?;
+        let Some(&(last, _)) = rows.last() else {
             return Ok(out);
         };
-        after = last.id;
-        out.extend(page.iter().map(|s| (s.id, s.size)));
+        after = last;
+        out.extend(rows);
     }
 }
 

@@ -1,6 +1,6 @@
 //! A block cache on local disks: one file per block, checksummed, found again after a restart.
 //!
-//! Each cached block is a file `<dir>/<xx>/<hash>` holding a header (magic, the block's key,
+//! Each cached block is a file `<dir>/<xx>/<hash>-<unique>` holding a header (magic, the block's key,
 //! its length, and a CRC32 for each 64 KiB segment) and then the block. A read checks the key,
 //! the length and the CRC of every segment it touches, so a truncated, corrupt or misplaced
 //! file is dropped and reported as a miss, never served; a small read touches one segment. Files are
@@ -94,11 +94,14 @@ fn free_share(dir: &Path) -> f64 {
     st.f_bavail as f64 / st.f_blocks as f64
 }
 
-/// Where a cached block is, and its length.
+/// Where a cached block is, and its length. Every write makes a new file name, so an entry
+/// owns its file: removing it never touches another copy of the block.
 #[derive(Clone, Debug)]
 struct Entry {
     dir: u16,
     name: u64,
+    /// Distinguishes the files written for one key over time.
+    unique: u64,
     len: u32,
     /// Bytes before the block in the file.
     header: u32,
@@ -143,9 +146,18 @@ fn name_of(key: &str) -> u64 {
     })
 }
 
-fn path_of(root: &Path, name: u64) -> PathBuf {
+fn path_of(root: &Path, name: u64, unique: u64) -> PathBuf {
     root.join(format!("{:02x}", name & 0xff))
-        .join(format!("{name:016x}"))
+        .join(format!("{name:016x}-{unique:x}"))
+}
+
+/// A file name not used before: the time in nanoseconds and a counter.
+fn new_unique() -> u64 {
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    (nanos << 8) ^ SEQ.fetch_add(1, Ordering::Relaxed)
 }
 
 /// A header as written before a block of `len` bytes with segment checksums `crcs`.
@@ -225,11 +237,8 @@ impl DiskCache {
             .eviction_policy(moka::policy::EvictionPolicy::lru())
             .max_capacity(config.capacity)
             .weigher(|_k: &Arc<str>, e: &Entry| e.len.max(1))
-            .eviction_listener(move |_k, e: Entry, cause| {
-                // Replaced entries name the same file, which now holds the new block.
-                if cause != moka::notification::RemovalCause::Replaced {
-                    let _ = std::fs::remove_file(path_of(&roots[e.dir as usize], e.name));
-                }
+            .eviction_listener(move |_k, e: Entry, _cause| {
+                let _ = std::fs::remove_file(path_of(&roots[e.dir as usize], e.name, e.unique));
             })
             .build();
         let cache = DiskCache {
@@ -260,7 +269,14 @@ impl DiskCache {
                         let _ = std::fs::remove_file(&path);
                         continue;
                     }
-                    let Ok(name) = u64::from_str_radix(&name, 16) else {
+                    let parsed = name.split_once('-').and_then(|(n, u)| {
+                        Some((
+                            u64::from_str_radix(n, 16).ok()?,
+                            u64::from_str_radix(u, 16).ok()?,
+                        ))
+                    });
+                    let Some((name, unique)) = parsed else {
+                        let _ = std::fs::remove_file(&path);
                         continue;
                     };
                     match Self::probe(&path) {
@@ -268,6 +284,7 @@ impl DiskCache {
                             let entry = Entry {
                                 dir: i as u16,
                                 name,
+                                unique,
                                 len: h.len,
                                 header: h.size as u32,
                                 crcs: Arc::from(h.crcs),
@@ -311,7 +328,7 @@ impl DiskCache {
             self.stats.misses.fetch_add(1, Ordering::Relaxed);
             return None;
         };
-        let path = path_of(&self.dirs[e.dir as usize].root, e.name);
+        let path = path_of(&self.dirs[e.dir as usize].root, e.name, e.unique);
         let range = range.unwrap_or(0..e.len);
         if range.start > range.end || range.end > e.len {
             return None;
@@ -322,7 +339,14 @@ impl DiskCache {
                 Some(data)
             }
             None => {
-                self.index.invalidate(key);
+                // Drop this entry, not a fresh copy another reader may have written since.
+                let unique = e.unique;
+                self.index
+                    .entry(Arc::from(key))
+                    .and_compute_with(|current| match current {
+                        Some(c) if c.value().unique == unique => moka::ops::compute::Op::Remove,
+                        _ => moka::ops::compute::Op::Nop,
+                    });
                 let _ = std::fs::remove_file(&path);
                 self.stats.dropped.fetch_add(1, Ordering::Relaxed);
                 self.stats.misses.fetch_add(1, Ordering::Relaxed);
@@ -366,9 +390,10 @@ impl DiskCache {
             self.stats.skipped.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        let path = path_of(&dir.root, name);
+        let unique = new_unique();
+        let path = path_of(&dir.root, name, unique);
         let parent = path.parent().expect("cache files are in a subdirectory");
-        let tmp = parent.join(format!(".tmp-{name:016x}-{}", std::process::id()));
+        let tmp = parent.join(format!(".tmp-{name:016x}-{unique:x}"));
         let crcs: Arc<[u32]> = data.chunks(SEGMENT).map(crc32fast::hash).collect();
         let head = header(key, data.len(), &crcs);
         let written = std::fs::create_dir_all(parent)
@@ -383,6 +408,7 @@ impl DiskCache {
                 let entry = Entry {
                     dir: dir_index as u16,
                     name,
+                    unique,
                     len: data.len() as u32,
                     header: head.len() as u32,
                     crcs,
@@ -403,9 +429,8 @@ impl DiskCache {
         self.index.contains_key(key)
     }
 
-    /// Bytes of block data indexed.
+    /// Bytes of block data indexed (as of the last insert or eviction; no I/O).
     pub fn used(&self) -> u64 {
-        self.index.run_pending_tasks();
         self.index.weighted_size()
     }
 
@@ -430,6 +455,17 @@ mod tests {
             capacity,
             free_ratio: 0.0,
         }
+    }
+
+    /// The file holding `key` (its name starts with the key's hash).
+    fn file_of(dir: &Path, key: &str) -> Option<PathBuf> {
+        let prefix = format!("{:016x}-", name_of(key));
+        files(dir).into_iter().find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with(&prefix)
+        })
     }
 
     fn files(dir: &Path) -> Vec<PathBuf> {
@@ -475,11 +511,7 @@ mod tests {
         c.insert("k1", &[1u8; 5000]);
         c.insert("k2", &[2u8; 5000]);
         c.insert("k3", &[3u8; 5000]);
-        let path = |key: &str| {
-            let name = name_of(key);
-            let root = if name % 2 == 0 { "a" } else { "b" };
-            path_of(&tmp.path().join(root), name)
-        };
+        let path = |key: &str| file_of(tmp.path(), key).expect("cached file");
         // A flipped byte, a truncated file, a file holding another key.
         let mut bytes = std::fs::read(path("k1")).unwrap();
         let last = bytes.len() - 1;
@@ -490,7 +522,7 @@ mod tests {
         std::fs::write(path("k2"), &bytes[..bytes.len() - 10]).unwrap();
         for key in ["k1", "k2", "k3"] {
             assert!(c.get(key).is_none(), "{key} served though damaged");
-            assert!(!path(key).exists(), "{key} not removed");
+            assert!(file_of(tmp.path(), key).is_none(), "{key} not removed");
         }
         assert_eq!(c.stats().dropped.load(Ordering::Relaxed), 3);
         // Damage found at open: the file is removed and not indexed.
@@ -524,9 +556,7 @@ mod tests {
         assert!(c.get_range("k", Some(299_000..300_001)).is_none());
         // Damage in the last segment: ranges elsewhere still read; one touching it drops
         // the file.
-        let name = name_of("k");
-        let root = if name % 2 == 0 { "a" } else { "b" };
-        let path = path_of(&tmp.path().join(root), name);
+        let path = file_of(tmp.path(), "k").expect("cached file");
         let mut bytes = std::fs::read(&path).unwrap();
         let last = bytes.len() - 1;
         bytes[last] ^= 1;

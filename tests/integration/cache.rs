@@ -12,7 +12,10 @@ fn cache_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
             .flatten()
             .flatten()
         {
-            out.push(f.path());
+            // Files being written are not in the cache yet.
+            if !f.file_name().to_string_lossy().starts_with('.') {
+                out.push(f.path());
+            }
         }
     }
     out
