@@ -726,7 +726,16 @@ impl Mounted {
     /// Waits until the filesystem is unmounted (by umount(2), fusermount3 or the kernel).
     pub fn join(mut self) -> io::Result<()> {
         match self.session.take() {
-            Some(s) => s.join(),
+            // Once the kernel has torn the connection down (after an unmount, notably a lazy
+            // one, or an abort), reading /dev/fuse can fail with ECONNABORTED rather than
+            // ENODEV, which fuser takes for an error: it is the end of the session all the same.
+            Some(s) => match s.join() {
+                Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => {
+                    tracing::debug!("FUSE connection ended with ECONNABORTED");
+                    Ok(())
+                }
+                other => other,
+            },
             None => Ok(()),
         }
     }
