@@ -201,13 +201,21 @@ impl DataCtx {
     }
 
     /// Starts uploading a block; its bytes stop counting as buffered once the upload ends.
-    /// Written blocks are not cached: large writes would only flush the cache.
+    /// An uploaded block goes to the disk cache, if any, but not to memory: large writes
+    /// would only flush the hottest blocks.
     fn upload(&self, key: String, data: Bytes) -> JoinHandle<Result<(), StoreError>> {
-        let (store, buffered) = (self.store.clone(), self.buffered.clone());
+        let (store, buffered, cache) = (
+            self.store.clone(),
+            self.buffered.clone(),
+            self.cache.clone(),
+        );
         self.rt.spawn(async move {
             let len = data.len() as u64;
-            let result = store.put(&key, data).await;
+            let result = store.put(&key, data.clone()).await;
             buffered.fetch_sub(len, Ordering::Relaxed);
+            if result.is_ok() {
+                cache.keep_written(&key, data);
+            }
             result
         })
     }

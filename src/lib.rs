@@ -25,3 +25,4 @@ pub mod secret;
 pub mod slices;
 pub mod vfs;
 pub mod volume;
+pub mod warmup;

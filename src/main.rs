@@ -46,6 +46,18 @@ enum Command {
     /// Check the namespace and that every referenced block is in the bucket; --repair fixes
     /// what can be fixed without losing data.
     Fsck(FsckArgs),
+    /// Read files or trees through their tidefs mount so that their blocks are cached.
+    Warmup(WarmupArgs),
+}
+
+#[derive(Args)]
+struct WarmupArgs {
+    /// Files or directories on a tidefs mount.
+    #[arg(required = true)]
+    paths: Vec<PathBuf>,
+    /// Files read at once.
+    #[arg(long, default_value_t = 4)]
+    threads: usize,
 }
 
 #[derive(Args)]
@@ -282,6 +294,7 @@ fn main() {
         Command::Objbench(a) => objbench(a),
         Command::Gc(a) => gc(a),
         Command::Fsck(a) => fsck(a),
+        Command::Warmup(a) => warmup(a),
     };
     if let Err(e) = result {
         eprintln!("tidefs: error: {e:#}");
@@ -713,6 +726,42 @@ fn fsck(a: FsckArgs) -> Result<()> {
             report.missing.len(),
             report.wrong_size.len()
         );
+    }
+    Ok(())
+}
+
+fn warmup(a: WarmupArgs) -> Result<()> {
+    for p in &a.paths {
+        let abs =
+            std::fs::canonicalize(p).with_context(|| format!("cannot warm up {}", p.display()))?;
+        let on_tidefs = volume::mount_point_of(&abs).is_some_and(|m| volume::is_tidefs_mount(&m));
+        if !on_tidefs {
+            bail!("{} is not on a tidefs mount", p.display());
+        }
+    }
+    let (files, unreadable) = tidefs::warmup::files_under(&a.paths);
+    let total: u64 = files.iter().map(|(_, len)| len).sum();
+    let bar = indicatif::ProgressBar::new(total);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+    ) {
+        bar.set_style(style);
+    }
+    let started = std::time::Instant::now();
+    let mut report = tidefs::warmup::warm(&files, a.threads, &|n| bar.set_position(n));
+    bar.finish_and_clear();
+    report.errors.extend(unreadable);
+    let secs = started.elapsed().as_secs_f64();
+    let out = serde_json::json!({
+        "files": report.files,
+        "bytes": report.bytes,
+        "seconds": (secs * 1000.0).round() / 1000.0,
+        "mib_per_second": (report.bytes as f64 / (1 << 20) as f64 / secs.max(1e-9)).round(),
+        "errors": report.errors,
+    });
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    if !report.errors.is_empty() {
+        bail!("{} paths could not be read", report.errors.len());
     }
     Ok(())
 }

@@ -476,6 +476,14 @@ pub fn prepare_mountpoint(path: &Path) -> Result<PathBuf, VolumeError> {
 
 /// Whether a tidefs filesystem is mounted at `path` (type `fuse` when mounted by root with
 /// mount(2), `fuse.tidefs` through fusermount3).
+/// The mount point of the filesystem holding `path` (an absolute, resolved path).
+pub fn mount_point_of(path: &Path) -> Option<PathBuf> {
+    path.ancestors()
+        .find(|a| mounted_fs(a).is_some())
+        .map(Path::to_path_buf)
+}
+
+/// Whether a tidefs volume is mounted at `path`.
 pub fn is_tidefs_mount(path: &Path) -> bool {
     mounted_fs(path).is_some_and(|fs| {
         let (kind, source) = fs.split_once(' ').unwrap_or((&fs, ""));

@@ -17,7 +17,7 @@ use tokio::sync::Semaphore;
 
 /// Blocks waiting to be written to the disk cache at most; more are not cached, so a slow
 /// disk cannot make fetched blocks pile up in memory.
-const DISK_WRITES_IN_FLIGHT: usize = 32;
+const DISK_WRITES_IN_FLIGHT: usize = 16;
 
 /// A cache of immutable blocks, keyed by object key: memory, then optionally local disks.
 #[derive(Clone)]
@@ -161,11 +161,26 @@ impl BlockCache {
             return Ok(data);
         }
         let data = fetch.await?;
+        self.write_to_disk(disk, key, data.clone());
+        Ok(data)
+    }
+
+    /// Keeps a block just written in the disk layer, if there is one (not in memory: a large
+    /// write would only flush the hottest blocks), so reading it back needs no fetch. Must be
+    /// called on a tokio runtime.
+    pub fn keep_written(&self, key: &str, data: Bytes) {
+        if let Some(disk) = self.disk.clone() {
+            self.write_to_disk(disk, Arc::from(key), data);
+        }
+    }
+
+    /// Writes `data` to the disk layer in the background, or skips it if too many writes are
+    /// waiting already.
+    fn write_to_disk(&self, disk: Arc<DiskCache>, key: Arc<str>, data: Bytes) {
         match self.disk_writes.clone().try_acquire_owned() {
             Ok(permit) => {
-                let copy = data.clone();
                 tokio::task::spawn_blocking(move || {
-                    disk.insert(&key, &copy);
+                    disk.insert(&key, &data);
                     drop(permit);
                 });
             }
@@ -175,7 +190,6 @@ impl BlockCache {
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
         }
-        Ok(data)
     }
 
     /// Bytes currently held (approximate until pending maintenance runs).

@@ -113,3 +113,65 @@ fn bad_cache_dir_is_a_clear_error() {
     assert!(err.contains("cannot open the disk cache"), "{err}");
     assert!(!is_mounted(&path));
 }
+
+/// Blocks written through a mount with a disk cache land in it, so reading them back needs
+/// no fetch; `tidefs warmup` fills an empty cache from the store.
+#[test]
+fn written_blocks_are_cached_and_warmup_fills_the_cache() {
+    let vol = Volume::local(64);
+    let cache = vol.dir.path().join("cache");
+    let opts = ["--cache-dir", cache.to_str().unwrap()];
+    let mut a = vec![0u8; 640 << 10];
+    rand::thread_rng().fill_bytes(&mut a);
+    let b = vec![7u8; 100_000];
+    {
+        let mnt = vol.mount_with(&opts);
+        std::fs::create_dir(mnt.p("d")).unwrap();
+        std::fs::write(mnt.p("d/a"), &a).unwrap();
+        std::fs::write(mnt.p("d/b"), &b).unwrap();
+        wait_for_files(&cache, 10 + 2);
+        mnt.unmount();
+    }
+    let hidden = vol.dir.path().join("objects-away");
+    std::fs::rename(&vol.bucket, &hidden).unwrap();
+    std::fs::create_dir(&vol.bucket).unwrap();
+    {
+        let mnt = vol.mount_with(&opts);
+        assert_eq!(
+            std::fs::read(mnt.p("d/a")).unwrap(),
+            a,
+            "served from the cache"
+        );
+        mnt.unmount();
+    }
+    std::fs::remove_dir(&vol.bucket).unwrap();
+    std::fs::rename(&hidden, &vol.bucket).unwrap();
+
+    // An empty cache, filled by warmup.
+    std::fs::remove_dir_all(&cache).unwrap();
+    let mnt = vol.mount_with(&opts);
+    let out = tidefs(&["warmup", mnt.p("d").to_str().unwrap(), "--threads", "2"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["files"].as_u64(), Some(2), "{report}");
+    assert_eq!(report["bytes"].as_u64(), Some((a.len() + b.len()) as u64));
+    wait_for_files(&cache, 12);
+    mnt.unmount();
+    std::fs::rename(&vol.bucket, &hidden).unwrap();
+    std::fs::create_dir(&vol.bucket).unwrap();
+    let mnt = vol.mount_with(&opts);
+    assert_eq!(
+        std::fs::read(mnt.p("d/b")).unwrap(),
+        b,
+        "warmed blocks serve"
+    );
+    mnt.unmount();
+    // Outside tidefs, warmup says so.
+    let out = tidefs(&["warmup", vol.dir.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not on a tidefs mount"));
+}
