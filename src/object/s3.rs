@@ -31,6 +31,13 @@ pub struct S3Location {
 }
 
 impl S3Location {
+    /// Whether requests go over TLS (AWS, or an `https://` endpoint).
+    pub fn is_tls(&self) -> bool {
+        self.endpoint
+            .as_deref()
+            .is_none_or(|e| e.starts_with("https://"))
+    }
+
     /// Parses `s3://bucket[/prefix]` (AWS) or `http(s)://host[:port]/bucket[/prefix]` (a custom
     /// endpoint with path-style addressing).
     pub fn parse(url: &str) -> Result<Self, String> {
@@ -88,6 +95,9 @@ pub struct S3Options {
     pub max_deletes: usize,
     /// Timeout of one request.
     pub timeout: Duration,
+    /// Sign the payload of uploads (SHA-256 of every block). Needed for integrity over plain
+    /// HTTP; over HTTPS, TLS already guarantees it and the hashing only costs CPU.
+    pub sign_payload: bool,
 }
 
 impl std::fmt::Debug for S3Options {
@@ -103,6 +113,7 @@ impl std::fmt::Debug for S3Options {
             .field("max_uploads", &self.max_uploads)
             .field("max_downloads", &self.max_downloads)
             .field("max_deletes", &self.max_deletes)
+            .field("sign_payload", &self.sign_payload)
             .finish()
     }
 }
@@ -115,6 +126,7 @@ pub struct S3Store {
     downloads: Arc<Semaphore>,
     deletes: Arc<Semaphore>,
     timeout: Duration,
+    sign_payload: bool,
 }
 
 impl std::fmt::Debug for S3Store {
@@ -211,6 +223,7 @@ impl S3Store {
             downloads: Arc::new(Semaphore::new(opts.max_downloads.max(1))),
             deletes: Arc::new(Semaphore::new(opts.max_deletes.max(1))),
             timeout: opts.timeout,
+            sign_payload: opts.sign_payload,
         }
     }
 
@@ -245,14 +258,18 @@ impl ObjectStore for S3Store {
     async fn put(&self, key: &str, data: Bytes) -> Result<(), StoreError> {
         let _permit = self.uploads.acquire().await.map_err(|e| io(key, e))?;
         self.timed(key, async {
-            self.client
+            let req = self
+                .client
                 .put_object()
                 .bucket(&self.location.bucket)
                 .key(self.full_key(key))
-                .body(ByteStream::from(data))
-                .send()
-                .await
-                .map_err(|e| sdk_error(key, e))?;
+                .body(ByteStream::from(data));
+            let sent = if self.sign_payload {
+                req.send().await
+            } else {
+                req.customize().disable_payload_signing().send().await
+            };
+            sent.map_err(|e| sdk_error(key, e))?;
             Ok(())
         })
         .await
@@ -415,6 +432,13 @@ mod tests {
             (l.endpoint, l.bucket.as_str(), l.prefix.as_str()),
             (None, "my-bucket", "some/prefix/")
         );
+        assert!(S3Location::parse("s3://b-1/p").unwrap().is_tls());
+        assert!(S3Location::parse("https://minio:9000/lake")
+            .unwrap()
+            .is_tls());
+        assert!(!S3Location::parse("http://minio:9000/lake")
+            .unwrap()
+            .is_tls());
         let l = S3Location::parse("http://127.0.0.1:9000/lake").unwrap();
         assert_eq!(l.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
         assert_eq!((l.bucket.as_str(), l.prefix.as_str()), ("lake", ""));
