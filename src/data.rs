@@ -473,6 +473,8 @@ struct WriterState {
     err_seq: u64,
     /// The last commit failure.
     last_error: Option<String>,
+    /// When the oldest write not yet taken for commit was made.
+    pending_since: Option<std::time::Instant>,
 }
 
 /// What a read must do about a file's uncommitted writes.
@@ -559,6 +561,7 @@ impl FileWriter {
         }
         st.length = st.length.max(off + buf.len() as u64);
         st.mtime = Some(Timestamp::now());
+        st.pending_since.get_or_insert_with(std::time::Instant::now);
         Ok(st.slices.len())
     }
 
@@ -602,6 +605,11 @@ impl FileWriter {
         }
     }
 
+    /// How long the oldest write not yet taken for commit has waited, if any is pending.
+    pub fn pending_for(&self) -> Option<std::time::Duration> {
+        self.lock().pending_since.map(|t| t.elapsed())
+    }
+
     /// Whether nothing is pending or committing.
     pub fn is_idle(&self) -> bool {
         let st = self.lock();
@@ -629,6 +637,7 @@ impl FileWriter {
         let (mut slices, mtime, gen) = {
             let mut st = self.lock();
             let slices = std::mem::take(&mut st.slices);
+            st.pending_since = None;
             st.taken += 1;
             let gen = st.taken;
             if !slices.is_empty() {

@@ -33,6 +33,10 @@ pub struct VfsOptions {
     pub delete_interval: Duration,
     /// Most bytes a sequential reader has fetched ahead (also held to half the block cache).
     pub max_readahead: u64,
+    /// Writes still uncommitted after this long are committed in the background, so that an
+    /// open file's data reaches the volume (and other clients, and gc's view) without waiting
+    /// for close or fsync.
+    pub commit_interval: Duration,
 }
 
 impl Default for VfsOptions {
@@ -42,6 +46,7 @@ impl Default for VfsOptions {
             heartbeat: Duration::from_secs(30),
             delete_interval: Duration::from_secs(1),
             max_readahead: 64 << 20,
+            commit_interval: Duration::from_secs(5),
         }
     }
 }
@@ -107,9 +112,10 @@ impl TideVfs {
         let worker = {
             let data = vfs.data.clone();
             let opts = vfs.opts.clone();
+            let weak = Arc::downgrade(&vfs);
             std::thread::Builder::new()
                 .name("tidefs-background".into())
-                .spawn(move || background_loop(&data, sid, &opts, rx))
+                .spawn(move || background_loop(&data, &weak, sid, &opts, rx))
                 .expect("spawn background thread")
         };
         *vfs.background.lock().unwrap_or_else(|e| e.into_inner()) = Some((tx, worker));
@@ -154,6 +160,25 @@ impl TideVfs {
 
     fn handle(&self, fh: u64) -> Option<Arc<OpenHandle>> {
         self.handles.get(&fh).map(|h| h.clone())
+    }
+
+    /// Commits the writes that have waited longer than the commit interval. A failure reaches
+    /// the file's handles through its errseq, as any commit failure does.
+    fn commit_old_writes(&self) {
+        let old: Vec<Ino> = self
+            .writers
+            .iter()
+            .filter(|w| {
+                w.pending_for()
+                    .is_some_and(|d| d >= self.opts.commit_interval)
+            })
+            .map(|w| *w.key())
+            .collect();
+        for ino in old {
+            if let Err(e) = self.flush_inode(ino, None) {
+                tracing::warn!(ino, error = %e, "background commit failed");
+            }
+        }
     }
 
     /// Commits the buffered writes of every file.
@@ -214,7 +239,13 @@ impl TideVfs {
 /// Deletes freed objects and keeps the session alive, until the sender is dropped. Deletion
 /// runs once per `delete_interval` rather than on every unlink, so that the objects freed by a
 /// burst of removals (`rm -rf`) go out together in batches of up to 1000 keys.
-fn background_loop(data: &DataCtx, sid: u64, opts: &VfsOptions, wake: mpsc::Receiver<()>) {
+fn background_loop(
+    data: &DataCtx,
+    vfs: &std::sync::Weak<TideVfs>,
+    sid: u64,
+    opts: &VfsOptions,
+    wake: mpsc::Receiver<()>,
+) {
     let mut last_beat = Instant::now();
     loop {
         let stop = match wake.recv_timeout(opts.delete_interval) {
@@ -222,6 +253,9 @@ fn background_loop(data: &DataCtx, sid: u64, opts: &VfsOptions, wake: mpsc::Rece
             Err(RecvTimeoutError::Disconnected) => true,
         };
         while let Ok(()) = wake.try_recv() {}
+        if let Some(vfs) = vfs.upgrade().filter(|_| !stop) {
+            vfs.commit_old_writes();
+        }
         if let Err(e) = delete_freed(data) {
             tracing::warn!(error = %e, "deleting freed objects failed; will retry");
         }

@@ -29,6 +29,10 @@ fn fixture(block_size: u32) -> Fixture {
 }
 
 fn fixture_with_cache(block_size: u32, cache_bytes: u64) -> Fixture {
+    fixture_with(block_size, cache_bytes, VfsOptions::default())
+}
+
+fn fixture_with(block_size: u32, cache_bytes: u64, opts: VfsOptions) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let meta = SqliteMeta::open(&dir.path().join("meta.db"), true).unwrap();
     let mut format = tidefs_meta::conformance::sample_format();
@@ -53,7 +57,7 @@ fn fixture_with_cache(block_size: u32, cache_bytes: u64) -> Fixture {
         Layout::new(&format.name, block_size),
         rt.handle().clone(),
     ));
-    let vfs = TideVfs::new(data, format, sid, VfsOptions::default());
+    let vfs = TideVfs::new(data, format, sid, opts);
     Fixture {
         vfs,
         store,
@@ -468,4 +472,38 @@ fn reads_mixing_pending_and_committed_data_match_a_model() {
         }
     }
     f.vfs.release(a.ino, fh).unwrap();
+}
+
+/// Writes left open are committed in the background after the commit interval: their data
+/// reaches the volume without a close or fsync, and writing goes on.
+#[test]
+fn old_writes_are_committed_in_the_background() {
+    let opts = VfsOptions {
+        commit_interval: Duration::from_millis(300),
+        delete_interval: Duration::from_millis(100),
+        ..VfsOptions::default()
+    };
+    let f = fixture_with(64 << 10, 64 << 20, opts);
+    let meta = f.vfs.data().meta.clone();
+    let (a, fh) = f.vfs.create(CTX, ROOT_INO, b"log", 0o644, 0).unwrap();
+    f.vfs.write(a.ino, fh, 0, &[1u8; 1000]).unwrap();
+    assert_eq!(meta.getattr(a.ino).unwrap().length, 0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while meta.getattr(a.ino).unwrap().length != 1000 {
+        assert!(std::time::Instant::now() < deadline, "never committed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    f.vfs.write(a.ino, fh, 1000, &[2u8; 1000]).unwrap();
+    let mut want = vec![1u8; 1000];
+    want.extend([2u8; 1000]);
+    assert_eq!(f.vfs.read(a.ino, fh, 0, 4000).unwrap(), want);
+    while meta.getattr(a.ino).unwrap().length != 2000 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "second write never committed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    f.vfs.release(a.ino, fh).unwrap();
+    assert_eq!(f.vfs.read(a.ino, fh, 0, 4000).unwrap(), want);
 }
