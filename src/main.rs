@@ -48,6 +48,23 @@ enum Command {
     Fsck(FsckArgs),
     /// Read files or trees through their tidefs mount so that their blocks are cached.
     Warmup(WarmupArgs),
+    /// Change a volume's changeable settings (the rest is fixed at format).
+    Config(ConfigArgs),
+}
+
+#[derive(Args)]
+struct ConfigArgs {
+    /// Metadata engine URL.
+    meta_url: String,
+    /// Space limit in GiB (0: unlimited).
+    #[arg(long)]
+    capacity: Option<u64>,
+    /// Inode limit (0: unlimited).
+    #[arg(long)]
+    inodes: Option<u64>,
+    /// Days removed files stay in the trash (0: none; the trash is not available yet).
+    #[arg(long)]
+    trash_days: Option<u32>,
 }
 
 #[derive(Args)]
@@ -295,6 +312,7 @@ fn main() {
         Command::Gc(a) => gc(a),
         Command::Fsck(a) => fsck(a),
         Command::Warmup(a) => warmup(a),
+        Command::Config(a) => config(a),
     };
     if let Err(e) = result {
         eprintln!("tidefs: error: {e:#}");
@@ -727,6 +745,35 @@ fn fsck(a: FsckArgs) -> Result<()> {
             report.wrong_size.len()
         );
     }
+    Ok(())
+}
+
+fn config(a: ConfigArgs) -> Result<()> {
+    let (meta, mut format) = volume::open_meta(&parse_url(&a.meta_url)?)?;
+    if a.capacity.is_none() && a.inodes.is_none() && a.trash_days.is_none() {
+        bail!("nothing to change: give --capacity, --inodes or --trash-days");
+    }
+    if a.trash_days.is_some_and(|d| d > 0) {
+        bail!("the trash is not available in this version: use --trash-days 0");
+    }
+    if let Some(gib) = a.capacity {
+        format.capacity = gib
+            .checked_mul(1 << 30)
+            .ok_or_else(|| anyhow!("--capacity {gib} GiB is too large"))?;
+    }
+    if let Some(n) = a.inodes {
+        format.inodes = n;
+    }
+    if let Some(days) = a.trash_days {
+        format.trash_days = days;
+    }
+    let root = meta.getattr(tidefs_meta::ROOT_INO)?;
+    meta.format(&format, root.uid, root.gid)?;
+    let now = meta.load_format()?;
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&volume::display_format(&now))?
+    );
     Ok(())
 }
 

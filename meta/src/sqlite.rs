@@ -45,6 +45,9 @@ CREATE TABLE IF NOT EXISTS deleted_slice (id INTEGER PRIMARY KEY, size INTEGER N
 CREATE INDEX IF NOT EXISTS slice_by_id ON slice (id);
 ";
 
+/// How long the capacity and inode limits are used before being read again.
+const LIMITS_TTL: Duration = Duration::from_secs(5);
+
 const NODE_COLUMNS: &str =
     "ino, kind, mode, uid, gid, rdev, nlink, length, atime, mtime, ctime, parent";
 
@@ -53,7 +56,9 @@ pub struct SqliteMeta {
     path: PathBuf,
     pool: Mutex<Vec<Connection>>,
     /// (capacity bytes, inode limit) from the format, once read.
-    limits: Mutex<Option<(u64, u64)>>,
+    /// The (capacity bytes, inode limit) of the format and when they were read: re-read after
+    /// [`LIMITS_TTL`], so `tidefs config` reaches running mounts.
+    limits: Mutex<Option<(std::time::Instant, (u64, u64))>>,
 }
 
 impl std::fmt::Debug for SqliteMeta {
@@ -601,8 +606,10 @@ impl SqliteMeta {
 
     /// The volume's (capacity, inode) limits, 0 meaning none.
     fn limits(&self, tx: &Connection) -> Result<(u64, u64)> {
-        if let Some(l) = *self.limits.lock().unwrap_or_else(|e| e.into_inner()) {
-            return Ok(l);
+        if let Some((read, l)) = *self.limits.lock().unwrap_or_else(|e| e.into_inner()) {
+            if read.elapsed() < LIMITS_TTL {
+                return Ok(l);
+            }
         }
         let json: Option<String> = tx
             .query_row("SELECT value FROM setting WHERE name = 'format'", [], |r| {
@@ -613,7 +620,8 @@ impl SqliteMeta {
             .and_then(|j| serde_json::from_str::<Format>(&j).ok())
             .map(|f| (f.capacity, f.inodes))
             .unwrap_or((0, 0));
-        *self.limits.lock().unwrap_or_else(|e| e.into_inner()) = Some(l);
+        *self.limits.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((std::time::Instant::now(), l));
         Ok(l)
     }
 

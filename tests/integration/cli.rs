@@ -301,3 +301,43 @@ fn status_shows_live_store_metrics() {
     drop(taken);
     mnt.unmount();
 }
+
+/// `tidefs config` changes the changeable settings, reaching a running mount within seconds,
+/// and refuses what it cannot do.
+#[test]
+fn config_changes_limits_of_a_running_volume() {
+    let vol = Volume::new(1024);
+    fails_with(&tidefs(&["config", &vol.url]), "nothing to change");
+    fails_with(
+        &tidefs(&["config", &vol.url, "--trash-days", "3"]),
+        "trash is not available",
+    );
+    let out = tidefs(&["config", &vol.url, "--inodes", "5"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"inodes\": 5"));
+    let mnt = vol.mount();
+    for i in 0..4 {
+        std::fs::write(mnt.p(&format!("f{i}")), b"x").unwrap();
+    }
+    let err = std::fs::write(mnt.p("f4"), b"x").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+    let out = tidefs(&["config", &vol.url, "--inodes", "0"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while std::fs::write(mnt.p("f4"), b"x").is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the mount never saw the new limit"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    mnt.unmount();
+}
