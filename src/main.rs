@@ -389,6 +389,21 @@ fn hostname() -> String {
         .unwrap_or_else(|_| "localhost".into())
 }
 
+/// Whether the mount of session `s` is running: its process, on this host; a heartbeat in
+/// the last 2 minutes, elsewhere.
+fn session_alive(s: &SessionInfo) -> bool {
+    if s.host == hostname() {
+        pid_alive(s.pid)
+    } else {
+        tidefs_meta::Timestamp::now().sec - s.heartbeat < 120
+    }
+}
+
+/// The live sessions of a volume, for commands that must not race a mount.
+fn live_sessions(meta: &dyn tidefs_meta::Meta) -> Result<Vec<SessionInfo>> {
+    Ok(meta.sessions()?.into_iter().filter(session_alive).collect())
+}
+
 fn pid_alive(pid: u32) -> bool {
     let r = unsafe { libc::kill(pid as i32, 0) };
     r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
@@ -438,15 +453,8 @@ fn mount(a: MountArgs) -> Result<()> {
 
     // Sessions of mounts on this host whose process is gone: free what they held. A live
     // session means the volume is mounted: one volume has one mount until shared volumes exist.
-    let host = hostname();
-    let now = tidefs_meta::Timestamp::now().sec;
     for s in meta.sessions()? {
-        let alive = if s.host == host {
-            pid_alive(s.pid)
-        } else {
-            now - s.heartbeat < 120
-        };
-        if alive {
+        if session_alive(&s) {
             bail!(
                 "volume {} is already mounted at {} by pid {} on {} (one mount per volume)",
                 format.name,
@@ -464,7 +472,7 @@ fn mount(a: MountArgs) -> Result<()> {
     }
     let sid = meta.new_session(&SessionInfo {
         sid: 0,
-        host,
+        host: hostname(),
         pid: std::process::id(),
         mountpoint: mountpoint.display().to_string(),
         version: env!("CARGO_PKG_VERSION").into(),
@@ -478,7 +486,13 @@ fn mount(a: MountArgs) -> Result<()> {
         BlockCache::new(a.cache_size.unwrap_or(128) << 20)
     } else {
         let config = tidefs_cache::DiskCacheConfig {
-            dirs: a.cache_dir.split(':').map(PathBuf::from).collect(),
+            // One subdirectory per volume: block keys repeat across volumes (and across
+            // formats of one name), so a cache must never serve one volume's blocks to another.
+            dirs: a
+                .cache_dir
+                .split(':')
+                .map(|d| PathBuf::from(d).join(&format.uuid))
+                .collect(),
             capacity: a.cache_size.unwrap_or(10240) << 20,
             free_ratio: a.free_space_ratio.clamp(0.0, 1.0),
         };
@@ -699,6 +713,14 @@ fn gc(a: GcArgs) -> Result<()> {
         grace: Duration::from_secs(a.grace),
     };
     let s = open_scan(a.meta_url, &a.store)?;
+    let live = live_sessions(&*s.meta)?;
+    if a.delete && !live.is_empty() {
+        eprintln!(
+            "tidefs: warning: the volume is mounted ({} at {}); objects of writes not committed \
+             for --grace seconds (a mount frozen that long) would be deleted",
+            live[0].host, live[0].mountpoint
+        );
+    }
     let mut show = |r: &tidefs::gc::GcReport| {
         s.bar.set_message(format!(
             "{} objects scanned, {} leaked, {} deleted",
@@ -724,6 +746,19 @@ fn gc(a: GcArgs) -> Result<()> {
 
 fn fsck(a: FsckArgs) -> Result<()> {
     let s = open_scan(a.meta_url, &a.store)?;
+    if a.repair {
+        // A repair is one write transaction over the whole namespace: on a large volume it
+        // would hold a running mount's commits past their timeout.
+        if let Some(l) = live_sessions(&*s.meta)?.first() {
+            bail!(
+                "the volume is mounted at {} on {} (pid {}): unmount it before fsck --repair \
+                 (a check without --repair is safe while mounted)",
+                l.mountpoint,
+                l.host,
+                l.pid
+            );
+        }
+    }
     let mut show = |r: &tidefs::fsck::FsckReport| {
         s.bar.set_message(format!(
             "{} objects listed, {} slices checked, {} blocks missing",

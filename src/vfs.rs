@@ -112,12 +112,29 @@ impl TideVfs {
         let worker = {
             let data = vfs.data.clone();
             let opts = vfs.opts.clone();
-            let weak = Arc::downgrade(&vfs);
             std::thread::Builder::new()
                 .name("tidefs-background".into())
-                .spawn(move || background_loop(&data, &weak, sid, &opts, rx))
+                .spawn(move || background_loop(&data, sid, &opts, rx))
                 .expect("spawn background thread")
         };
+        // Commits run on their own thread: one can wait minutes on a slow store, and the
+        // heartbeat must not wait with it.
+        {
+            let weak = Arc::downgrade(&vfs);
+            let period = (vfs.opts.commit_interval / 5)
+                .clamp(Duration::from_millis(50), Duration::from_secs(1));
+            std::thread::Builder::new()
+                .name("tidefs-commit".into())
+                .spawn(move || loop {
+                    std::thread::sleep(period);
+                    let Some(vfs) = weak.upgrade() else { return };
+                    if vfs.destroyed.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    vfs.commit_old_writes();
+                })
+                .expect("spawn commit thread");
+        }
         *vfs.background.lock().unwrap_or_else(|e| e.into_inner()) = Some((tx, worker));
         vfs
     }
@@ -239,13 +256,7 @@ impl TideVfs {
 /// Deletes freed objects and keeps the session alive, until the sender is dropped. Deletion
 /// runs once per `delete_interval` rather than on every unlink, so that the objects freed by a
 /// burst of removals (`rm -rf`) go out together in batches of up to 1000 keys.
-fn background_loop(
-    data: &DataCtx,
-    vfs: &std::sync::Weak<TideVfs>,
-    sid: u64,
-    opts: &VfsOptions,
-    wake: mpsc::Receiver<()>,
-) {
+fn background_loop(data: &DataCtx, sid: u64, opts: &VfsOptions, wake: mpsc::Receiver<()>) {
     let mut last_beat = Instant::now();
     loop {
         let stop = match wake.recv_timeout(opts.delete_interval) {
@@ -253,9 +264,6 @@ fn background_loop(
             Err(RecvTimeoutError::Disconnected) => true,
         };
         while let Ok(()) = wake.try_recv() {}
-        if let Some(vfs) = vfs.upgrade().filter(|_| !stop) {
-            vfs.commit_old_writes();
-        }
         if let Err(e) = delete_freed(data) {
             tracing::warn!(error = %e, "deleting freed objects failed; will retry");
         }

@@ -151,13 +151,18 @@ fn path_of(root: &Path, name: u64, unique: u64) -> PathBuf {
         .join(format!("{name:016x}-{unique:x}"))
 }
 
-/// A file name not used before: the time in nanoseconds and a counter.
+/// A file name not used before: a counter started at the time (in nanoseconds) of the
+/// process's first cache write, so it stays ahead of every earlier process's names unless
+/// one wrote more than a block per nanosecond.
 fn new_unique() -> u64 {
-    static SEQ: AtomicU64 = AtomicU64::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
-    (nanos << 8) ^ SEQ.fetch_add(1, Ordering::Relaxed)
+    static NEXT: std::sync::OnceLock<AtomicU64> = std::sync::OnceLock::new();
+    NEXT.get_or_init(|| {
+        let nanos = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        AtomicU64::new(nanos)
+    })
+    .fetch_add(1, Ordering::Relaxed)
 }
 
 /// A header as written before a block of `len` bytes with segment checksums `crcs`.
@@ -380,7 +385,20 @@ impl DiskCache {
     /// Caches `data` as block `key`, unless it is cached already or its directory is failing
     /// or short of space.
     pub fn insert(&self, key: &str, data: &[u8]) {
-        if self.dirs.is_empty() || self.index.contains_key(key) {
+        if self.index.contains_key(key) {
+            return;
+        }
+        self.put(key, data);
+    }
+
+    /// Caches `data` as block `key`, replacing what is cached under that key: for blocks just
+    /// written, which are authoritative.
+    pub fn replace(&self, key: &str, data: &[u8]) {
+        self.put(key, data);
+    }
+
+    fn put(&self, key: &str, data: &[u8]) {
+        if self.dirs.is_empty() {
             return;
         }
         let name = name_of(key);
@@ -565,6 +583,22 @@ mod tests {
         assert!(c.get_range("k", Some(299_000..299_100)).is_none());
         assert!(!path.exists());
         assert!(c.get("k").is_none());
+    }
+
+    #[test]
+    fn a_written_block_replaces_what_was_cached() {
+        let tmp = tempfile::tempdir().unwrap();
+        let c = DiskCache::open(&config(tmp.path(), 1 << 20)).unwrap();
+        c.insert("k", &[1u8; 100]);
+        c.insert("k", &[2u8; 100]);
+        assert_eq!(
+            c.get("k").unwrap(),
+            vec![1u8; 100],
+            "a fetched copy does not replace"
+        );
+        c.replace("k", &[3u8; 100]);
+        assert_eq!(c.get("k").unwrap(), vec![3u8; 100]);
+        assert_eq!(files(tmp.path()).len(), 1, "the replaced file is removed");
     }
 
     #[test]

@@ -161,7 +161,7 @@ impl BlockCache {
             return Ok(data);
         }
         let data = fetch.await?;
-        self.write_to_disk(disk, key, data.clone());
+        self.write_to_disk(disk, key, data.clone(), false);
         Ok(data)
     }
 
@@ -170,17 +170,21 @@ impl BlockCache {
     /// called on a tokio runtime.
     pub fn keep_written(&self, key: &str, data: Bytes) {
         if let Some(disk) = self.disk.clone() {
-            self.write_to_disk(disk, Arc::from(key), data);
+            self.write_to_disk(disk, Arc::from(key), data, true);
         }
     }
 
-    /// Writes `data` to the disk layer in the background, or skips it if too many writes are
-    /// waiting already.
-    fn write_to_disk(&self, disk: Arc<DiskCache>, key: Arc<str>, data: Bytes) {
+    /// Writes `data` to the disk layer in the background (replacing what is there if
+    /// `replace`), or skips it if too many writes are waiting already.
+    fn write_to_disk(&self, disk: Arc<DiskCache>, key: Arc<str>, data: Bytes, replace: bool) {
         match self.disk_writes.clone().try_acquire_owned() {
             Ok(permit) => {
                 tokio::task::spawn_blocking(move || {
-                    disk.insert(&key, &data);
+                    if replace {
+                        disk.replace(&key, &data);
+                    } else {
+                        disk.insert(&key, &data);
+                    }
                     drop(permit);
                 });
             }

@@ -43,6 +43,7 @@ CREATE TABLE IF NOT EXISTS sustained (
     sid INTEGER NOT NULL, ino INTEGER NOT NULL, PRIMARY KEY (sid, ino)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS deleted_slice (id INTEGER PRIMARY KEY, size INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS slice_by_id ON slice (id);
+CREATE INDEX IF NOT EXISTS edge_by_ino ON edge (ino);
 ";
 
 /// How long the capacity and inode limits are used before being read again.
@@ -338,7 +339,10 @@ fn upgrade(conn: &Connection) -> Result<()> {
         .optional()?
         .is_some();
     if has_slices {
-        conn.execute_batch("CREATE INDEX IF NOT EXISTS slice_by_id ON slice (id)")?;
+        conn.execute_batch(
+            "CREATE INDEX IF NOT EXISTS slice_by_id ON slice (id);
+             CREATE INDEX IF NOT EXISTS edge_by_ino ON edge (ino);",
+        )?;
     }
     Ok(())
 }

@@ -145,7 +145,12 @@ impl LocalStore {
             if name.starts_with('.') {
                 continue;
             }
-            let meta = entry.metadata().map_err(|e| io_err(prefix, e))?;
+            let meta = match entry.metadata() {
+                Ok(m) => m,
+                // Deleted since the directory was read (a mount deleting freed objects).
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_err(prefix, e)),
+            };
             let key = if meta.is_dir() {
                 format!("{dir}{name}/")
             } else {

@@ -5,6 +5,15 @@ use crate::harness::*;
 use rand::RngCore;
 
 fn cache_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    // The cache keeps each volume in its own subdirectory.
+    let mut out = Vec::new();
+    for vol in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        out.extend(volume_files(&vol.path()));
+    }
+    out
+}
+
+fn volume_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
     for sub in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         for f in std::fs::read_dir(sub.path())
@@ -174,4 +183,23 @@ fn written_blocks_are_cached_and_warmup_fills_the_cache() {
     let out = tidefs(&["warmup", vol.dir.path().to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not on a tidefs mount"));
+}
+
+/// Volumes sharing a cache directory never see each other's blocks, though their block keys
+/// are the same (same name, slice ids counted from 1 in both).
+#[test]
+fn volumes_sharing_a_cache_dir_stay_apart() {
+    let shared = tempfile::tempdir().unwrap();
+    let opts = ["--cache-dir", shared.path().to_str().unwrap()];
+    let (one, two) = (Volume::local(64), Volume::local(64));
+    for (vol, byte) in [(&one, 1u8), (&two, 2u8)] {
+        let mnt = vol.mount_with(&opts);
+        std::fs::write(mnt.p("f"), vec![byte; 200_000]).unwrap();
+        mnt.unmount();
+    }
+    for (vol, byte) in [(&one, 1u8), (&two, 2u8), (&one, 1u8)] {
+        let mnt = vol.mount_with(&opts);
+        assert_eq!(std::fs::read(mnt.p("f")).unwrap(), vec![byte; 200_000]);
+        mnt.unmount();
+    }
 }

@@ -116,6 +116,15 @@ fn fsck_reports_missing_and_damaged_blocks() {
     std::fs::write(mnt.p("d/a"), vec![1u8; 200_000]).unwrap();
     std::fs::write(mnt.p("b"), vec![2u8; 100_000]).unwrap();
     std::fs::hard_link(mnt.p("b"), mnt.p("d/b2")).unwrap();
+    // Checking is safe while mounted; repairing is not.
+    let (ok, _, err) = run(&vol, "fsck", &[]);
+    assert!(ok, "{err}");
+    let mut args = vec!["fsck", vol.url.as_str(), "--repair"];
+    args.extend(vol.store_args.iter().map(String::as_str));
+    let out = tidefs(&args);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unmount it before fsck --repair"), "{err}");
     mnt.unmount();
 
     let (ok, r, err) = run(&vol, "fsck", &[]);
