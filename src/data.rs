@@ -466,8 +466,8 @@ struct WriterState {
     mtime: Option<Timestamp>,
     /// Generation of the last batch of slices taken for commit.
     taken: u64,
-    /// Generations of batches being committed now.
-    committing: Vec<u64>,
+    /// Generations of batches being committed now, with the file ranges each one writes.
+    committing: Vec<(u64, Vec<Range<u64>>)>,
     /// Number of failed commits so far (an errseq: each open handle remembers how many it
     /// has reported, so every handle hears of every failure once).
     err_seq: u64,
@@ -576,7 +576,13 @@ impl FileWriter {
     /// are served from the write buffer, with no commit and no upload.
     pub fn pending_read(&self, off: u64, end: u64) -> PendingRead {
         let st = self.lock();
-        if !st.committing.is_empty() {
+        // Bytes of a batch being committed are neither in memory here nor in metadata yet.
+        let overlaps = |r: &Range<u64>| r.start < end && off < r.end;
+        if st
+            .committing
+            .iter()
+            .any(|(_, ranges)| ranges.iter().any(overlaps))
+        {
             return PendingRead::CommitFirst;
         }
         if st.slices.is_empty() {
@@ -641,7 +647,14 @@ impl FileWriter {
             st.taken += 1;
             let gen = st.taken;
             if !slices.is_empty() {
-                st.committing.push(gen);
+                let ranges = slices
+                    .iter()
+                    .map(|s| {
+                        let start = s.chunk as u64 * CHUNK_SIZE + s.pos as u64;
+                        start..start + s.len as u64
+                    })
+                    .collect();
+                st.committing.push((gen, ranges));
             }
             (slices, st.mtime.unwrap_or_else(Timestamp::now), gen)
         };
@@ -652,7 +665,7 @@ impl FileWriter {
         };
         let mut st = self.lock();
         if !slices.is_empty() {
-            st.committing.retain(|g| *g != gen);
+            st.committing.retain(|(g, _)| *g != gen);
             if let Err(e) = &own {
                 st.err_seq += 1;
                 st.last_error = Some(e.to_string());
@@ -661,7 +674,7 @@ impl FileWriter {
         }
         // Wait for the commits taken before this one, so that this returns only when every
         // earlier write is committed (later ones may keep going).
-        while st.committing.iter().any(|g| *g < gen) {
+        while st.committing.iter().any(|(g, _)| *g < gen) {
             st = self.idle.wait(st).unwrap_or_else(|e| e.into_inner());
         }
         if st.slices.is_empty() && st.committing.is_empty() {

@@ -507,3 +507,38 @@ fn old_writes_are_committed_in_the_background() {
     f.vfs.release(a.ino, fh).unwrap();
     assert_eq!(f.vfs.read(a.ino, fh, 0, 4000).unwrap(), want);
 }
+
+/// A read waits for a commit in flight only if it needs bytes of that commit.
+#[test]
+fn reads_wait_only_for_commits_they_overlap() {
+    let f = fixture(64 << 10);
+    let (a, fh) = f.vfs.create(CTX, ROOT_INO, b"f", 0o644, 0).unwrap();
+    f.vfs.write(a.ino, fh, 0, &[1u8; 10_000]).unwrap();
+    f.vfs.flush(a.ino, fh).unwrap();
+    f.store.delay_puts(Duration::from_millis(1500));
+    f.vfs.write(a.ino, fh, 5_000, &[2u8; 100]).unwrap();
+    let vfs = f.vfs.clone();
+    let committing = std::thread::spawn(move || vfs.flush(a.ino, fh));
+    std::thread::sleep(Duration::from_millis(200));
+    // Elsewhere in the file: served at once, with the committed bytes.
+    let t = std::time::Instant::now();
+    assert_eq!(f.vfs.read(a.ino, fh, 0, 1_000).unwrap(), vec![1u8; 1_000]);
+    assert!(
+        t.elapsed() < Duration::from_millis(700),
+        "{:?}",
+        t.elapsed()
+    );
+    // Over the bytes being committed: waits for the commit and sees them.
+    let got = f.vfs.read(a.ino, fh, 4_990, 20).unwrap();
+    assert!(
+        t.elapsed() >= Duration::from_millis(700),
+        "{:?}",
+        t.elapsed()
+    );
+    let mut want = vec![1u8; 10];
+    want.extend([2u8; 10]);
+    assert_eq!(got, want);
+    committing.join().unwrap().unwrap();
+    f.store.delay_puts(Duration::ZERO);
+    f.vfs.release(a.ino, fh).unwrap();
+}

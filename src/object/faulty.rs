@@ -16,6 +16,7 @@ pub struct FaultyStore {
     failing_puts: AtomicU32,
     failing_gets: AtomicU32,
     get_delay_ms: AtomicU64,
+    put_delay_ms: AtomicU64,
     failing_deletes: std::sync::Mutex<Option<String>>,
 }
 
@@ -40,6 +41,7 @@ impl FaultyStore {
             failing_puts: AtomicU32::new(0),
             failing_gets: AtomicU32::new(0),
             get_delay_ms: AtomicU64::new(0),
+            put_delay_ms: AtomicU64::new(0),
             failing_deletes: std::sync::Mutex::new(None),
         }
     }
@@ -67,6 +69,12 @@ impl FaultyStore {
         self.get_delay_ms
             .store(delay.as_millis() as u64, Ordering::SeqCst);
     }
+
+    /// Makes every later put take `delay` longer (zero: no delay).
+    pub fn delay_puts(&self, delay: Duration) {
+        self.put_delay_ms
+            .store(delay.as_millis() as u64, Ordering::SeqCst);
+    }
 }
 
 #[async_trait]
@@ -76,6 +84,10 @@ impl ObjectStore for FaultyStore {
     }
 
     async fn put(&self, key: &str, data: Bytes) -> Result<(), StoreError> {
+        let delay = self.put_delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
         if take(&self.failing_puts) {
             return Err(injected(key));
         }
