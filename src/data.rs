@@ -622,12 +622,6 @@ impl FileWriter {
         st.slices.is_empty() && st.committing.is_empty()
     }
 
-    /// Whether writes are buffered and not yet committed.
-    pub fn has_pending(&self) -> bool {
-        let st = self.lock();
-        !st.slices.is_empty() || !st.committing.is_empty()
-    }
-
     /// The number of commit failures so far, for a handle opening now.
     pub fn err_seq(&self) -> u64 {
         self.lock().err_seq

@@ -34,74 +34,73 @@ impl MountMetrics {
     pub fn prometheus(&self) -> String {
         let mut out = String::new();
         self.store.prometheus(&mut out);
-        let gauges = [
+        let (gauge, counter) = ("gauge", "counter");
+        let mut rows = vec![
             (
                 "tidefs_cache_used_bytes",
+                gauge,
                 "Bytes held by the block cache.",
                 self.data.cache.used(),
             ),
             (
                 "tidefs_cache_capacity_bytes",
+                gauge,
                 "Limit of the block cache.",
                 self.data.cache.capacity(),
             ),
             (
                 "tidefs_buffer_used_bytes",
+                gauge,
                 "Written bytes held in memory until uploaded.",
                 self.data.buffered.load(Ordering::Relaxed),
             ),
             (
                 "tidefs_uptime_seconds",
+                gauge,
                 "Seconds since the mount started.",
                 self.started.elapsed().as_secs(),
             ),
         ];
-        for (name, help, value) in gauges {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
-            );
-        }
         if let Some(disk) = self.data.cache.disk() {
             let s = disk.stats();
-            let rows = [
+            rows.extend([
                 (
                     "tidefs_disk_cache_used_bytes",
-                    "gauge",
+                    gauge,
                     "Bytes in the disk cache.",
                     disk.used(),
                 ),
                 (
                     "tidefs_disk_cache_hits_total",
-                    "counter",
+                    counter,
                     "Blocks read from the disk cache.",
                     s.hits.load(Ordering::Relaxed),
                 ),
                 (
                     "tidefs_disk_cache_misses_total",
-                    "counter",
+                    counter,
                     "Blocks not found in the disk cache.",
                     s.misses.load(Ordering::Relaxed),
                 ),
                 (
                     "tidefs_disk_cache_dropped_total",
-                    "counter",
+                    counter,
                     "Damaged disk cache files dropped.",
                     s.dropped.load(Ordering::Relaxed),
                 ),
                 (
                     "tidefs_disk_cache_skipped_total",
-                    "counter",
+                    counter,
                     "Blocks not cached: disk failing, full or busy.",
                     s.skipped.load(Ordering::Relaxed),
                 ),
-            ];
-            for (name, kind, help, value) in rows {
-                let _ = writeln!(
-                    out,
-                    "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-                );
-            }
+            ]);
+        }
+        for (name, kind, help, value) in rows {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
         }
         out
     }

@@ -11,7 +11,7 @@ use crate::object::{ObjectStore, StoreError};
 use crate::scan::{self, ScanError};
 use serde::Serialize;
 use std::collections::HashMap;
-use tidefs_meta::{Meta, Problem};
+use tidefs_meta::{Meta, Problem, SliceRef};
 
 /// What `fsck` found.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -64,37 +64,44 @@ pub async fn fsck(
         progress(&report);
     })
     .await?;
-    for (id, size) in scan::referenced(meta)?
-        .into_iter()
-        .collect::<std::collections::BTreeMap<_, _>>()
-    {
-        report.slices += 1;
-        let blocks = size.div_ceil(layout.block_size());
-        for index in 0..blocks {
-            report.blocks += 1;
-            let len = layout.block_len(size, index);
-            let key = layout.block_key(id, index, len);
-            match present.get(&(id, index)) {
-                Some(&(l, actual)) if l == len && actual == len as u64 => {}
-                Some(&(l, actual)) if l == len => report
-                    .wrong_size
-                    .push(format!("{key}: {actual} bytes, expected {len}")),
-                _ => match store.head(&key).await {
-                    Ok(actual) if actual == len as u64 => {}
-                    Ok(actual) => report
+    // Referenced slices come in id order, a page at a time: nothing proportional to the
+    // volume is held besides the listing.
+    let mut after = 0;
+    loop {
+        let page = meta.referenced_slices(after, scan::SLICE_PAGE)?;
+        let Some(last) = page.last() else { break };
+        after = last.id;
+        for SliceRef { id, size, ino } in page {
+            report.slices += 1;
+            let blocks = size.div_ceil(layout.block_size());
+            for index in 0..blocks {
+                report.blocks += 1;
+                let len = layout.block_len(size, index);
+                let key = layout.block_key(id, index, len);
+                match present.get(&(id, index)) {
+                    Some(&(l, actual)) if l == len && actual == len as u64 => {}
+                    Some(&(l, actual)) if l == len => report
                         .wrong_size
                         .push(format!("{key}: {actual} bytes, expected {len}")),
-                    Err(StoreError::NotFound(_)) => {
-                        if still_referenced(meta, id)? {
-                            report.missing.push(format!("{key} (slice {id})"));
+                    _ => match store.head(&key).await {
+                        Ok(actual) if actual == len as u64 => {}
+                        Ok(actual) => report
+                            .wrong_size
+                            .push(format!("{key}: {actual} bytes, expected {len}")),
+                        Err(StoreError::NotFound(_)) => {
+                            if still_referenced(meta, id)? {
+                                report
+                                    .missing
+                                    .push(format!("{key} (slice {id} of inode {ino})"));
+                            }
                         }
-                    }
-                    Err(e) => return Err(e.into()),
-                },
+                        Err(e) => return Err(e.into()),
+                    },
+                }
             }
-        }
-        if report.slices % 10_000 == 0 {
-            progress(&report);
+            if report.slices % 10_000 == 0 {
+                progress(&report);
+            }
         }
     }
     progress(&report);

@@ -8,7 +8,7 @@ use tidefs_meta::{Meta, MetaError};
 /// Objects asked for per listing call.
 pub const LIST_PAGE: usize = 1000;
 /// Slices asked for per metadata call.
-const SLICE_PAGE: usize = 10_000;
+pub const SLICE_PAGE: usize = 10_000;
 
 /// Why a scan stopped.
 #[derive(Debug, thiserror::Error)]
