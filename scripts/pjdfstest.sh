@@ -2,6 +2,7 @@
 # Runs pjdfstest against a fresh tidefs volume (SQLite metadata; objects in a local directory,
 # or with TIDEFS_TEST_STORAGE=s3 in an s3s-fs server started on 127.0.0.1 for the run) mounted
 # in a temporary directory, then unmounts, stops the server and deletes everything. As root.
+# TIDEFS_TRASH_DAYS=N formats the volume with a trash, which must change no result.
 # Prints "pjdfstest: N passed, N failed, N skipped" and fails if any test failed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,7 +38,8 @@ if [[ ${TIDEFS_TEST_STORAGE:-} == s3 ]]; then
     keys=(--access-key pjd-ak --secret-key pjd-sk)
     store=(--storage s3 --bucket "http://127.0.0.1:$port/pjdfstest" "${keys[@]}")
 fi
-"$bin" format "sqlite3://$tmp/meta.db" pjdfstest "${store[@]}" >/dev/null
+"$bin" format "sqlite3://$tmp/meta.db" pjdfstest "${store[@]}" \
+    --trash-days "${TIDEFS_TRASH_DAYS:-0}" >/dev/null
 "$bin" mount "sqlite3://$tmp/meta.db" "$tmp/mnt" ${keys[@]+"${keys[@]}"} 2>"$tmp/mount.log" >/dev/null &
 pid=$!
 for _ in $(seq 200); do

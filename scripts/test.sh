@@ -13,6 +13,8 @@ scripts/install-deps.sh
 cargo build --locked --bins
 cargo test --locked --workspace
 scripts/pjdfstest.sh
+# The trash must not change a single POSIX result (link counts above all).
+TIDEFS_TRASH_DAYS=1 scripts/pjdfstest.sh
 # The same mounts again with data in S3 (a real S3 server on 127.0.0.1).
 TIDEFS_TEST_STORAGE=s3 cargo test --locked --test integration
 TIDEFS_TEST_STORAGE=s3 scripts/pjdfstest.sh

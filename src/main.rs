@@ -62,7 +62,8 @@ struct ConfigArgs {
     /// Inode limit (0: unlimited).
     #[arg(long)]
     inodes: Option<u64>,
-    /// Days removed files stay in the trash (0: none; the trash is not available yet).
+    /// Days removed files stay in `.trash` before any mount purges them (0: no trash, and
+    /// what the trash holds is purged).
     #[arg(long)]
     trash_days: Option<u32>,
 }
@@ -140,7 +141,8 @@ struct FormatArgs {
     /// Block size in KiB (power of two, 64 to 16384).
     #[arg(long, default_value_t = 4096)]
     block_size: u32,
-    /// Days removed files stay in the trash (0: none; the trash is not available yet).
+    /// Days removed and replaced files stay in `.trash` before any mount purges them (0: no
+    /// trash).
     #[arg(long, default_value_t = 0)]
     trash_days: u32,
     /// Space limit in GiB (0: unlimited).
@@ -787,9 +789,6 @@ fn config(a: ConfigArgs) -> Result<()> {
     let (meta, mut format) = volume::open_meta(&parse_url(&a.meta_url)?)?;
     if a.capacity.is_none() && a.inodes.is_none() && a.trash_days.is_none() {
         bail!("nothing to change: give --capacity, --inodes or --trash-days");
-    }
-    if a.trash_days.is_some_and(|d| d > 0) {
-        bail!("the trash is not available in this version: use --trash-days 0");
     }
     if let Some(gib) = a.capacity {
         format.capacity = gib

@@ -19,7 +19,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use tidefs_fuse::{Ctx, ListEntry, Opened, StatFs};
 use tidefs_meta::{
-    Attr, FallocMode, FileKind, Format, Ino, NewNode, RenameFlags, SetAttr, Timestamp, XattrMode,
+    parse_trash_hour, Attr, FallocMode, FileKind, Format, Ino, MetaError, NewNode, RenameFlags,
+    SetAttr, Timestamp, XattrMode, TRASH_INO,
 };
 
 /// Tunables of a mount's VFS.
@@ -37,6 +38,8 @@ pub struct VfsOptions {
     /// open file's data reaches the volume (and other clients, and gc's view) without waiting
     /// for close or fsync.
     pub commit_interval: Duration,
+    /// How often this mount purges expired files from the trash.
+    pub trash_purge_interval: Duration,
 }
 
 impl Default for VfsOptions {
@@ -47,6 +50,7 @@ impl Default for VfsOptions {
             delete_interval: Duration::from_secs(1),
             max_readahead: 64 << 20,
             commit_interval: Duration::from_secs(5),
+            trash_purge_interval: Duration::from_secs(3600),
         }
     }
 }
@@ -135,8 +139,79 @@ impl TideVfs {
                 })
                 .expect("spawn commit thread");
         }
+        // Any mount purges the trash: at mount, then once per interval.
+        {
+            let weak = Arc::downgrade(&vfs);
+            let interval = vfs.opts.trash_purge_interval;
+            std::thread::Builder::new()
+                .name("tidefs-trash".into())
+                .spawn(move || {
+                    let mut last: Option<Instant> = None;
+                    loop {
+                        let Some(vfs) = weak.upgrade() else { return };
+                        if vfs.destroyed.load(Ordering::SeqCst) {
+                            return;
+                        }
+                        if last.is_none_or(|t| t.elapsed() >= interval) {
+                            last = Some(Instant::now());
+                            match vfs.purge_trash(Timestamp::now().sec) {
+                                Ok(0) => {}
+                                Ok(n) => tracing::info!(files = n, "purged expired trash"),
+                                Err(e) => tracing::warn!(error = %e, "purging the trash failed"),
+                            }
+                        }
+                        drop(vfs);
+                        std::thread::sleep(Duration::from_secs(1));
+                    }
+                })
+                .expect("spawn trash thread");
+        }
         *vfs.background.lock().unwrap_or_else(|e| e.into_inner()) = Some((tx, worker));
         vfs
+    }
+
+    /// Removes for good the files that have been in the trash longer than the volume's trash
+    /// days (all of them when the trash is off), as of `now` (seconds since the epoch), and
+    /// the hour directories it empties. Returns how many files it removed. Files open here
+    /// stay until their last close, as after any unlink; mounts purging at once skip what
+    /// the other removed.
+    pub fn purge_trash(&self, now: i64) -> Result<usize> {
+        let meta = &self.data.meta;
+        let days = i64::from(meta.load_format()?.trash_days);
+        let hours = match meta.readdir(TRASH_INO, 0, usize::MAX) {
+            Err(MetaError::NotFound) => return Ok(0),
+            r => r?,
+        };
+        let mut purged = 0;
+        for hour in hours {
+            let Some(start) = parse_trash_hour(&hour.name) else {
+                continue;
+            };
+            if days > 0 && start + 3600 + days * 86_400 > now {
+                continue;
+            }
+            let mut cookie = 0;
+            loop {
+                let entries = match meta.readdir(hour.ino, cookie, 1000) {
+                    Err(MetaError::NotFound) => break,
+                    r => r?,
+                };
+                let Some(last) = entries.last() else { break };
+                cookie = last.cookie;
+                for e in entries {
+                    match meta.unlink(hour.ino, &e.name, self.sid, &|ino| self.keep_if_open(ino)) {
+                        Ok(()) => purged += 1,
+                        Err(MetaError::NotFound) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            }
+            match meta.rmdir(TRASH_INO, &hour.name) {
+                Ok(()) | Err(MetaError::NotFound | MetaError::NotEmpty) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(purged)
     }
 
     /// The data path of this mount.

@@ -188,11 +188,6 @@ pub fn build_format(url: &MetaUrl, req: &FormatRequest) -> Result<Format, Volume
             req.shards
         )));
     }
-    if req.trash_days > 0 {
-        return Err(VolumeError::Invalid(
-            "the trash is not available in this version: use --trash-days 0".into(),
-        ));
-    }
     let bucket = match req.storage.as_str() {
         "file" => {
             let dir = match (&req.bucket, url) {

@@ -542,3 +542,52 @@ fn reads_wait_only_for_commits_they_overlap() {
     f.store.delay_puts(Duration::ZERO);
     f.vfs.release(a.ino, fh).unwrap();
 }
+
+/// The trash is purged of what has stayed past the trash days, by hour, and not before; a
+/// purged file that is open stays readable until its last close; then its objects go.
+#[test]
+fn trash_is_purged_after_its_days() {
+    let f = fixture(64 << 10);
+    let data = f.vfs.data();
+    let mut format = data.meta.load_format().unwrap();
+    format.trash_days = 2;
+    data.meta.format(&format, 0, 0).unwrap();
+    let objects = || f.store_objects(&data.layout.prefix());
+    let mut inos = Vec::new();
+    for name in [&b"a"[..], b"b"] {
+        let (a, fh) = f.vfs.create(CTX, ROOT_INO, name, 0o644, 0).unwrap();
+        f.vfs.write(a.ino, fh, 0, &[7u8; 100_000]).unwrap();
+        f.vfs.release(a.ino, fh).unwrap();
+        inos.push(a.ino);
+    }
+    let held = f.vfs.open(CTX, inos[1], libc::O_RDONLY).unwrap().fh;
+    for name in [&b"a"[..], b"b"] {
+        f.vfs.unlink(CTX, ROOT_INO, name).unwrap();
+    }
+    tidefs::vfs::delete_freed(&data).unwrap();
+    assert_eq!(objects().len(), 4, "the trash keeps the data");
+    let now = Timestamp::now().sec;
+    assert_eq!(f.vfs.purge_trash(now).unwrap(), 0);
+    assert_eq!(f.vfs.purge_trash(now + 2 * 86_400 - 3600).unwrap(), 0);
+    assert_eq!(f.vfs.purge_trash(now + 2 * 86_400 + 3600).unwrap(), 2);
+    assert!(data
+        .meta
+        .readdir(tidefs_meta::TRASH_INO, 0, 10)
+        .unwrap()
+        .is_empty());
+    tidefs::vfs::delete_freed(&data).unwrap();
+    assert_eq!(objects().len(), 2, "the open file keeps its data");
+    assert_eq!(errno(f.vfs.getattr(inos[0])), libc::ENOENT);
+    assert_eq!(f.vfs.read(inos[1], held, 0, 10).unwrap(), vec![7u8; 10]);
+    f.vfs.release(inos[1], held).unwrap();
+    assert_eq!(errno(f.vfs.getattr(inos[1])), libc::ENOENT);
+    tidefs::vfs::delete_freed(&data).unwrap();
+    assert!(objects().is_empty());
+    // Turning the trash off purges what it holds.
+    let (c, fh) = f.vfs.create(CTX, ROOT_INO, b"c", 0o644, 0).unwrap();
+    f.vfs.release(c.ino, fh).unwrap();
+    f.vfs.unlink(CTX, ROOT_INO, b"c").unwrap();
+    format.trash_days = 0;
+    data.meta.format(&format, 0, 0).unwrap();
+    assert_eq!(f.vfs.purge_trash(now).unwrap(), 1);
+}

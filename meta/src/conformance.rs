@@ -19,7 +19,8 @@ macro_rules! meta_conformance_tests {
             rename_into_own_subtree_fails, setattr_and_times, setgid_directories, xattrs,
             slices_and_length, truncate_clips_slices, fallocate_modes, readdir_cookies_are_stable,
             sessions_free_kept_files, slice_ids_are_unique, usage_counts, limits_are_enforced,
-            referenced_slices_page_in_id_order, namespace_check_passes_after_every_kind_of_change);
+            referenced_slices_page_in_id_order, namespace_check_passes_after_every_kind_of_change,
+            trash_keeps_removed_files_without_bending_link_counts);
     };
     (@each $make:expr; $($name:ident),*) => {
         $(
@@ -874,4 +875,142 @@ pub fn namespace_check_passes_after_every_kind_of_change(m: &dyn Meta) {
     assert_eq!(m.check_namespace(true).unwrap(), vec![]);
     assert_eq!(m.usage().unwrap(), before);
     assert_eq!(m.getattr(g.ino).unwrap().nlink, 0, "still held open");
+}
+
+/// With a trash, the last name of a file moves it to `.trash/<hour>/<parent>-<ino>-<name>`
+/// with link count 0 (trash entries are not links); earlier unlinks of hard links, and
+/// everything else, behave as without a trash. A rename out restores it; an unlink in the
+/// trash frees it; nothing can be created in the trash.
+pub fn trash_keeps_removed_files_without_bending_link_counts(m: &dyn Meta) {
+    let mut format = sample_format();
+    format.trash_days = 1;
+    m.format(&format, 0, 0).unwrap();
+    let none = RenameFlags::default();
+    assert_eq!(err(m.lookup(ROOT_INO, TRASH_NAME)), libc::ENOENT);
+    let d = dir(m, ROOT_INO, "d");
+    let f = file(m, d.ino, "f");
+    let id = m.next_slice_ids(1).unwrap();
+    m.write_slices(
+        f.ino,
+        &[ChunkSlice {
+            chunk: 0,
+            slice: data_slice(id, 0, 100),
+        }],
+        Timestamp::now(),
+    )
+    .unwrap();
+    m.link(f.ino, ROOT_INO, b"f2").unwrap();
+    m.unlink(d.ino, b"f", 1, &closed).unwrap();
+    assert_eq!(m.getattr(f.ino).unwrap().nlink, 1, "a hard link is left");
+    assert_eq!(err(m.lookup(ROOT_INO, TRASH_NAME)), libc::ENOENT);
+    let usage = m.usage().unwrap();
+    m.unlink(ROOT_INO, b"f2", 1, &closed).unwrap();
+    let a = m.getattr(f.ino).unwrap();
+    assert_eq!((a.nlink, a.length), (0, 100));
+    assert_eq!(
+        m.usage().unwrap().space,
+        usage.space,
+        "space stays used while in the trash"
+    );
+    assert!(m.pending_deletions(0, 10).unwrap().is_empty());
+    // The trash is visible by name only, root-owned and read-only.
+    let trash = m.lookup(ROOT_INO, TRASH_NAME).unwrap();
+    assert_eq!(
+        (trash.ino, trash.kind, trash.mode, trash.uid),
+        (TRASH_INO, FileKind::Dir, 0o555, 0)
+    );
+    assert_eq!(names(m, ROOT_INO), vec!["d"]);
+    let hours = names(m, TRASH_INO);
+    assert_eq!(hours.len(), 1);
+    let hour = m.lookup(TRASH_INO, hours[0].as_bytes()).unwrap();
+    assert!(parse_trash_hour(hours[0].as_bytes()).is_some(), "{hours:?}");
+    let entry = format!("1-{}-f2", f.ino);
+    assert_eq!(names(m, hour.ino), vec![entry.clone()]);
+    assert_eq!(m.lookup(hour.ino, entry.as_bytes()).unwrap().ino, f.ino);
+    // Nothing enters the trash except by removal.
+    assert_eq!(
+        err(m.mknod(hour.ino, b"x", &node(FileKind::File, 0o644))),
+        libc::EPERM
+    );
+    assert_eq!(
+        err(m.mknod(TRASH_INO, b"x", &node(FileKind::Dir, 0o755))),
+        libc::EPERM
+    );
+    let g = file(m, ROOT_INO, "g");
+    assert_eq!(err(m.link(g.ino, hour.ino, b"g")), libc::EPERM);
+    assert_eq!(
+        err(m.rename(ROOT_INO, b"g", hour.ino, b"g", none, 1, &closed)),
+        libc::EPERM
+    );
+    assert_eq!(
+        err(m.rename(
+            TRASH_INO,
+            hours[0].as_bytes(),
+            ROOT_INO,
+            b"h",
+            none,
+            1,
+            &closed
+        )),
+        libc::EPERM
+    );
+    assert_eq!(m.check_namespace(false).unwrap(), vec![]);
+    // Restore by moving it back: it has one link again, and its data.
+    m.rename(hour.ino, entry.as_bytes(), d.ino, b"back", none, 1, &closed)
+        .unwrap();
+    let back = m.lookup(d.ino, b"back").unwrap();
+    assert_eq!((back.ino, back.nlink, back.length), (f.ino, 1, 100));
+    assert_eq!(m.read_chunk(f.ino, 0).unwrap().len(), 1);
+    // A file replaced by rename goes to the trash too.
+    m.rename(ROOT_INO, b"g", d.ino, b"back", none, 1, &closed)
+        .unwrap();
+    assert_eq!(m.getattr(f.ino).unwrap().nlink, 0);
+    let replaced = format!("{}-{}-back", d.ino, f.ino);
+    assert_eq!(names(m, hour.ino), vec![replaced.clone()]);
+    assert_eq!(m.check_namespace(false).unwrap(), vec![]);
+    // Removing it from the trash frees it, unless it is open.
+    let sid = m.new_session(&sample_session()).unwrap();
+    m.unlink(hour.ino, replaced.as_bytes(), sid, &|ino| ino == f.ino)
+        .unwrap();
+    assert_eq!(m.getattr(f.ino).unwrap().nlink, 0);
+    m.release(f.ino, sid).unwrap();
+    assert_eq!(err(m.getattr(f.ino)), libc::ENOENT);
+    assert_eq!(
+        m.pending_deletions(0, 10).unwrap(),
+        vec![FreedSlice { id, size: 100 }]
+    );
+    // Releasing a trashed file that was open does not free it.
+    let h = file(m, ROOT_INO, "h");
+    m.unlink(ROOT_INO, b"h", sid, &|ino| ino == h.ino).unwrap();
+    m.release(h.ino, sid).unwrap();
+    assert_eq!(m.getattr(h.ino).unwrap().nlink, 0);
+    // Directories and other kinds are not trashed; an emptied hour directory can go.
+    dir(m, ROOT_INO, "e");
+    m.rmdir(ROOT_INO, b"e").unwrap();
+    m.mknod(
+        ROOT_INO,
+        b"l",
+        &NewNode {
+            symlink: Some(b"t".to_vec()),
+            ..node(FileKind::Symlink, 0o777)
+        },
+    )
+    .unwrap();
+    m.unlink(ROOT_INO, b"l", 1, &closed).unwrap();
+    let held = format!("1-{}-h", h.ino);
+    assert_eq!(names(m, hour.ino), vec![held.clone()]);
+    assert_eq!(
+        err(m.rmdir(TRASH_INO, hours[0].as_bytes())),
+        libc::ENOTEMPTY
+    );
+    m.unlink(hour.ino, held.as_bytes(), 1, &closed).unwrap();
+    m.rmdir(TRASH_INO, hours[0].as_bytes()).unwrap();
+    assert_eq!(m.getattr(TRASH_INO).unwrap().nlink, 2);
+    assert_eq!(m.check_namespace(false).unwrap(), vec![]);
+    // With the trash turned off, removal frees at once.
+    format.trash_days = 0;
+    m.format(&format, 0, 0).unwrap();
+    let k = file(m, ROOT_INO, "k");
+    m.unlink(ROOT_INO, b"k", 1, &closed).unwrap();
+    assert_eq!(err(m.getattr(k.ino)), libc::ENOENT);
 }

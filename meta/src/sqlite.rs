@@ -52,14 +52,24 @@ const LIMITS_TTL: Duration = Duration::from_secs(5);
 const NODE_COLUMNS: &str =
     "ino, kind, mode, uid, gid, rdev, nlink, length, atime, mtime, ctime, parent";
 
+/// The settings of a volume that operations obey and that may change while it is mounted.
+#[derive(Clone, Copy, Debug, Default)]
+struct Limits {
+    /// Space limit in bytes, 0 for none.
+    capacity: u64,
+    /// Inode limit, 0 for none.
+    inodes: u64,
+    /// Days removed files stay in the trash, 0 for no trash.
+    trash_days: u32,
+}
+
 /// The SQLite metadata engine.
 pub struct SqliteMeta {
     path: PathBuf,
     pool: Mutex<Vec<Connection>>,
-    /// (capacity bytes, inode limit) from the format, once read.
-    /// The (capacity bytes, inode limit) of the format and when they were read: re-read after
+    /// The changeable settings of the format and when they were read: re-read after
     /// [`LIMITS_TTL`], so `tidefs config` reaches running mounts.
-    limits: Mutex<Option<(std::time::Instant, (u64, u64))>>,
+    limits: Mutex<Option<(std::time::Instant, Limits)>>,
 }
 
 impl std::fmt::Debug for SqliteMeta {
@@ -271,7 +281,8 @@ fn free_inode(tx: &Connection, a: &Attr) -> Result<()> {
     Ok(())
 }
 
-/// Drops one name of a non-directory `target`: frees it when no name is left, unless it is
+/// Drops one name of a non-directory `target`. When no name is left, a regular file goes to
+/// the trash if `trash` says where its last name was; anything else is freed, unless it is
 /// open, in which case session `sid` keeps it alive.
 fn unlink_inode(
     tx: &Connection,
@@ -279,11 +290,15 @@ fn unlink_inode(
     now: Timestamp,
     sid: u64,
     is_open: &dyn Fn(Ino) -> bool,
+    trash: TrashFrom<'_>,
 ) -> Result<()> {
     target.nlink = target.nlink.saturating_sub(1);
     target.ctime = now;
     if target.nlink > 0 {
         return put_node(tx, &target);
+    }
+    if let Some(from) = trash.filter(|_| target.kind == FileKind::File) {
+        return move_to_trash(tx, target, from, now);
     }
     if is_open(target.ino) {
         put_node(tx, &target)?;
@@ -296,14 +311,15 @@ fn unlink_inode(
     free_inode(tx, &target)
 }
 
-/// Frees `ino` if nothing names or holds it any more.
+/// Frees `ino` if nothing names (the trash included) or holds it any more.
 fn free_if_orphan(tx: &Connection, ino: Ino) -> Result<()> {
     let Ok(a) = get_node(tx, ino) else {
         return Ok(());
     };
     let held: bool = tx
         .query_row(
-            "SELECT 1 FROM sustained WHERE ino = ?1 LIMIT 1",
+            "SELECT 1 FROM sustained WHERE ino = ?1
+             UNION ALL SELECT 1 FROM edge WHERE ino = ?1 LIMIT 1",
             [ino as i64],
             |_| Ok(()),
         )
@@ -313,6 +329,83 @@ fn free_if_orphan(tx: &Connection, ino: Ino) -> Result<()> {
         free_inode(tx, &a)?;
     }
     Ok(())
+}
+
+/// Whether `dir` is the trash or one of its hour directories, where nothing may be created
+/// and files may only be removed for good or moved out.
+fn in_trash(dir: &Attr) -> bool {
+    dir.ino == TRASH_INO || dir.parent == TRASH_INO
+}
+
+/// The directory and name a removed file's last name had, when it is to go to the trash.
+type TrashFrom<'a> = Option<(Ino, &'a [u8])>;
+
+/// The trash directory for the hour of `now`, made (with the trash itself) when missing.
+fn trash_hour_dir(tx: &Connection, now: Timestamp) -> Result<Ino> {
+    let mut trash = match get_node(tx, TRASH_INO) {
+        Ok(a) => a,
+        Err(MetaError::NotFound) => {
+            let a = Attr {
+                ino: TRASH_INO,
+                kind: FileKind::Dir,
+                mode: 0o555,
+                uid: 0,
+                gid: 0,
+                rdev: 0,
+                nlink: 2,
+                length: 4096,
+                atime: now,
+                mtime: now,
+                ctime: now,
+                parent: ROOT_INO,
+            };
+            put_node(tx, &a)?;
+            bump_counter(tx, "used_inodes", 1)?;
+            a
+        }
+        Err(e) => return Err(e),
+    };
+    let name = trash_hour_name(now.sec);
+    if let Some((ino, _)) = find_edge(tx, TRASH_INO, name.as_bytes())? {
+        return Ok(ino);
+    }
+    let ino = bump_counter(tx, "next_ino", 1)? as u64 - 1;
+    let hour = Attr {
+        ino,
+        parent: TRASH_INO,
+        nlink: 2,
+        ..trash.clone()
+    };
+    put_node(tx, &hour)?;
+    add_edge(tx, TRASH_INO, name.as_bytes(), ino, FileKind::Dir)?;
+    bump_counter(tx, "used_inodes", 1)?;
+    trash.nlink += 1;
+    touch_dir(tx, &mut trash, now)?;
+    Ok(ino)
+}
+
+/// Puts `target`, whose last name `(parent, name)` was just removed, in the trash as
+/// `<parent>-<ino>-<name>`. Its link count stays 0: trash entries are not links.
+fn move_to_trash(
+    tx: &Connection,
+    mut target: Attr,
+    (parent, name): (Ino, &[u8]),
+    now: Timestamp,
+) -> Result<()> {
+    let hour = trash_hour_dir(tx, now)?;
+    let mut entry = format!("{parent}-{}-", target.ino).into_bytes();
+    entry.extend_from_slice(name);
+    entry.truncate(NAME_MAX);
+    let mut n = 1;
+    while find_edge(tx, hour, &entry)?.is_some() {
+        let suffix = format!("~{n}");
+        entry.truncate(NAME_MAX - suffix.len());
+        entry.extend_from_slice(suffix.as_bytes());
+        n += 1;
+    }
+    add_edge(tx, hour, &entry, target.ino, target.kind)?;
+    target.parent = hour;
+    put_node(tx, &target)
 }
 
 fn touch_dir(tx: &Connection, dir: &mut Attr, now: Timestamp) -> Result<()> {
@@ -392,15 +485,21 @@ fn check_namespace(tx: &Connection, repair: bool) -> Result<Vec<Problem>> {
             None,
         );
     }
-    // Link counts of everything but directories: one per entry; 0 only while held open.
+    // Link counts of everything but directories: one per entry outside the trash; 0 only
+    // while held open or in the trash.
     let counts: Vec<(i64, i64, i64, bool)> = tx
         .prepare(
             "SELECT n.ino, n.nlink,
-                    (SELECT COUNT(*) FROM edge e WHERE e.ino = n.ino),
+                    (SELECT COUNT(*) FROM edge e WHERE e.ino = n.ino AND e.parent NOT IN
+                        (SELECT t.ino FROM node t WHERE t.parent = ?2 AND t.kind = ?1)),
                     EXISTS (SELECT 1 FROM sustained s WHERE s.ino = n.ino)
+                    OR EXISTS (SELECT 1 FROM edge e JOIN node t ON t.ino = e.parent
+                               WHERE e.ino = n.ino AND t.parent = ?2)
              FROM node n WHERE n.kind != ?1",
         )?
-        .query_map([dir], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+        .query_map([dir, TRASH_INO as i64], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })?
         .collect::<rusqlite::Result<_>>()?;
     for (ino, nlink, names, held) in counts {
         if nlink == names {
@@ -455,8 +554,13 @@ fn check_namespace(tx: &Connection, repair: bool) -> Result<Vec<Problem>> {
         })?
         .collect::<rusqlite::Result<_>>()?;
     for (ino, nlink, parent, length, names, named_in, subdirs) in dirs {
-        let root = ino as Ino == ROOT_INO;
-        let expected_parent = if root { Some(ino) } else { named_in };
+        // The root and the trash have no entry naming them.
+        let root = ino as Ino == ROOT_INO || ino as Ino == TRASH_INO;
+        let expected_parent = match ino as Ino {
+            ROOT_INO => Some(ino),
+            TRASH_INO => Some(ROOT_INO as i64),
+            _ => named_in,
+        };
         if !root && names != 1 {
             note(
                 format!("directory {ino} has {names} names (expected 1)"),
@@ -539,7 +643,11 @@ fn check_namespace(tx: &Connection, repair: bool) -> Result<Vec<Problem>> {
         }
     }
     // Id counters must stay above every id in use, or ids would be handed out twice.
-    let max_ino: i64 = tx.query_row("SELECT COALESCE(MAX(ino), 0) FROM node", [], |r| r.get(0))?;
+    let max_ino: i64 = tx.query_row(
+        "SELECT COALESCE(MAX(ino), 0) FROM node WHERE ino != ?1",
+        [TRASH_INO as i64],
+        |r| r.get(0),
+    )?;
     let max_slice: i64 = tx.query_row(
         "SELECT MAX(COALESCE((SELECT MAX(id) FROM slice), 0),
                     COALESCE((SELECT MAX(id) FROM deleted_slice), 0))",
@@ -608,8 +716,8 @@ impl SqliteMeta {
         }
     }
 
-    /// The volume's (capacity, inode) limits, 0 meaning none.
-    fn limits(&self, tx: &Connection) -> Result<(u64, u64)> {
+    /// The volume's limits and trash setting, at most [`LIMITS_TTL`] old.
+    fn limits(&self, tx: &Connection) -> Result<Limits> {
         if let Some((read, l)) = *self.limits.lock().unwrap_or_else(|e| e.into_inner()) {
             if read.elapsed() < LIMITS_TTL {
                 return Ok(l);
@@ -622,16 +730,25 @@ impl SqliteMeta {
             .optional()?;
         let l = json
             .and_then(|j| serde_json::from_str::<Format>(&j).ok())
-            .map(|f| (f.capacity, f.inodes))
-            .unwrap_or((0, 0));
+            .map(|f| Limits {
+                capacity: f.capacity,
+                inodes: f.inodes,
+                trash_days: f.trash_days,
+            })
+            .unwrap_or_default();
         *self.limits.lock().unwrap_or_else(|e| e.into_inner()) =
             Some((std::time::Instant::now(), l));
         Ok(l)
     }
 
+    /// Whether a file losing its last name in `dir` goes to the trash.
+    fn trashing(&self, tx: &Connection, dir: &Attr) -> Result<bool> {
+        Ok(!in_trash(dir) && self.limits(tx)?.trash_days > 0)
+    }
+
     /// Fails with [`MetaError::NoSpace`] if growing usage by `delta` bytes passes the capacity.
     fn check_space(&self, tx: &Connection, delta: i64) -> Result<()> {
-        let (capacity, _) = self.limits(tx)?;
+        let capacity = self.limits(tx)?.capacity;
         if delta > 0 && capacity > 0 && counter(tx, "used_space")? + delta > capacity as i64 {
             return Err(MetaError::NoSpace);
         }
@@ -835,8 +952,11 @@ impl Meta for SqliteMeta {
                 b".." => return get_node(tx, dir.parent),
                 _ => {}
             }
-            let (ino, _) = find_edge(tx, parent, name)?.ok_or(MetaError::NotFound)?;
-            get_node(tx, ino)
+            match find_edge(tx, parent, name)? {
+                Some((ino, _)) => get_node(tx, ino),
+                None if parent == ROOT_INO && name == TRASH_NAME => get_node(tx, TRASH_INO),
+                None => Err(MetaError::NotFound),
+            }
         })
     }
 
@@ -965,13 +1085,16 @@ impl Meta for SqliteMeta {
             if dir.nlink == 0 {
                 return Err(MetaError::NotFound);
             }
+            if in_trash(&dir) {
+                return Err(MetaError::NotPermitted);
+            }
             if find_edge(tx, parent, name)?.is_some() {
                 return Err(MetaError::Exists);
             }
             if node.kind == FileKind::Dir && dir.nlink >= LINK_MAX {
                 return Err(MetaError::TooManyLinks);
             }
-            let (_, max_inodes) = self.limits(tx)?;
+            let max_inodes = self.limits(tx)?.inodes;
             if max_inodes > 0 && counter(tx, "used_inodes")? as u64 >= max_inodes {
                 return Err(MetaError::NoSpace);
             }
@@ -1035,6 +1158,9 @@ impl Meta for SqliteMeta {
             if dir.nlink == 0 {
                 return Err(MetaError::NotFound);
             }
+            if in_trash(&dir) {
+                return Err(MetaError::NotPermitted);
+            }
             let mut a = get_node(tx, ino)?;
             if a.kind == FileKind::Dir {
                 return Err(MetaError::NotPermitted);
@@ -1079,7 +1205,8 @@ impl Meta for SqliteMeta {
             remove_edge(tx, parent, name)?;
             touch_dir(tx, &mut dir, now)?;
             let target = get_node(tx, ino)?;
-            unlink_inode(tx, target, now, sid, is_open)
+            let trash = self.trashing(tx, &dir)?.then_some((parent, name));
+            unlink_inode(tx, target, now, sid, is_open, trash)
         })
     }
 
@@ -1137,6 +1264,15 @@ impl Meta for SqliteMeta {
             if dst_dir.nlink == 0 {
                 return Err(MetaError::NotFound);
             }
+            // Files leave the trash by rename; nothing enters it that way, and its hour
+            // directories stay where they are.
+            if in_trash(&dst_dir)
+                || src_dir.ino == TRASH_INO
+                || (flags.exchange && in_trash(&src_dir))
+            {
+                return Err(MetaError::NotPermitted);
+            }
+            let restoring = in_trash(&src_dir);
             let dst = find_edge(tx, new_parent, new_name)?;
             if same_dir && name == new_name {
                 // Renaming a name onto itself changes nothing.
@@ -1222,7 +1358,10 @@ impl Meta for SqliteMeta {
                         dst_dir.nlink -= 1;
                         free_inode(tx, &target)?;
                     } else {
-                        unlink_inode(tx, target, now, sid, is_open)?;
+                        let trash = self
+                            .trashing(tx, &dst_dir)?
+                            .then_some((new_parent, new_name));
+                        unlink_inode(tx, target, now, sid, is_open, trash)?;
                     }
                 }
                 remove_edge(tx, parent, name)?;
@@ -1236,6 +1375,10 @@ impl Meta for SqliteMeta {
                 }
                 moved.parent = new_parent;
                 moved.ctime = now;
+                if restoring {
+                    // Out of the trash, the file has a name again.
+                    moved.nlink = 1;
+                }
                 put_node(tx, &moved)?;
             }
             if same_dir {

@@ -9,6 +9,58 @@ pub type Ino = u64;
 /// The inode number of the root directory.
 pub const ROOT_INO: Ino = 1;
 
+/// The inode number of the trash directory, `.trash` at the root. It is never handed out by
+/// the inode counter; the trash exists once something was moved into it.
+pub const TRASH_INO: Ino = 0x7FFF_FFFF_1000_0000;
+
+/// The name under which the root shows the trash (not listed by readdir).
+pub const TRASH_NAME: &[u8] = b".trash";
+
+/// The name of the trash directory holding what was removed in the hour (UTC) that contains
+/// `sec` (seconds since the epoch): `YYYY-MM-DD-HH`.
+pub fn trash_hour_name(sec: i64) -> String {
+    let (days, secs) = (sec.div_euclid(86_400), sec.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}-{:02}", secs / 3600)
+}
+
+/// The start (seconds since the epoch) of the hour a trash directory is named after, if
+/// `name` is such a name.
+pub fn parse_trash_hour(name: &[u8]) -> Option<i64> {
+    let name = std::str::from_utf8(name).ok()?;
+    let mut parts = name.split('-');
+    let mut next = |digits: usize| {
+        parts
+            .next()
+            .filter(|p| p.len() == digits && p.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|p| p.parse::<i64>().ok())
+    };
+    let (year, month, day, hour) = (next(4)?, next(2)?, next(2)?, next(2)?);
+    if parts.next().is_some() || !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23
+    {
+        return None;
+    }
+    // Days since the epoch from a civil date (the inverse of the above).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let mp = if month > 2 { month - 3 } else { month + 9 };
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let start = days * 86_400 + hour * 3600;
+    (trash_hour_name(start) == name).then_some(start)
+}
+
 /// Size of a chunk: a file is cut into chunks of this many bytes, each with its own slice list.
 pub const CHUNK_SIZE: u64 = 64 << 20;
 
@@ -395,5 +447,36 @@ impl Format {
             && self.bucket == other.bucket
             && self.block_size == other.block_size
             && self.shards.max(1) == other.shards.max(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trash_hour_names_round_trip() {
+        assert_eq!(trash_hour_name(0), "1970-01-01-00");
+        // 2024-02-29 13:05:00 UTC, a leap day.
+        assert_eq!(trash_hour_name(1_709_211_900), "2024-02-29-13");
+        assert_eq!(parse_trash_hour(b"2024-02-29-13"), Some(1_709_211_600));
+        for sec in (0..4_000_000_000i64).step_by(3_599_999) {
+            let name = trash_hour_name(sec);
+            assert_eq!(
+                parse_trash_hour(name.as_bytes()),
+                Some(sec - sec % 3600),
+                "{name}"
+            );
+        }
+        for bad in [
+            "2024-02-30-13",
+            "2024-13-01-00",
+            "2024-1-01-00",
+            "2024-01-01-24",
+            "x",
+            "",
+        ] {
+            assert_eq!(parse_trash_hour(bad.as_bytes()), None, "{bad}");
+        }
     }
 }

@@ -309,8 +309,8 @@ fn config_changes_limits_of_a_running_volume() {
     let vol = Volume::new(1024);
     fails_with(&tidefs(&["config", &vol.url]), "nothing to change");
     fails_with(
-        &tidefs(&["config", &vol.url, "--trash-days", "3"]),
-        "trash is not available",
+        &tidefs(&["config", &vol.url, "--capacity", "18446744073709551615"]),
+        "too large",
     );
     let out = tidefs(&["config", &vol.url, "--inodes", "5"]);
     assert!(

@@ -155,3 +155,72 @@ fn fsck_reports_missing_and_damaged_blocks() {
         "{r}"
     );
 }
+
+/// The trash on a real mount: `rm` and replacing renames put files in `.trash/<hour>/`, an
+/// open descriptor sees link count 0 as without a trash, `ls` of the root does not show the
+/// trash, `mv` restores a file with its data, and `tidefs config --trash-days` changes it.
+#[test]
+fn trash_keeps_removed_files_and_restores_them() {
+    use std::os::unix::fs::MetadataExt;
+    let vol = Volume::formatted_with(64, &["--trash-days", "1"]);
+    let mnt = vol.mount();
+    let body: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::create_dir(mnt.p("d")).unwrap();
+    std::fs::write(mnt.p("d/f"), &body).unwrap();
+    std::fs::hard_link(mnt.p("d/f"), mnt.p("d/link")).unwrap();
+    std::fs::remove_file(mnt.p("d/link")).unwrap();
+    assert_eq!(std::fs::metadata(mnt.p("d/f")).unwrap().nlink(), 1);
+    let open = std::fs::File::open(mnt.p("d/f")).unwrap();
+    let ino = open.metadata().unwrap().ino();
+    std::fs::remove_file(mnt.p("d/f")).unwrap();
+    assert_eq!(open.metadata().unwrap().nlink(), 0, "as without a trash");
+    drop(open);
+    let root: Vec<String> = std::fs::read_dir(mnt.p(""))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(root, vec!["d"]);
+    let hours: Vec<_> = std::fs::read_dir(mnt.p(".trash"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(hours.len(), 1);
+    let dir_ino = std::fs::metadata(mnt.p("d")).unwrap().ino();
+    let entry = hours[0].join(format!("{dir_ino}-{ino}-f"));
+    assert_eq!(std::fs::read(&entry).unwrap(), body);
+    // Nothing but removal puts files in the trash.
+    let err = std::fs::write(hours[0].join("new"), b"x").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EPERM), "{err}");
+    std::fs::rename(&entry, mnt.p("d/restored")).unwrap();
+    let restored = std::fs::metadata(mnt.p("d/restored")).unwrap();
+    assert_eq!((restored.ino(), restored.nlink()), (ino, 1));
+    assert_eq!(std::fs::read(mnt.p("d/restored")).unwrap(), body);
+    // A file replaced by rename lands in the trash too.
+    std::fs::write(mnt.p("d/new"), b"new").unwrap();
+    std::fs::rename(mnt.p("d/new"), mnt.p("d/restored")).unwrap();
+    assert_eq!(
+        std::fs::read(hours[0].join(format!("{dir_ino}-{ino}-restored"))).unwrap(),
+        body
+    );
+    mnt.unmount();
+    let out = tidefs(&["config", &vol.url, "--trash-days", "0"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The next mount purges the trash, now off, and the data goes.
+    let mnt = vol.mount();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while vol.objects().len() > 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "trash never purged: {:?}",
+            vol.objects()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(std::fs::read(mnt.p("d/restored")).unwrap(), b"new");
+    assert!(std::fs::read_dir(mnt.p(".trash")).unwrap().next().is_none());
+    mnt.unmount();
+}
