@@ -331,6 +331,24 @@ fn free_if_orphan(tx: &Connection, ino: Ino) -> Result<()> {
     Ok(())
 }
 
+/// A new empty directory `ino` in `parent`, root-owned with mode 0555 (the trash's).
+fn empty_dir(ino: Ino, parent: Ino, now: Timestamp) -> Attr {
+    Attr {
+        ino,
+        kind: FileKind::Dir,
+        mode: 0o555,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        nlink: 2,
+        length: 4096,
+        atime: now,
+        mtime: now,
+        ctime: now,
+        parent,
+    }
+}
+
 /// Whether `dir` is the trash or one of its hour directories, where nothing may be created
 /// and files may only be removed for good or moved out.
 fn in_trash(dir: &Attr) -> bool {
@@ -345,20 +363,7 @@ fn trash_hour_dir(tx: &Connection, now: Timestamp) -> Result<Ino> {
     let mut trash = match get_node(tx, TRASH_INO) {
         Ok(a) => a,
         Err(MetaError::NotFound) => {
-            let a = Attr {
-                ino: TRASH_INO,
-                kind: FileKind::Dir,
-                mode: 0o555,
-                uid: 0,
-                gid: 0,
-                rdev: 0,
-                nlink: 2,
-                length: 4096,
-                atime: now,
-                mtime: now,
-                ctime: now,
-                parent: ROOT_INO,
-            };
+            let a = empty_dir(TRASH_INO, ROOT_INO, now);
             put_node(tx, &a)?;
             bump_counter(tx, "used_inodes", 1)?;
             a
@@ -370,12 +375,7 @@ fn trash_hour_dir(tx: &Connection, now: Timestamp) -> Result<Ino> {
         return Ok(ino);
     }
     let ino = bump_counter(tx, "next_ino", 1)? as u64 - 1;
-    let hour = Attr {
-        ino,
-        parent: TRASH_INO,
-        nlink: 2,
-        ..trash.clone()
-    };
+    let hour = empty_dir(ino, TRASH_INO, now);
     put_node(tx, &hour)?;
     add_edge(tx, TRASH_INO, name.as_bytes(), ino, FileKind::Dir)?;
     bump_counter(tx, "used_inodes", 1)?;
@@ -818,18 +818,10 @@ impl Meta for SqliteMeta {
             put_node(
                 tx,
                 &Attr {
-                    ino: ROOT_INO,
-                    kind: FileKind::Dir,
                     mode: 0o777,
                     uid: root_uid,
                     gid: root_gid,
-                    rdev: 0,
-                    nlink: 2,
-                    length: 4096,
-                    atime: now,
-                    mtime: now,
-                    ctime: now,
-                    parent: ROOT_INO,
+                    ..empty_dir(ROOT_INO, ROOT_INO, now)
                 },
             )?;
             tx.execute_batch(
