@@ -32,6 +32,12 @@ const ID_BATCH: u64 = 1024;
 /// Pending slices per file before a write forces a commit.
 pub const MAX_PENDING_SLICES: usize = 512;
 
+/// Times a read plans again after blocks it planned with were deleted under it.
+const VANISHED_RETRIES: usize = 8;
+
+/// Slices in one chunk from which the chunk is compacted in the background.
+pub const COMPACT_THRESHOLD: usize = 16;
+
 /// What the data path of a mount shares.
 pub struct DataCtx {
     /// Metadata engine.
@@ -51,6 +57,12 @@ pub struct DataCtx {
     files: DashMap<Ino, Arc<FileCache>>,
     /// Block buffers of the write path.
     buffers: Arc<BufferPool>,
+    /// Chunks that may need compaction, for the mount's compactor; each queued once.
+    compact_hints: (
+        crossbeam_channel::Sender<(Ino, u32)>,
+        crossbeam_channel::Receiver<(Ino, u32)>,
+    ),
+    compact_queued: DashMap<(Ino, u32), ()>,
 }
 
 /// Read-side metadata of one file, cached between changes.
@@ -98,7 +110,24 @@ impl DataCtx {
             ids: Mutex::new(0..0),
             files: DashMap::new(),
             buffers,
+            compact_hints: crossbeam_channel::unbounded(),
+            compact_queued: DashMap::new(),
         }
+    }
+
+    /// Notes that chunk `chunk` of `ino` may have many slices (it was just written, or read
+    /// with many); the compactor looks at it once, however often it is noted meanwhile.
+    pub fn hint_compaction(&self, ino: Ino, chunk: u32) {
+        if self.compact_queued.insert((ino, chunk), ()).is_none() {
+            let _ = self.compact_hints.0.send((ino, chunk));
+        }
+    }
+
+    /// The next chunk to look at for compaction, waiting up to `timeout`.
+    pub fn next_compaction_hint(&self, timeout: std::time::Duration) -> Option<(Ino, u32)> {
+        let hint = self.compact_hints.1.recv_timeout(timeout).ok()?;
+        self.compact_queued.remove(&hint);
+        Some(hint)
     }
 
     fn file_cache(&self, ino: Ino) -> Arc<FileCache> {
@@ -149,6 +178,9 @@ impl DataCtx {
             c.gen.load(Ordering::SeqCst)
         };
         let slices = Arc::new(self.meta.read_chunk(ino, chunk)?);
+        if slices.len() >= COMPACT_THRESHOLD {
+            self.hint_compaction(ino, chunk);
+        }
         let mut st = c.state.lock().unwrap_or_else(|e| e.into_inner());
         if c.gen.load(Ordering::SeqCst) == gen {
             st.chunks.insert(chunk, slices.clone());
@@ -156,8 +188,7 @@ impl DataCtx {
         Ok(slices)
     }
 
-    /// A fresh slice id, larger than every id this mount handed out before (reads resolve
-    /// overlapping slices by id, so ids must follow the order of writes). Ids come from
+    /// A fresh slice id, larger than every id this mount handed out before. Ids come from
     /// metadata in batches; the lock is never held across the metadata call.
     pub fn next_slice_id(&self) -> Result<u64, FsError> {
         loop {
@@ -203,7 +234,7 @@ impl DataCtx {
     /// Starts uploading a block; its bytes stop counting as buffered once the upload ends.
     /// An uploaded block goes to the disk cache, if any, but not to memory: large writes
     /// would only flush the hottest blocks.
-    fn upload(&self, key: String, data: Bytes) -> JoinHandle<Result<(), StoreError>> {
+    pub(crate) fn upload(&self, key: String, data: Bytes) -> JoinHandle<Result<(), StoreError>> {
         let (store, buffered, cache) = (
             self.store.clone(),
             self.buffered.clone(),
@@ -235,33 +266,59 @@ impl DataCtx {
         if off >= length {
             return Ok(Vec::new());
         }
-        let end = length.min(off + size as u64);
-        match self.read_planned(ino, off, end) {
-            // A truncate or unlink committed after the plan and its objects are already
-            // deleted: plan again from the new metadata, length included.
-            Err(ReadError::Vanished) => {
-                self.invalidate(ino);
-                let length = self.length(ino)?;
-                if off >= length {
-                    return Ok(Vec::new());
+        let mut end = length.min(off + size as u64);
+        for _ in 0..VANISHED_RETRIES {
+            match self.read_planned(ino, off, end) {
+                // A truncate, unlink or compaction committed after the plan and the objects
+                // it freed are already deleted: plan again from the new metadata, length
+                // included.
+                Err(ReadError::Vanished) => {
+                    self.invalidate(ino);
+                    let length = self.length(ino)?;
+                    if off >= length {
+                        return Ok(Vec::new());
+                    }
+                    end = length.min(off + size as u64);
                 }
-                self.read_again(ino, off, length.min(off + size as u64))
+                other => return other.map_err(ReadError::into_fs),
             }
-            other => other.map_err(ReadError::into_fs),
         }
-    }
-
-    fn read_again(&self, ino: Ino, off: u64, end: u64) -> Result<Vec<u8>, FsError> {
-        match self.read_planned(ino, off, end) {
-            Err(ReadError::Vanished) => Err(FsError::Data(format!(
-                "blocks of inode {ino} vanished during a read"
-            ))),
-            other => other.map_err(ReadError::into_fs),
-        }
+        Err(FsError::Data(format!(
+            "blocks of inode {ino} kept vanishing during a read"
+        )))
     }
 
     fn read_planned(&self, ino: Ino, off: u64, end: u64) -> Result<Vec<u8>, ReadError> {
         let pieces = self.plan(ino, off, end).map_err(ReadError::Fs)?;
+        self.fetch_pieces(&pieces, off, end)
+    }
+
+    /// Bytes `[start, end)` of chunk `chunk` as the slices `slices` (in the order they apply)
+    /// make them: a read of one fixed version of the chunk. `Ok(None)` if a block of it is
+    /// gone (the slices are no longer current).
+    pub fn read_slices(
+        &self,
+        chunk: u32,
+        slices: &[Slice],
+        start: u32,
+        end: u32,
+    ) -> Result<Option<Vec<u8>>, FsError> {
+        let chunk_start = chunk as u64 * CHUNK_SIZE;
+        let mut pieces = Vec::new();
+        self.plan_chunk(slices, chunk_start, start, end, &mut pieces);
+        match self.fetch_pieces(
+            &pieces,
+            chunk_start + start as u64,
+            chunk_start + end as u64,
+        ) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(ReadError::Vanished) => Ok(None),
+            Err(ReadError::Fs(e)) => Err(e),
+        }
+    }
+
+    /// The bytes of `[off, end)` of a file, planned as `pieces`.
+    fn fetch_pieces(&self, pieces: &[Piece], off: u64, end: u64) -> Result<Vec<u8>, ReadError> {
         let mut out = vec![0u8; (end - off) as usize];
         // Each piece's bytes: from a cache layer if one holds them (the disk layer reads just
         // the piece), else from the whole block, fetched once for every reader.
@@ -308,7 +365,6 @@ impl DataCtx {
 
     /// Splits `[off, end)` of a file into pieces that each come from one block or are zeros.
     fn plan(&self, ino: Ino, off: u64, end: u64) -> Result<Vec<Piece>, FsError> {
-        let bs = self.layout.block_size();
         let mut pieces = Vec::new();
         let mut at = off;
         while at < end {
@@ -316,12 +372,31 @@ impl DataCtx {
             let chunk_start = chunk as u64 * CHUNK_SIZE;
             let cend = end.min(chunk_start + CHUNK_SIZE);
             let slices = self.chunk_slices(ino, chunk)?;
-            let spans = resolve(
+            self.plan_chunk(
                 &slices,
+                chunk_start,
                 (at - chunk_start) as u32,
                 (cend - chunk_start) as u32,
+                &mut pieces,
             );
-            for span in spans {
+            at = cend;
+        }
+        Ok(pieces)
+    }
+
+    /// Adds the pieces of `[start, end)` of the chunk at file offset `chunk_start` made of
+    /// `slices`.
+    fn plan_chunk(
+        &self,
+        slices: &[Slice],
+        chunk_start: u64,
+        start: u32,
+        end: u32,
+        pieces: &mut Vec<Piece>,
+    ) {
+        let bs = self.layout.block_size();
+        {
+            for span in resolve(slices, start, end) {
                 let file_off = chunk_start + span.pos as u64;
                 match span.source {
                     Source::Zero => pieces.push(Piece {
@@ -348,9 +423,7 @@ impl DataCtx {
                     }
                 }
             }
-            at = cend;
         }
-        Ok(pieces)
     }
 }
 
@@ -655,7 +728,7 @@ impl FileWriter {
         let own = if slices.is_empty() {
             Ok(())
         } else {
-            self.commit(data, ino, &mut slices, mtime)
+            self.commit(data, ino, &mut slices, mtime, gen)
         };
         let mut st = self.lock();
         if !slices.is_empty() {
@@ -687,12 +760,15 @@ impl FileWriter {
         Ok(())
     }
 
+    /// Uploads and commits batch `gen`. Uploads of several batches run at once, but batches
+    /// commit in order: slices apply in commit order, so a later write must commit later.
     fn commit(
         &self,
         data: &DataCtx,
         ino: Ino,
         slices: &mut [PendingSlice],
         mtime: Timestamp,
+        gen: u64,
     ) -> Result<(), FsError> {
         for s in slices.iter_mut() {
             s.upload_tail(data);
@@ -707,6 +783,12 @@ impl FileWriter {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => return Err(FsError::Store(e)),
                 Err(e) => return Err(FsError::Data(format!("upload task failed: {e}"))),
+            }
+        }
+        {
+            let mut st = self.lock();
+            while st.committing.iter().any(|(g, _)| *g < gen) {
+                st = self.idle.wait(st).unwrap_or_else(|e| e.into_inner());
             }
         }
         let committed: Vec<ChunkSlice> = slices
@@ -725,6 +807,11 @@ impl FileWriter {
         let written = data.meta.write_slices(ino, &committed, mtime);
         data.invalidate(ino);
         written?;
+        let mut chunks: Vec<u32> = committed.iter().map(|c| c.chunk).collect();
+        chunks.dedup();
+        for chunk in chunks {
+            data.hint_compaction(ino, chunk);
+        }
         Ok(())
     }
 }

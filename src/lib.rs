@@ -10,6 +10,7 @@
 //! - [`objbench`]: measuring an object store.
 
 pub mod buffers;
+pub mod compact;
 pub mod data;
 pub mod error;
 pub mod exporter;

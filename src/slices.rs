@@ -27,8 +27,8 @@ pub struct Span {
     pub source: Source,
 }
 
-/// The spans covering `[start, end)` of a chunk, in order, given its slices sorted by
-/// increasing id: a newer slice hides older ones, anything no slice covers reads as zeros.
+/// The spans covering `[start, end)` of a chunk, in order, given its slices in the order they
+/// apply: a later slice hides earlier ones, anything no slice covers reads as zeros.
 pub fn resolve(slices: &[Slice], start: u32, end: u32) -> Vec<Span> {
     // (start, end, index of the visible slice)
     let mut spans: Vec<(u32, u32, Option<usize>)> = vec![(start, end, None)];

@@ -5,7 +5,10 @@
 //! writes first, so another open after a close sees every byte (close-to-open), and fsync
 //! returns only when data is in the object store and metadata is durable.
 
-use crate::data::{DataCtx, FileWriter, PendingRead, MAX_FILE_SIZE, MAX_PENDING_SLICES};
+use crate::compact;
+use crate::data::{
+    DataCtx, FileWriter, PendingRead, COMPACT_THRESHOLD, MAX_FILE_SIZE, MAX_PENDING_SLICES,
+};
 use crate::error::FsError;
 use crate::layout::CHUNK_SIZE;
 use crate::perm;
@@ -138,6 +141,28 @@ impl TideVfs {
                     vfs.commit_old_writes();
                 })
                 .expect("spawn commit thread");
+        }
+        // Chunks with many slices are compacted one at a time, off every request path.
+        {
+            let weak = Arc::downgrade(&vfs);
+            let data = vfs.data.clone();
+            std::thread::Builder::new()
+                .name("tidefs-compact".into())
+                .spawn(move || loop {
+                    let hint = data.next_compaction_hint(Duration::from_millis(500));
+                    if weak
+                        .upgrade()
+                        .is_none_or(|v| v.destroyed.load(Ordering::SeqCst))
+                    {
+                        return;
+                    }
+                    let Some((ino, chunk)) = hint else { continue };
+                    match compact::compact_chunk(&data, ino, chunk, COMPACT_THRESHOLD) {
+                        Ok(_) | Err(FsError::Meta(MetaError::NotFound)) => {}
+                        Err(e) => tracing::warn!(ino, chunk, error = %e, "compaction failed"),
+                    }
+                })
+                .expect("spawn compaction thread");
         }
         // Any mount purges the trash: at mount, then once per interval.
         {

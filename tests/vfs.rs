@@ -591,3 +591,118 @@ fn trash_is_purged_after_its_days() {
     data.meta.format(&format, 0, 0).unwrap();
     assert_eq!(f.vfs.purge_trash(now).unwrap(), 1);
 }
+
+/// Compaction turns a chunk of many slices (overwrites, holes, a punched hole) into one that
+/// reads the same, and the objects of the replaced slices are deleted.
+#[test]
+fn compaction_keeps_the_bytes_and_frees_the_replaced_slices() {
+    use rand::{Rng, SeedableRng};
+    let f = fixture(64 << 10);
+    let data = f.vfs.data();
+    let (a, fh) = f.vfs.create(CTX, ROOT_INO, b"c", 0o644, 0).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let mut model = vec![0u8; 0];
+    for _ in 0..12 {
+        let off = rng.gen_range(0..400_000usize);
+        let len = rng.gen_range(1..100_000usize);
+        let byte = rng.gen::<u8>() | 1;
+        f.vfs
+            .write(a.ino, fh, off as u64, &vec![byte; len])
+            .unwrap();
+        f.vfs.fsync(a.ino, fh, false).unwrap();
+        if model.len() < off + len {
+            model.resize(off + len, 0);
+        }
+        model[off..off + len].fill(byte);
+    }
+    f.vfs
+        .fallocate(
+            a.ino,
+            fh,
+            1000,
+            5000,
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+        )
+        .unwrap();
+    model[1000..6000].fill(0);
+    let before = data.meta.read_chunk(a.ino, 0).unwrap().len();
+    assert!(before >= 13, "{before} slices");
+    let read_all = || f.vfs.read(a.ino, fh, 0, 1 << 20).unwrap();
+    assert!(read_all() == model);
+    let done = tidefs::compact::compact_chunk(&data, a.ino, 0, 2).unwrap();
+    assert!(
+        matches!(done, tidefs::compact::Compacted::Done { slices, .. } if slices == before),
+        "{done:?}"
+    );
+    let after = data.meta.read_chunk(a.ino, 0).unwrap();
+    assert_eq!(after.len(), 1);
+    assert!(read_all() == model);
+    tidefs::vfs::delete_freed(&data).unwrap();
+    let blocks = (after[0].size as usize).div_ceil(64 << 10);
+    assert_eq!(f.store_objects(&data.layout.prefix()).len(), blocks);
+    // A write after compaction applies on top.
+    f.vfs.write(a.ino, fh, 10, b"after").unwrap();
+    f.vfs.fsync(a.ino, fh, false).unwrap();
+    model[10..15].copy_from_slice(b"after");
+    assert!(read_all() == model);
+    f.vfs.release(a.ino, fh).unwrap();
+}
+
+/// Readers see exactly the file's bytes while writers rewrite ranges (with the same bytes),
+/// compactions swap slices and the deleter removes the replaced objects, all at once.
+#[test]
+fn reads_racing_compaction_stay_correct() {
+    use rand::{Rng, SeedableRng};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    // A cache of two blocks: reads go to the store, where replaced blocks disappear.
+    let f = fixture_with_cache(64 << 10, 128 << 10);
+    let data = f.vfs.data();
+    let model: Vec<u8> = (0..900_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let (a, fh) = f.vfs.create(CTX, ROOT_INO, b"r", 0o644, 0).unwrap();
+    f.vfs.write(a.ino, fh, 0, &model).unwrap();
+    f.vfs.fsync(a.ino, fh, false).unwrap();
+    let stop = AtomicBool::new(false);
+    let compactions = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for seed in 0..2u64 {
+            let (vfs, model, stop) = (&f.vfs, &model, &stop);
+            s.spawn(move || {
+                let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+                let rfh = vfs.open(CTX, a.ino, libc::O_RDONLY).unwrap().fh;
+                while !stop.load(Ordering::Relaxed) {
+                    let off = rng.gen_range(0..model.len());
+                    let len = rng.gen_range(1..300_000usize);
+                    let got = vfs.read(a.ino, rfh, off as u64, len as u32).unwrap();
+                    let want = &model[off..(off + len).min(model.len())];
+                    assert!(got == want, "read {off}+{len} differs");
+                }
+                vfs.release(a.ino, rfh).unwrap();
+            });
+        }
+        let (vfs, model, stop, data, compactions) = (&f.vfs, &model, &stop, &data, &compactions);
+        s.spawn(move || {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(99);
+            for round in 0..40 {
+                for _ in 0..3 {
+                    let off = rng.gen_range(0..model.len());
+                    let end = (off + rng.gen_range(1..80_000usize)).min(model.len());
+                    vfs.write(a.ino, fh, off as u64, &model[off..end]).unwrap();
+                    vfs.flush(a.ino, fh).unwrap();
+                }
+                if round % 2 == 0 {
+                    let done = tidefs::compact::compact_chunk(data, a.ino, 0, 2).unwrap();
+                    if matches!(done, tidefs::compact::Compacted::Done { .. }) {
+                        compactions.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                let _ = tidefs::vfs::delete_freed(data);
+            }
+            stop.store(true, Ordering::Relaxed);
+        });
+    });
+    assert!(compactions.load(Ordering::Relaxed) > 5);
+    tidefs::compact::compact_chunk(&data, a.ino, 0, 2).unwrap();
+    tidefs::vfs::delete_freed(&data).unwrap();
+    assert!(f.vfs.read(a.ino, fh, 0, 1 << 20).unwrap() == model);
+    f.vfs.release(a.ino, fh).unwrap();
+}

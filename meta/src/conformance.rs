@@ -20,7 +20,8 @@ macro_rules! meta_conformance_tests {
             slices_and_length, truncate_clips_slices, fallocate_modes, readdir_cookies_are_stable,
             sessions_free_kept_files, slice_ids_are_unique, usage_counts, limits_are_enforced,
             referenced_slices_page_in_id_order, namespace_check_passes_after_every_kind_of_change,
-            trash_keeps_removed_files_without_bending_link_counts);
+            trash_keeps_removed_files_without_bending_link_counts,
+            slices_apply_in_commit_order_and_compact_safely);
     };
     (@each $make:expr; $($name:ident),*) => {
         $(
@@ -67,6 +68,11 @@ fn node(kind: FileKind, mode: u32) -> NewNode {
 }
 
 fn file(m: &dyn Meta, parent: Ino, name: &str) -> Attr {
+    sample_file(m, parent, name)
+}
+
+/// Creates an empty file `name` in `parent`, owned by 1000:1000, for checks and tests.
+pub fn sample_file(m: &dyn Meta, parent: Ino, name: &str) -> Attr {
     m.mknod(parent, name.as_bytes(), &node(FileKind::File, 0o644))
         .expect("create file")
 }
@@ -559,7 +565,8 @@ pub fn slices_and_length(m: &dyn Meta) {
         .unwrap();
     assert_eq!(a.length, 2 * CHUNK_SIZE + 7);
     assert_eq!((a.mtime, a.ctime), (t, t));
-    assert_eq!(m.read_chunk(f.ino, 0).unwrap(), vec![s0, s2]);
+    // In the order given, not by id.
+    assert_eq!(m.read_chunk(f.ino, 0).unwrap(), vec![s2, s0]);
     assert_eq!(m.read_chunk(f.ino, 1).unwrap(), vec![]);
     // A commit never shrinks a file.
     let s3 = data_slice(m.next_slice_ids(1).unwrap(), 0, 1);
@@ -1013,4 +1020,70 @@ pub fn trash_keeps_removed_files_without_bending_link_counts(m: &dyn Meta) {
     let k = file(m, ROOT_INO, "k");
     m.unlink(ROOT_INO, b"k", 1, &closed).unwrap();
     assert_eq!(err(m.getattr(k.ino)), libc::ENOENT);
+}
+
+/// Slices apply in commit order, whatever their ids. Compaction swaps the first slices of a
+/// chunk for one that reads the same, freeing them, and refuses (freeing the new one) when
+/// the chunk changed under it; slices committed after a compaction apply after it.
+pub fn slices_apply_in_commit_order_and_compact_safely(m: &dyn Meta) {
+    formatted(m);
+    let f = file(m, ROOT_INO, "f");
+    let first = m.next_slice_ids(10).unwrap();
+    let commit = |slice: Slice| {
+        m.write_slices(f.ino, &[ChunkSlice { chunk: 0, slice }], Timestamp::now())
+            .unwrap();
+    };
+    // Committed late with a lower id (a write whose upload took longer): it still applies last.
+    commit(data_slice(first + 5, 0, 100));
+    commit(data_slice(first + 1, 50, 100));
+    commit(data_slice(first + 3, 120, 10));
+    let ids = |m: &dyn Meta| -> Vec<u64> {
+        m.read_chunk(f.ino, 0)
+            .unwrap()
+            .iter()
+            .map(|s| s.id)
+            .collect()
+    };
+    assert_eq!(ids(m), vec![first + 5, first + 1, first + 3]);
+    let before = m.read_chunk(f.ino, 0).unwrap();
+    let usage = m.usage().unwrap();
+    let merged = data_slice(first + 9, 0, 150);
+    // Replacing a later slice without the ones before it is refused.
+    assert!(!m.compact_chunk(f.ino, 0, &before[1..2], merged).unwrap());
+    assert_eq!(m.read_chunk(f.ino, 0).unwrap(), before);
+    assert_eq!(
+        m.pending_deletions(0, 10).unwrap(),
+        vec![FreedSlice {
+            id: first + 9,
+            size: 150
+        }]
+    );
+    m.ack_deletions(&[first + 9]).unwrap();
+    let merged = data_slice(first + 8, 0, 150);
+    assert!(m.compact_chunk(f.ino, 0, &before[..2], merged).unwrap());
+    assert_eq!(ids(m), vec![first + 8, first + 3]);
+    assert_eq!(m.usage().unwrap(), usage);
+    let freed: Vec<u64> = m
+        .pending_deletions(0, 10)
+        .unwrap()
+        .iter()
+        .map(|s| s.id)
+        .collect();
+    assert_eq!(freed, vec![first + 1, first + 5]);
+    // A slice with a lower id committed after the compaction applies after it.
+    commit(data_slice(first + 2, 0, 10));
+    assert_eq!(ids(m), vec![first + 8, first + 3, first + 2]);
+    // A replaced slice cut short since it was read: refused, the new slice is freed.
+    let before = m.read_chunk(f.ino, 0).unwrap();
+    m.truncate(f.ino, 125, Timestamp::now()).unwrap();
+    assert!(!m
+        .compact_chunk(f.ino, 0, &before, data_slice(first + 7, 0, 130))
+        .unwrap());
+    assert!(m
+        .pending_deletions(first + 6, 10)
+        .unwrap()
+        .iter()
+        .any(|s| s.id == first + 7));
+    assert_eq!(m.getattr(f.ino).unwrap().length, 125);
+    assert_eq!(m.check_namespace(false).unwrap(), vec![]);
 }

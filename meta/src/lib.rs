@@ -107,11 +107,20 @@ pub trait Meta: Send + Sync {
     /// Removes xattr `name` of `ino`.
     fn removexattr(&self, ino: Ino, name: &[u8]) -> Result<()>;
 
-    /// The slices of chunk `chunk` of file `ino`, in increasing id order.
+    /// The slices of chunk `chunk` of file `ino`, in the order they apply: each hides the
+    /// bytes of those before it where they overlap.
     fn read_chunk(&self, ino: Ino, chunk: u32) -> Result<Vec<Slice>>;
     /// Commits slices whose data is durable in the object store, extending the length to cover
-    /// them and setting mtime and ctime.
+    /// them and setting mtime and ctime. They apply after every slice committed before, in
+    /// the order given.
     fn write_slices(&self, ino: Ino, slices: &[ChunkSlice], mtime: Timestamp) -> Result<Attr>;
+    /// Replaces `replaced`, the first slices of chunk `chunk` of file `ino` in the order
+    /// [`Meta::read_chunk`] gave them, by `new`, which holds the same bytes and is durable;
+    /// the replaced slices go to the deletion queue. If the chunk changed meanwhile so that
+    /// the swap could change what reads see (a replaced slice is gone or cut short, or a
+    /// slice not replaced now applies before one that is), it changes nothing, queues `new`
+    /// for deletion instead and returns false. Length and times do not change.
+    fn compact_chunk(&self, ino: Ino, chunk: u32, replaced: &[Slice], new: Slice) -> Result<bool>;
     /// Reserves `n` consecutive slice ids and returns the first.
     fn next_slice_ids(&self, n: u64) -> Result<u64>;
 

@@ -33,7 +33,7 @@ CREATE TABLE IF NOT EXISTS xattr (
     WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS slice (
     ino INTEGER NOT NULL, chunk INTEGER NOT NULL, id INTEGER NOT NULL, size INTEGER NOT NULL,
-    off INTEGER NOT NULL, len INTEGER NOT NULL, pos INTEGER NOT NULL,
+    off INTEGER NOT NULL, len INTEGER NOT NULL, pos INTEGER NOT NULL, seq INTEGER NOT NULL,
     PRIMARY KEY (ino, chunk, id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS session (
     sid INTEGER PRIMARY KEY AUTOINCREMENT, host TEXT NOT NULL, pid INTEGER NOT NULL,
@@ -215,6 +215,13 @@ fn counter(tx: &Connection, name: &str) -> Result<i64> {
         })
         .optional()?
         .unwrap_or(0))
+}
+
+/// The first of `n` consecutive positions in the commit order of slices. They come from the
+/// slice id counter, so they also sort after every id reserved before this commit (slices of
+/// older databases had their id as position).
+fn next_seq(tx: &Connection, n: usize) -> Result<i64> {
+    Ok(bump_counter(tx, "next_slice", n as i64)? - n as i64)
 }
 
 fn dir_is_empty(tx: &Connection, ino: Ino) -> Result<bool> {
@@ -436,6 +443,19 @@ fn upgrade(conn: &Connection) -> Result<()> {
             "CREATE INDEX IF NOT EXISTS slice_by_id ON slice (id);
              CREATE INDEX IF NOT EXISTS edge_by_ino ON edge (ino);",
         )?;
+        let slice_columns: Vec<String> = conn
+            .prepare("SELECT name FROM pragma_table_info('slice')")?
+            .query_map([], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        if !slice_columns.iter().any(|c| c == "seq") {
+            // Slices used to apply in id order; commit order starts from there.
+            conn.execute_batch(
+                "BEGIN IMMEDIATE;
+                 ALTER TABLE slice ADD COLUMN seq INTEGER NOT NULL DEFAULT 0;
+                 UPDATE slice SET seq = id;
+                 COMMIT;",
+            )?;
+        }
     }
     Ok(())
 }
@@ -649,7 +669,7 @@ fn check_namespace(tx: &Connection, repair: bool) -> Result<Vec<Problem>> {
         |r| r.get(0),
     )?;
     let max_slice: i64 = tx.query_row(
-        "SELECT MAX(COALESCE((SELECT MAX(id) FROM slice), 0),
+        "SELECT MAX(COALESCE((SELECT MAX(MAX(id), MAX(seq)) FROM slice), 0),
                     COALESCE((SELECT MAX(id) FROM deleted_slice), 0))",
         [],
         |r| r.get(0),
@@ -1043,10 +1063,11 @@ impl Meta for SqliteMeta {
                     let pos = at % CHUNK_SIZE;
                     let n = (CHUNK_SIZE - pos).min(zero_end - at);
                     let id = *ids.next().ok_or(MetaError::Invalid)? as i64;
+                    let seq = next_seq(tx, 1)?;
                     tx.execute(
-                        "INSERT INTO slice (ino, chunk, id, size, off, len, pos)
-                         VALUES (?1, ?2, ?3, 0, 0, ?4, ?5)",
-                        params![ino as i64, chunk as i64, id, n as i64, pos as i64],
+                        "INSERT INTO slice (ino, chunk, id, size, off, len, pos, seq)
+                         VALUES (?1, ?2, ?3, 0, 0, ?4, ?5, ?6)",
+                        params![ino as i64, chunk as i64, id, n as i64, pos as i64, seq],
                     )?;
                     at += n;
                 }
@@ -1497,7 +1518,7 @@ impl Meta for SqliteMeta {
         self.read(|tx| {
             let mut stmt = tx.prepare_cached(
                 "SELECT id, size, off, len, pos FROM slice WHERE ino = ?1 AND chunk = ?2
-                 ORDER BY id",
+                 ORDER BY seq, id",
             )?;
             let rows = stmt
                 .query_map(params![ino as i64, chunk], |r| {
@@ -1521,11 +1542,12 @@ impl Meta for SqliteMeta {
                 return Err(MetaError::Invalid);
             }
             let mut end = a.length;
+            let mut seq = next_seq(tx, slices.len())?;
             for cs in slices {
                 let s = cs.slice;
                 tx.execute(
-                    "INSERT OR REPLACE INTO slice (ino, chunk, id, size, off, len, pos)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    "INSERT OR REPLACE INTO slice (ino, chunk, id, size, off, len, pos, seq)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                     params![
                         ino as i64,
                         cs.chunk,
@@ -1533,9 +1555,11 @@ impl Meta for SqliteMeta {
                         s.size,
                         s.off,
                         s.len,
-                        s.pos
+                        s.pos,
+                        seq
                     ],
                 )?;
+                seq += 1;
                 end = end.max(cs.chunk as u64 * CHUNK_SIZE + s.pos as u64 + s.len as u64);
             }
             let delta = round_space(end) - round_space(a.length);
@@ -1546,6 +1570,75 @@ impl Meta for SqliteMeta {
             a.ctime = mtime;
             put_node(tx, &a)?;
             Ok(a)
+        })
+    }
+
+    fn compact_chunk(&self, ino: Ino, chunk: u32, replaced: &[Slice], new: Slice) -> Result<bool> {
+        self.write(|tx| {
+            let rows: Vec<(Slice, i64)> = tx
+                .prepare_cached(
+                    "SELECT id, size, off, len, pos, seq FROM slice WHERE ino = ?1 AND chunk = ?2",
+                )?
+                .query_map(params![ino as i64, chunk], |r| {
+                    Ok((
+                        Slice {
+                            id: r.get::<_, i64>(0)? as u64,
+                            size: r.get(1)?,
+                            off: r.get(2)?,
+                            len: r.get(3)?,
+                            pos: r.get(4)?,
+                        },
+                        r.get(5)?,
+                    ))
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            let still_there = replaced.iter().all(|r| rows.iter().any(|(s, _)| s == r));
+            let last = rows
+                .iter()
+                .filter(|(s, _)| replaced.iter().any(|r| r.id == s.id))
+                .map(|(_, seq)| *seq)
+                .max();
+            let prefix = last.is_some_and(|last| {
+                rows.iter()
+                    .all(|(s, seq)| *seq > last || replaced.iter().any(|r| r.id == s.id))
+            });
+            if !still_there || !prefix || replaced.is_empty() {
+                // Its data is stored but never referenced: free it.
+                if new.size > 0 {
+                    tx.execute(
+                        "INSERT OR IGNORE INTO deleted_slice (id, size) VALUES (?1, ?2)",
+                        params![new.id as i64, new.size],
+                    )?;
+                }
+                return Ok(false);
+            }
+            for r in replaced {
+                tx.execute(
+                    "DELETE FROM slice WHERE ino = ?1 AND chunk = ?2 AND id = ?3",
+                    params![ino as i64, chunk, r.id as i64],
+                )?;
+                if r.size > 0 {
+                    tx.execute(
+                        "INSERT OR IGNORE INTO deleted_slice (id, size) VALUES (?1, ?2)",
+                        params![r.id as i64, r.size],
+                    )?;
+                }
+            }
+            tx.execute(
+                "INSERT INTO slice (ino, chunk, id, size, off, len, pos, seq)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![
+                    ino as i64,
+                    chunk,
+                    new.id as i64,
+                    new.size,
+                    new.off,
+                    new.len,
+                    new.pos,
+                    last
+                ],
+            )?;
+            Ok(true)
         })
     }
 

@@ -255,7 +255,7 @@ pub struct SetAttr {
 ///
 /// Bytes `[off, off + len)` of the slice object `id` (whose total size is `size`) appear at
 /// `pos` within the chunk. A slice with `size == 0` reads as zeros (a hole punched or zeroed).
-/// Slices of a chunk are applied in increasing `id` order: a newer slice hides older ones.
+/// Slices of a chunk apply in commit order: a slice committed later hides older ones.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Slice {
     /// Slice id: the object name and the order of application.

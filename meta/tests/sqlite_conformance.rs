@@ -47,6 +47,63 @@ fn upgrades_an_older_session_table() {
     assert_eq!(sessions[1].metrics, "127.0.0.1:9567");
 }
 
+/// A database made when slices applied in id order opens with that order kept, and slices
+/// committed afterwards apply after the old ones.
+#[test]
+fn upgrades_slices_to_commit_order() {
+    use tidefs_meta::{ChunkSlice, Slice, Timestamp, ROOT_INO};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("meta.db");
+    let slice = |id: u64, len: u32| Slice {
+        id,
+        size: len,
+        off: 0,
+        len,
+        pos: 0,
+    };
+    let ino;
+    {
+        let m = SqliteMeta::open(&path, true).unwrap();
+        m.format(&tidefs_meta::conformance::sample_format(), 0, 0)
+            .unwrap();
+        ino = tidefs_meta::conformance::sample_file(&m, ROOT_INO, "f").ino;
+    }
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch(&format!(
+            "DROP TABLE slice;
+             CREATE TABLE slice (
+                ino INTEGER NOT NULL, chunk INTEGER NOT NULL, id INTEGER NOT NULL,
+                size INTEGER NOT NULL, off INTEGER NOT NULL, len INTEGER NOT NULL,
+                pos INTEGER NOT NULL, PRIMARY KEY (ino, chunk, id)) WITHOUT ROWID;
+             INSERT INTO slice VALUES ({ino}, 0, 7, 10, 0, 10, 0), ({ino}, 0, 3, 20, 0, 20, 0);
+             UPDATE counter SET value = 8 WHERE name = 'next_slice';"
+        ))
+        .unwrap();
+    }
+    let m = SqliteMeta::open(&path, false).unwrap();
+    assert_eq!(
+        m.read_chunk(ino, 0).unwrap(),
+        vec![slice(3, 20), slice(7, 10)]
+    );
+    // A write that took id 5 long ago commits only now.
+    let late = 5;
+    m.write_slices(
+        ino,
+        &[ChunkSlice {
+            chunk: 0,
+            slice: slice(late, 5),
+        }],
+        Timestamp::now(),
+    )
+    .unwrap();
+    assert_eq!(
+        m.read_chunk(ino, 0).unwrap(),
+        vec![slice(3, 20), slice(7, 10), slice(late, 5)]
+    );
+    assert_eq!(m.check_namespace(false).unwrap(), vec![]);
+}
+
 /// Damage done behind the engine's back is found, left alone without `repair`, fixed with it,
 /// and what cannot be fixed safely is reported every time.
 #[test]
