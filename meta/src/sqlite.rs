@@ -1542,8 +1542,8 @@ impl Meta for SqliteMeta {
                 return Err(MetaError::Invalid);
             }
             let mut end = a.length;
-            let mut seq = next_seq(tx, slices.len())?;
-            for cs in slices {
+            let first = next_seq(tx, slices.len())?;
+            for (seq, cs) in (first..).zip(slices) {
                 let s = cs.slice;
                 tx.execute(
                     "INSERT OR REPLACE INTO slice (ino, chunk, id, size, off, len, pos, seq)
@@ -1559,7 +1559,6 @@ impl Meta for SqliteMeta {
                         seq
                     ],
                 )?;
-                seq += 1;
                 end = end.max(cs.chunk as u64 * CHUNK_SIZE + s.pos as u64 + s.len as u64);
             }
             let delta = round_space(end) - round_space(a.length);
