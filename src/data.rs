@@ -10,6 +10,7 @@ use crate::layout::{Layout, CHUNK_SIZE};
 use crate::object::{ObjectStore, StoreError};
 use crate::slices::{resolve, Source};
 use bytes::Bytes;
+use crossbeam_channel::{Receiver, Sender};
 use dashmap::DashMap;
 use std::collections::HashMap;
 use std::ops::Range;
@@ -58,10 +59,7 @@ pub struct DataCtx {
     /// Block buffers of the write path.
     buffers: Arc<BufferPool>,
     /// Chunks that may need compaction, for the mount's compactor; each queued once.
-    compact_hints: (
-        crossbeam_channel::Sender<(Ino, u32)>,
-        crossbeam_channel::Receiver<(Ino, u32)>,
-    ),
+    compact_hints: (Sender<(Ino, u32)>, Receiver<(Ino, u32)>),
     compact_queued: DashMap<(Ino, u32), ()>,
 }
 
