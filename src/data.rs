@@ -39,6 +39,9 @@ const VANISHED_RETRIES: usize = 8;
 /// Slices in one chunk from which the chunk is compacted in the background.
 pub const COMPACT_THRESHOLD: usize = 16;
 
+/// A chunk of a file: (inode, chunk index).
+pub type ChunkRef = (Ino, u32);
+
 /// What the data path of a mount shares.
 pub struct DataCtx {
     /// Metadata engine.
@@ -59,8 +62,9 @@ pub struct DataCtx {
     /// Block buffers of the write path.
     buffers: Arc<BufferPool>,
     /// Chunks that may need compaction, for the mount's compactor; each queued once.
-    compact_hints: (Sender<(Ino, u32)>, Receiver<(Ino, u32)>),
-    compact_queued: DashMap<(Ino, u32), ()>,
+    compact_tx: Sender<ChunkRef>,
+    compact_rx: Receiver<ChunkRef>,
+    compact_queued: DashMap<ChunkRef, ()>,
 }
 
 /// Read-side metadata of one file, cached between changes.
@@ -98,6 +102,7 @@ impl DataCtx {
         rt: Handle,
     ) -> Self {
         let buffers = BufferPool::new(layout.block_size() as usize, WRITE_BUFFERS_KEPT);
+        let (compact_tx, compact_rx) = crossbeam_channel::unbounded();
         DataCtx {
             meta,
             store,
@@ -108,7 +113,8 @@ impl DataCtx {
             ids: Mutex::new(0..0),
             files: DashMap::new(),
             buffers,
-            compact_hints: crossbeam_channel::unbounded(),
+            compact_tx,
+            compact_rx,
             compact_queued: DashMap::new(),
         }
     }
@@ -117,13 +123,13 @@ impl DataCtx {
     /// with many); the compactor looks at it once, however often it is noted meanwhile.
     pub fn hint_compaction(&self, ino: Ino, chunk: u32) {
         if self.compact_queued.insert((ino, chunk), ()).is_none() {
-            let _ = self.compact_hints.0.send((ino, chunk));
+            let _ = self.compact_tx.send((ino, chunk));
         }
     }
 
     /// The next chunk to look at for compaction, waiting up to `timeout`.
-    pub fn next_compaction_hint(&self, timeout: std::time::Duration) -> Option<(Ino, u32)> {
-        let hint = self.compact_hints.1.recv_timeout(timeout).ok()?;
+    pub fn next_compaction_hint(&self, timeout: std::time::Duration) -> Option<ChunkRef> {
+        let hint = self.compact_rx.recv_timeout(timeout).ok()?;
         self.compact_queued.remove(&hint);
         Some(hint)
     }
