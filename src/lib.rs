@@ -11,6 +11,7 @@
 
 pub mod buffers;
 pub mod compact;
+pub mod control;
 pub mod data;
 pub mod error;
 pub mod exporter;

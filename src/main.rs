@@ -5,6 +5,7 @@ use clap::{Args, Parser, Subcommand};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
+use tidefs::control;
 use tidefs::data::DataCtx;
 use tidefs::layout::Layout;
 use tidefs::vfs::{TideVfs, VfsOptions};
@@ -48,6 +49,11 @@ enum Command {
     Fsck(FsckArgs),
     /// Read files or trees through their tidefs mount so that their blocks are cached.
     Warmup(WarmupArgs),
+    /// Remove trees through their mount on the metadata side only, far faster than rm -rf.
+    Rmr(PathsArgs),
+    /// Rewrite files made of many slices (or every file of trees) into few, through their
+    /// mount.
+    Compact(PathsArgs),
     /// Change a volume's changeable settings (the rest is fixed at format).
     Config(ConfigArgs),
 }
@@ -66,6 +72,13 @@ struct ConfigArgs {
     /// what the trash holds is purged).
     #[arg(long)]
     trash_days: Option<u32>,
+}
+
+#[derive(Args)]
+struct PathsArgs {
+    /// Paths on a tidefs mount.
+    #[arg(required = true)]
+    paths: Vec<PathBuf>,
 }
 
 #[derive(Args)]
@@ -314,6 +327,8 @@ fn main() {
         Command::Gc(a) => gc(a),
         Command::Fsck(a) => fsck(a),
         Command::Warmup(a) => warmup(a),
+        Command::Rmr(a) => rmr(a),
+        Command::Compact(a) => compact(a),
         Command::Config(a) => config(a),
     };
     if let Err(e) = result {
@@ -808,6 +823,86 @@ fn config(a: ConfigArgs) -> Result<()> {
         "{}",
         serde_json::to_string_pretty(&volume::display_format(&now))?
     );
+    Ok(())
+}
+
+/// The mount holding `path` and the (parent inode, name) of `path` on it, without following
+/// a symlink in the last component.
+fn locate_on_mount(path: &Path) -> Result<(PathBuf, u64, Vec<u8>)> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::MetadataExt;
+    let name = path
+        .file_name()
+        .filter(|n| *n != "." && *n != "..")
+        .ok_or_else(|| anyhow!("{}: give a path that names an entry", path.display()))?;
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let parent = std::fs::canonicalize(parent)
+        .with_context(|| format!("cannot resolve {}", path.display()))?;
+    std::fs::symlink_metadata(parent.join(name))
+        .with_context(|| format!("cannot access {}", path.display()))?;
+    let mnt = volume::mount_point_of(&parent)
+        .filter(|m| volume::is_tidefs_mount(m))
+        .ok_or_else(|| anyhow!("{} is not on a tidefs mount", path.display()))?;
+    let parent_ino = std::fs::metadata(&parent)?.ino();
+    Ok((mnt, parent_ino, name.as_bytes().to_vec()))
+}
+
+/// Runs `request` through the control file of `mnt` with a spinner counting `what`.
+fn run_control(mnt: &Path, request: &control::Request, what: &str) -> Result<control::Tally> {
+    let bar = spinner();
+    bar.set_message(format!("0 {what}"));
+    let result = control::send(mnt, request, &mut |t| {
+        bar.set_message(format!("{} {what}", t.entries));
+    });
+    bar.finish_and_clear();
+    result.map_err(|e| anyhow!(e))
+}
+
+fn rmr(a: PathsArgs) -> Result<()> {
+    let started = std::time::Instant::now();
+    let mut removed = 0;
+    for p in &a.paths {
+        let (mnt, parent, name) = locate_on_mount(p)?;
+        let request = control::Request::Rmr { parent, name };
+        let t = run_control(&mnt, &request, "entries removed")
+            .with_context(|| format!("cannot remove {}", p.display()))?;
+        removed += t.entries;
+    }
+    let out = serde_json::json!({
+        "removed": removed,
+        "seconds": (started.elapsed().as_secs_f64() * 1000.0).round() / 1000.0,
+    });
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}
+
+fn compact(a: PathsArgs) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let started = std::time::Instant::now();
+    let mut total = control::Tally::default();
+    for p in &a.paths {
+        let abs =
+            std::fs::canonicalize(p).with_context(|| format!("cannot compact {}", p.display()))?;
+        let mnt = volume::mount_point_of(&abs)
+            .filter(|m| volume::is_tidefs_mount(m))
+            .ok_or_else(|| anyhow!("{} is not on a tidefs mount", p.display()))?;
+        let ino = std::fs::metadata(&abs)?.ino();
+        let t = run_control(&mnt, &control::Request::Compact { ino }, "files compacted")
+            .with_context(|| format!("cannot compact {}", p.display()))?;
+        total.entries += t.entries;
+        total.slices += t.slices;
+        total.bytes += t.bytes;
+    }
+    let out = serde_json::json!({
+        "files": total.entries,
+        "slices_replaced": total.slices,
+        "bytes_rewritten": total.bytes,
+        "seconds": (started.elapsed().as_secs_f64() * 1000.0).round() / 1000.0,
+    });
+    println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())
 }
 

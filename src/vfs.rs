@@ -6,6 +6,7 @@
 //! returns only when data is in the object store and metadata is durable.
 
 use crate::compact;
+use crate::control::{self, ControlSession, CONTROL_INO, CONTROL_NAME};
 use crate::data::{
     DataCtx, FileWriter, PendingRead, COMPACT_THRESHOLD, MAX_FILE_SIZE, MAX_PENDING_SLICES,
 };
@@ -17,7 +18,7 @@ use dashmap::DashMap;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use tidefs_fuse::{Ctx, ListEntry, Opened, StatFs};
@@ -82,6 +83,10 @@ pub struct TideVfs {
     seen_versions: DashMap<Ino, (Timestamp, u64)>,
     background: Mutex<Option<(mpsc::Sender<()>, JoinHandle<()>)>>,
     destroyed: AtomicBool,
+    /// Opens of the control file, by handle.
+    controls: DashMap<u64, Arc<ControlSession>>,
+    /// This VFS, for control commands that outlive the request starting them.
+    me: Weak<TideVfs>,
 }
 
 impl std::fmt::Debug for TideVfs {
@@ -101,7 +106,9 @@ const MAX_SEEN_VERSIONS: usize = 100_000;
 impl TideVfs {
     /// The VFS of session `sid` of the volume with `format`.
     pub fn new(data: Arc<DataCtx>, format: Format, sid: u64, opts: VfsOptions) -> Arc<Self> {
-        let vfs = Arc::new(TideVfs {
+        let vfs = Arc::new_cyclic(|me| TideVfs {
+            me: me.clone(),
+            controls: DashMap::new(),
             data,
             format,
             sid,
@@ -324,6 +331,27 @@ impl TideVfs {
         Ok(self.data.meta.mknod(parent, name, &node)?)
     }
 
+    /// Removes the non-directory `name` from `parent` as unlink(2) does (an open file stays
+    /// until its last close here).
+    pub fn unlink_entry(&self, parent: Ino, name: &[u8]) -> Result<()> {
+        self.data
+            .meta
+            .unlink(parent, name, self.sid, &|ino| self.keep_if_open(ino))?;
+        Ok(())
+    }
+
+    /// Commits the buffered writes of `ino`, waiting until they are durable.
+    pub fn flush_file(&self, ino: Ino) -> Result<()> {
+        self.flush_inode(ino, None)
+    }
+
+    fn control(&self, fh: u64) -> Result<Arc<ControlSession>> {
+        self.controls
+            .get(&fh)
+            .map(|c| c.clone())
+            .ok_or(FsError::refused(libc::EBADF, "unknown control handle"))
+    }
+
     fn is_open(&self, ino: Ino) -> bool {
         self.open_counts.contains_key(&ino)
     }
@@ -464,14 +492,26 @@ impl tidefs_fuse::Vfs for TideVfs {
     type Error = FsError;
 
     fn lookup(&self, _ctx: Ctx, parent: Ino, name: &[u8]) -> Result<Attr> {
-        Ok(self.with_overlay(self.data.meta.lookup(parent, name)?))
+        match self.data.meta.lookup(parent, name) {
+            Err(MetaError::NotFound) if parent == tidefs_meta::ROOT_INO && name == CONTROL_NAME => {
+                Ok(control::control_attr())
+            }
+            r => Ok(self.with_overlay(r?)),
+        }
     }
 
     fn getattr(&self, ino: Ino) -> Result<Attr> {
+        if ino == CONTROL_INO {
+            return Ok(control::control_attr());
+        }
         Ok(self.with_overlay(self.data.meta.getattr(ino)?))
     }
 
     fn setattr(&self, _ctx: Ctx, ino: Ino, set: SetAttr, size: Option<u64>) -> Result<Attr> {
+        if ino == CONTROL_INO {
+            // Opening with O_TRUNC truncates; the control file has nothing to cut.
+            return Ok(control::control_attr());
+        }
         let meta = &self.data.meta;
         if size.is_some_and(|s| s > MAX_FILE_SIZE) {
             return Err(FsError::refused(libc::EFBIG, "file too large"));
@@ -539,10 +579,7 @@ impl tidefs_fuse::Vfs for TideVfs {
     }
 
     fn unlink(&self, _ctx: Ctx, parent: Ino, name: &[u8]) -> Result<()> {
-        self.data
-            .meta
-            .unlink(parent, name, self.sid, &|ino| self.keep_if_open(ino))?;
-        Ok(())
+        self.unlink_entry(parent, name)
     }
 
     fn rmdir(&self, _ctx: Ctx, parent: Ino, name: &[u8]) -> Result<()> {
@@ -574,7 +611,16 @@ impl tidefs_fuse::Vfs for TideVfs {
         Ok(self.with_overlay(self.data.meta.link(ino, new_parent, name)?))
     }
 
-    fn open(&self, _ctx: Ctx, ino: Ino, _flags: i32) -> Result<Opened> {
+    fn open(&self, ctx: Ctx, ino: Ino, _flags: i32) -> Result<Opened> {
+        if ino == CONTROL_INO {
+            let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+            self.controls.insert(fh, Arc::new(ControlSession::new(ctx)));
+            return Ok(Opened {
+                fh,
+                keep_cache: false,
+                direct_io: true,
+            });
+        }
         // Close-to-open: an open sees the latest committed state.
         self.data.invalidate(ino);
         let a = self.with_overlay(self.data.meta.getattr(ino)?);
@@ -593,6 +639,7 @@ impl tidefs_fuse::Vfs for TideVfs {
         Ok(Opened {
             fh: self.open_handle(ino),
             keep_cache,
+            direct_io: false,
         })
     }
 
@@ -610,6 +657,9 @@ impl tidefs_fuse::Vfs for TideVfs {
     }
 
     fn read(&self, ino: Ino, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+        if ino == CONTROL_INO {
+            return Ok(self.control(fh)?.read(size));
+        }
         let writer = self.writers.get(&ino).map(|w| w.clone());
         let pending = writer.map_or(PendingRead::Nothing, |w| {
             w.pending_read(offset, offset + size as u64)
@@ -644,7 +694,21 @@ impl tidefs_fuse::Vfs for TideVfs {
         Ok(out)
     }
 
-    fn write(&self, ino: Ino, _fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
+    fn write(&self, ino: Ino, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
+        if ino == CONTROL_INO {
+            let session = self.control(fh)?;
+            if let Some(request) = session.feed(data)? {
+                let vfs = self
+                    .me
+                    .upgrade()
+                    .ok_or(FsError::refused(libc::ESHUTDOWN, "unmounting"))?;
+                std::thread::Builder::new()
+                    .name("tidefs-control".into())
+                    .spawn(move || session.run(&vfs, request))
+                    .map_err(|e| FsError::Data(format!("cannot start a control thread: {e}")))?;
+            }
+            return Ok(data.len() as u32);
+        }
         if offset
             .checked_add(data.len() as u64)
             .is_none_or(|end| end > MAX_FILE_SIZE)
@@ -662,10 +726,19 @@ impl tidefs_fuse::Vfs for TideVfs {
     }
 
     fn flush(&self, ino: Ino, fh: u64) -> Result<()> {
+        if ino == CONTROL_INO {
+            return Ok(());
+        }
         self.flush_inode(ino, self.handle(fh).as_deref())
     }
 
     fn release(&self, ino: Ino, fh: u64) -> Result<()> {
+        if ino == CONTROL_INO {
+            if let Some((_, session)) = self.controls.remove(&fh) {
+                session.cancel();
+            }
+            return Ok(());
+        }
         // close(2) already reported through flush; the kernel ignores release errors.
         let handle = self.handles.remove(&fh).map(|(_, h)| h);
         if let Err(e) = self.flush_inode(ino, handle.as_deref()) {
@@ -695,6 +768,9 @@ impl tidefs_fuse::Vfs for TideVfs {
     }
 
     fn fsync(&self, ino: Ino, fh: u64, _datasync: bool) -> Result<()> {
+        if ino == CONTROL_INO {
+            return Ok(());
+        }
         self.flush_inode(ino, self.handle(fh).as_deref())?;
         Ok(self.data.meta.sync()?)
     }

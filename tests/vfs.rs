@@ -706,3 +706,80 @@ fn reads_racing_compaction_stay_correct() {
     assert!(f.vfs.read(a.ino, fh, 0, 1 << 20).unwrap() == model);
     f.vfs.release(a.ino, fh).unwrap();
 }
+
+/// Runs a control request as `ctx` and returns its last reply.
+fn control(f: &Fixture, ctx: Ctx, request: tidefs::control::Request) -> tidefs::control::Reply {
+    let session = tidefs::control::ControlSession::new(ctx);
+    let mut line = serde_json::to_vec(&request).unwrap();
+    line.push(b'\n');
+    let request = session.feed(&line).unwrap().expect("a whole request");
+    session.run(&f.vfs, request);
+    let out = session.read(1 << 20);
+    let last = out
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .last()
+        .unwrap();
+    serde_json::from_slice(last).unwrap()
+}
+
+/// rmr obeys the rules rm -rf meets: a user who may not write a directory of the tree, or
+/// who does not own an entry of a sticky directory, is refused there and the rest stays.
+#[test]
+fn rmr_checks_permissions_like_rm() {
+    use tidefs::control::{Reply, Request};
+    let f = fixture(64 << 10);
+    let user = Ctx {
+        uid: 1000,
+        gid: 1000,
+        pid: 0,
+    };
+    let mkdir = |ctx: Ctx, parent, name: &[u8], mode| f.vfs.mkdir(ctx, parent, name, mode).unwrap();
+    let touch = |ctx: Ctx, parent, name: &[u8]| {
+        let (a, fh) = f.vfs.create(ctx, parent, name, 0o644, 0).unwrap();
+        f.vfs.release(a.ino, fh).unwrap();
+    };
+    let shared = mkdir(CTX, ROOT_INO, b"shared", 0o1777);
+    let mine = mkdir(user, shared.ino, b"mine", 0o755);
+    touch(user, mine.ino, b"a");
+    let locked = mkdir(CTX, mine.ino, b"locked", 0o755);
+    touch(CTX, locked.ino, b"b");
+    touch(CTX, shared.ino, b"roots");
+    let rmr = |ctx, parent, name: &[u8]| {
+        control(
+            &f,
+            ctx,
+            Request::Rmr {
+                parent,
+                name: name.to_vec(),
+            },
+        )
+    };
+    // Root's file in a sticky directory: not the user's to remove.
+    match rmr(user, shared.ino, b"roots") {
+        Reply::Error { errno, .. } => assert_eq!(errno, libc::EPERM),
+        other => panic!("{other:?}"),
+    }
+    // A root-owned directory inside the user's tree cannot be emptied by the user.
+    match rmr(user, shared.ino, b"mine") {
+        Reply::Error { errno, tally, .. } => {
+            assert_eq!(errno, libc::EACCES);
+            // As rm -rf: what it could remove before, it removed.
+            assert_eq!(tally.entries, 1);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(f.vfs.lookup(CTX, locked.ino, b"b").is_ok());
+    assert_eq!(errno(f.vfs.lookup(CTX, mine.ino, b"a")), libc::ENOENT);
+    // Root may.
+    match rmr(CTX, shared.ino, b"mine") {
+        Reply::Done(t) => assert_eq!(t.entries, 3),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(errno(f.vfs.lookup(CTX, shared.ino, b"mine")), libc::ENOENT);
+    // A bad request gets an error line, not a hang.
+    let session = tidefs::control::ControlSession::new(CTX);
+    assert!(session.feed(b"{\"cmd\":\"nope\"}\n").unwrap().is_none());
+    let out = String::from_utf8(session.read(4096)).unwrap();
+    assert!(out.contains("bad control request"), "{out}");
+}

@@ -43,6 +43,9 @@ pub struct Opened {
     /// The kernel may keep the file's cached pages: the file has not changed since they were
     /// read.
     pub keep_cache: bool,
+    /// Reads and writes bypass the kernel's page cache and go to the filesystem as issued
+    /// (for files whose contents are produced on demand, whatever their size says).
+    pub direct_io: bool,
 }
 
 /// One directory listing entry, including `.` and `..`.
@@ -480,11 +483,13 @@ impl<V: Vfs> Filesystem for Adapter<V> {
         let _s = tracing::debug_span!("open", ino = ino.0).entered();
         match self.vfs.open(ctx(req), ino.0, flags.0) {
             Ok(o) => {
-                let flags = if o.keep_cache {
-                    FopenFlags::FOPEN_KEEP_CACHE
-                } else {
-                    FopenFlags::empty()
-                };
+                let mut flags = FopenFlags::empty();
+                if o.keep_cache {
+                    flags |= FopenFlags::FOPEN_KEEP_CACHE;
+                }
+                if o.direct_io {
+                    flags |= FopenFlags::FOPEN_DIRECT_IO;
+                }
                 reply.opened(FileHandle(o.fh), flags)
             }
             Err(e) => reply.error(errno(e)),

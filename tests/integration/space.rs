@@ -224,3 +224,179 @@ fn trash_keeps_removed_files_and_restores_them() {
     assert!(std::fs::read_dir(mnt.p(".trash")).unwrap().next().is_none());
     mnt.unmount();
 }
+
+fn entries(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
+}
+
+/// Runs a tidefs command that prints JSON; panics unless it succeeds.
+fn json_of(args: &[&str]) -> serde_json::Value {
+    let out = tidefs(args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{args:?}: {err}");
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{args:?}: no JSON ({e})"))
+}
+
+/// `tidefs rmr` removes a whole tree through the mount's control file: every entry counted,
+/// a symlink removed rather than followed, a file open in the tree readable until closed,
+/// then every object of the tree freed.
+#[test]
+fn rmr_removes_a_tree_through_the_mount() {
+    use std::io::Read;
+    let vol = Volume::new(64);
+    let mnt = vol.mount();
+    std::fs::create_dir(mnt.p("keep")).unwrap();
+    std::fs::write(mnt.p("keep/f"), b"kept").unwrap();
+    let mut made = 0;
+    for d in 0..4 {
+        let dir = mnt.p(&format!("tree/d{d}/sub"));
+        std::fs::create_dir_all(&dir).unwrap();
+        made += if d == 0 { 3 } else { 2 };
+        for f in 0..30 {
+            std::fs::write(dir.join(format!("f{f}")), vec![d as u8; 1000 + f]).unwrap();
+            made += 1;
+        }
+    }
+    std::os::unix::fs::symlink(mnt.p("keep"), mnt.p("tree/link")).unwrap();
+    std::os::unix::fs::symlink(mnt.p("keep"), mnt.p("link-to-keep")).unwrap();
+    made += 1;
+    let mut open = std::fs::File::open(mnt.p("tree/d3/sub/f7")).unwrap();
+    // A symlink to a directory is removed, not followed.
+    let out = json_of(&["rmr", mnt.p("link-to-keep").to_str().unwrap()]);
+    assert_eq!(out["removed"], 1);
+    assert_eq!(std::fs::read(mnt.p("keep/f")).unwrap(), b"kept");
+    let out = json_of(&["rmr", mnt.p("tree").to_str().unwrap()]);
+    assert_eq!(out["removed"], made, "{out}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while mnt.p("tree").exists() {
+        assert!(std::time::Instant::now() < deadline, "tree still visible");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let mut body = Vec::new();
+    open.read_to_end(&mut body).unwrap();
+    assert_eq!(body, vec![3u8; 1007]);
+    drop(open);
+    // Only the kept file's object is left once deletion ran.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while vol.objects().len() != 1 {
+        assert!(std::time::Instant::now() < deadline, "{:?}", vol.objects());
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(entries(&mnt.p("")), 1);
+    // Errors are clear: a path off tidefs, a missing path.
+    let out = tidefs(&["rmr", "/tmp"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not on a tidefs mount"));
+    let out = tidefs(&["rmr", mnt.p("missing").to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot access"));
+    mnt.unmount();
+}
+
+/// `tidefs compact` rewrites a file of many small appends into one slice with the same bytes;
+/// a file that reaches 16 slices is compacted in the background without asking.
+#[test]
+fn compact_rewrites_many_slices_into_one() {
+    use std::io::Write;
+    let vol = Volume::new(64);
+    let mnt = vol.mount();
+    let mut want = Vec::new();
+    // Below the background threshold (16 slices), and at it.
+    for (name, appends) in [("asked", 10u32), ("background", 16)] {
+        for i in 0..appends {
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(mnt.p(name))
+                .unwrap();
+            let piece = vec![i as u8 + 1; 3000 + i as usize];
+            f.write_all(&piece).unwrap();
+            f.sync_all().unwrap();
+            if name == "asked" {
+                want.extend_from_slice(&piece);
+            }
+        }
+    }
+    let out = json_of(&["compact", mnt.p("asked").to_str().unwrap()]);
+    assert_eq!(
+        (out["files"].as_u64(), out["slices_replaced"].as_u64()),
+        (Some(1), Some(10)),
+        "{out}"
+    );
+    assert_eq!(out["bytes_rewritten"].as_u64(), Some(want.len() as u64));
+    assert_eq!(std::fs::read(mnt.p("asked")).unwrap(), want);
+    // One object per file once the replaced slices are deleted.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while vol.objects().len() != 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} objects",
+            vol.objects().len()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    mnt.unmount();
+    let mnt = vol.mount();
+    assert_eq!(std::fs::read(mnt.p("asked")).unwrap(), want);
+    let background = std::fs::read(mnt.p("background")).unwrap();
+    assert_eq!(background.len(), (0..16).map(|i| 3000 + i).sum::<usize>());
+    assert!(background.ends_with(&[16u8; 3015]));
+    let out = json_of(&["compact", mnt.p("").to_str().unwrap()]);
+    assert_eq!(
+        (out["files"].as_u64(), out["slices_replaced"].as_u64()),
+        (Some(2), Some(0)),
+        "{out}"
+    );
+    mnt.unmount();
+}
+
+/// A mount killed while it deletes the objects of a large removal loses nothing and leaks
+/// nothing: the deletion queue is in metadata, the next mount finishes it (objects already
+/// gone count as deleted), and gc then finds no leaked object.
+#[test]
+fn a_mount_killed_while_deleting_leaks_nothing() {
+    let vol = Volume::new(64);
+    let mnt = vol.mount();
+    let kept: Vec<u8> = (0..200_000u32).map(|i| (i % 241) as u8).collect();
+    std::fs::write(mnt.p("kept"), &kept).unwrap();
+    std::fs::create_dir(mnt.p("gone")).unwrap();
+    for i in 0..400 {
+        std::fs::write(mnt.p(&format!("gone/{i}")), vec![1u8; 70_000]).unwrap();
+    }
+    let total = vol.objects().len();
+    assert_eq!(total, 4 + 400 * 2);
+    std::fs::remove_dir_all(mnt.p("gone")).unwrap();
+    // The deleter runs once a second: kill the mount while it is at work.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while vol.objects().len() == total && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    mnt.kill9();
+    let left = vol.objects().len();
+    eprintln!(
+        "{} of {} freed objects were deleted before the kill",
+        total - left,
+        total - 4
+    );
+    let mnt = vol.mount();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while vol.objects().len() != 4 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} objects left",
+            vol.objects().len()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(std::fs::read(mnt.p("kept")).unwrap(), kept);
+    mnt.unmount();
+    let (ok, r, _) = run(&vol, "gc", &["--grace", "0"]);
+    assert!(ok);
+    assert_eq!(
+        (count(&r, "leaked"), count(&r, "referenced")),
+        (0, 4),
+        "{r}"
+    );
+    let (ok, r, _) = run(&vol, "fsck", &[]);
+    assert!(ok, "{r}");
+}
