@@ -715,11 +715,7 @@ fn control(f: &Fixture, ctx: Ctx, request: tidefs::control::Request) -> tidefs::
     let request = session.feed(&line).unwrap().expect("a whole request");
     session.run(&f.vfs, request);
     let out = session.read(1 << 20);
-    let last = out
-        .split(|&b| b == b'\n')
-        .filter(|l| !l.is_empty())
-        .last()
-        .unwrap();
+    let last = out.split(|&b| b == b'\n').rfind(|l| !l.is_empty()).unwrap();
     serde_json::from_slice(last).unwrap()
 }
 
