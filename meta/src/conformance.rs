@@ -541,7 +541,7 @@ pub fn slices_and_length(m: &dyn Meta) {
     let first = m.next_slice_ids(3).unwrap();
     let t = Timestamp { sec: 42, nsec: 0 };
     let s2 = data_slice(first + 2, 10, 5);
-    let s0 = data_slice(first, 0, 100);
+    let s0 = data_slice(first, 0, 12);
     let s1 = data_slice(first + 1, 0, 7);
     let a = m
         .write_slices(
@@ -1085,5 +1085,19 @@ pub fn slices_apply_in_commit_order_and_compact_safely(m: &dyn Meta) {
         .iter()
         .any(|s| s.id == first + 7));
     assert_eq!(m.getattr(f.ino).unwrap().length, 125);
+    assert_eq!(m.check_namespace(false).unwrap(), vec![]);
+    // A slice that hides others entirely frees them at once.
+    let cover = data_slice(m.next_slice_ids(1).unwrap(), 0, 125);
+    commit(cover);
+    assert_eq!(m.read_chunk(f.ino, 0).unwrap(), vec![cover]);
+    let freed: Vec<u64> = m
+        .pending_deletions(0, 100)
+        .unwrap()
+        .iter()
+        .map(|s| s.id)
+        .collect();
+    for id in [first + 2, first + 3, first + 8] {
+        assert!(freed.contains(&id), "{id} not freed: {freed:?}");
+    }
     assert_eq!(m.check_namespace(false).unwrap(), vec![]);
 }

@@ -269,6 +269,51 @@ fn drop_slices_past(tx: &Connection, ino: Ino, length: u64) -> Result<()> {
     Ok(())
 }
 
+/// Removes the slices of a chunk that later slices hide entirely (an overwrite): nothing can
+/// read them any more, so their objects go to the deletion queue now.
+fn drop_hidden_slices(tx: &Connection, ino: Ino, chunk: u32) -> Result<()> {
+    let slices: Vec<(i64, i64, u64, u64)> = tx
+        .prepare_cached(
+            "SELECT id, size, pos, len FROM slice WHERE ino = ?1 AND chunk = ?2
+             ORDER BY seq DESC, id DESC",
+        )?
+        .query_map(params![ino as i64, chunk], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    // Ranges covered by the slices seen so far (newest first), disjoint and sorted.
+    let mut covered: Vec<(u64, u64)> = Vec::new();
+    for (id, size, pos, len) in slices {
+        let (start, end) = (pos, pos + len);
+        let at = covered.partition_point(|&(_, e)| e < start);
+        if covered
+            .get(at)
+            .is_some_and(|&(s, e)| s <= start && end <= e)
+        {
+            tx.execute(
+                "DELETE FROM slice WHERE ino = ?1 AND chunk = ?2 AND id = ?3",
+                params![ino as i64, chunk, id],
+            )?;
+            if size > 0 {
+                tx.execute(
+                    "INSERT OR IGNORE INTO deleted_slice (id, size) VALUES (?1, ?2)",
+                    params![id, size],
+                )?;
+            }
+            continue;
+        }
+        // Merge [start, end) with the ranges it touches.
+        let mut merged = (start, end);
+        let mut last = at;
+        while let Some(&(s, e)) = covered.get(last).filter(|&&(s, _)| s <= end) {
+            merged = (merged.0.min(s), merged.1.max(e));
+            last += 1;
+        }
+        covered.splice(at..last, [merged]);
+    }
+    Ok(())
+}
+
 /// Deletes inode `ino` and everything it owns; its slices go to the deletion queue.
 fn free_inode(tx: &Connection, a: &Attr) -> Result<()> {
     let ino = a.ino as i64;
@@ -1564,6 +1609,12 @@ impl Meta for SqliteMeta {
             let delta = round_space(end) - round_space(a.length);
             self.check_space(tx, delta)?;
             bump_counter(tx, "used_space", delta)?;
+            let mut chunks: Vec<u32> = slices.iter().map(|cs| cs.chunk).collect();
+            chunks.sort_unstable();
+            chunks.dedup();
+            for chunk in chunks {
+                drop_hidden_slices(tx, ino, chunk)?;
+            }
             a.length = end;
             a.mtime = mtime;
             a.ctime = mtime;
