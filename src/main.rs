@@ -535,6 +535,7 @@ fn mount(a: MountArgs) -> Result<()> {
     let opts = VfsOptions {
         buffer_size: a.buffer_size << 20,
         max_readahead: a.max_readahead << 20,
+        read_only: a.read_only,
         ..VfsOptions::default()
     };
     let vfs = TideVfs::new(data, format.clone(), sid, opts);
@@ -831,6 +832,11 @@ fn config(a: ConfigArgs) -> Result<()> {
 fn locate_on_mount(path: &Path) -> Result<(PathBuf, u64, Vec<u8>)> {
     use std::os::unix::ffi::OsStrExt;
     use std::os::unix::fs::MetadataExt;
+    // `Path` drops a trailing "." ("dir/." names "dir"); rm refuses it, and so does this.
+    let raw = path.as_os_str().as_bytes();
+    if raw.ends_with(b"/.") || raw.ends_with(b"/..") || raw == b"." || raw == b".." {
+        bail!("{}: give a path that names an entry", path.display());
+    }
     let name = path
         .file_name()
         .filter(|n| *n != "." && *n != "..")

@@ -44,6 +44,9 @@ pub struct VfsOptions {
     pub commit_interval: Duration,
     /// How often this mount purges expired files from the trash.
     pub trash_purge_interval: Duration,
+    /// The mount is read-only: no background work that writes (compaction, trash purge) and
+    /// no control commands.
+    pub read_only: bool,
 }
 
 impl Default for VfsOptions {
@@ -55,6 +58,7 @@ impl Default for VfsOptions {
             max_readahead: 64 << 20,
             commit_interval: Duration::from_secs(5),
             trash_purge_interval: Duration::from_secs(3600),
+            read_only: false,
         }
     }
 }
@@ -87,6 +91,8 @@ pub struct TideVfs {
     destroyed: AtomicBool,
     /// Opens of the control file, by handle.
     controls: DashMap<u64, Arc<ControlSession>>,
+    /// Threads of background work (commits, compaction, trash purge), joined at unmount.
+    helpers: Mutex<Vec<JoinHandle<()>>>,
     /// This VFS, for control commands that outlive the request starting them.
     me: Weak<TideVfs>,
 }
@@ -113,6 +119,7 @@ impl TideVfs {
             deleter,
             me: me.clone(),
             controls: DashMap::new(),
+            helpers: Mutex::new(Vec::new()),
             data,
             format,
             sid,
@@ -140,26 +147,24 @@ impl TideVfs {
             let weak = Arc::downgrade(&vfs);
             let period = (vfs.opts.commit_interval / 5)
                 .clamp(Duration::from_millis(50), Duration::from_secs(1));
-            std::thread::Builder::new()
+            let commits = std::thread::Builder::new()
                 .name("tidefs-commit".into())
-                .spawn(move || loop {
-                    std::thread::sleep(period);
-                    let Some(vfs) = weak.upgrade() else { return };
-                    if vfs.destroyed.load(Ordering::SeqCst) {
-                        return;
+                .spawn(move || {
+                    while let Some(vfs) = sleep_while_mounted(&weak, period) {
+                        vfs.commit_old_writes();
                     }
-                    vfs.commit_old_writes();
                 })
                 .expect("spawn commit thread");
+            vfs.lock_helpers().push(commits);
         }
         // Chunks with many slices are compacted one at a time, off every request path.
-        {
+        if !vfs.opts.read_only {
             let weak = Arc::downgrade(&vfs);
             let data = vfs.data.clone();
-            std::thread::Builder::new()
+            let compactor = std::thread::Builder::new()
                 .name("tidefs-compact".into())
                 .spawn(move || loop {
-                    let hint = data.next_compaction_hint(Duration::from_millis(500));
+                    let hint = data.next_compaction_hint(Duration::from_millis(100));
                     if weak
                         .upgrade()
                         .is_none_or(|v| v.destroyed.load(Ordering::SeqCst))
@@ -178,20 +183,17 @@ impl TideVfs {
                     }
                 })
                 .expect("spawn compaction thread");
+            vfs.lock_helpers().push(compactor);
         }
         // Any mount purges the trash: at mount, then once per interval.
-        {
+        if !vfs.opts.read_only {
             let weak = Arc::downgrade(&vfs);
             let interval = vfs.opts.trash_purge_interval;
-            std::thread::Builder::new()
+            let purger = std::thread::Builder::new()
                 .name("tidefs-trash".into())
                 .spawn(move || {
                     let mut last: Option<Instant> = None;
-                    loop {
-                        let Some(vfs) = weak.upgrade() else { return };
-                        if vfs.destroyed.load(Ordering::SeqCst) {
-                            return;
-                        }
+                    while let Some(vfs) = sleep_while_mounted(&weak, Duration::ZERO) {
                         if last.is_none_or(|t| t.elapsed() >= interval) {
                             last = Some(Instant::now());
                             match vfs.purge_trash(Timestamp::now().sec) {
@@ -201,10 +203,13 @@ impl TideVfs {
                             }
                         }
                         drop(vfs);
-                        std::thread::sleep(Duration::from_secs(1));
+                        if sleep_while_mounted(&weak, Duration::from_secs(1)).is_none() {
+                            return;
+                        }
                     }
                 })
                 .expect("spawn trash thread");
+            vfs.lock_helpers().push(purger);
         }
         *vfs.background.lock().unwrap_or_else(|e| e.into_inner()) = Some(worker);
         vfs
@@ -255,6 +260,10 @@ impl TideVfs {
             }
         }
         Ok(purged)
+    }
+
+    fn lock_helpers(&self) -> std::sync::MutexGuard<'_, Vec<JoinHandle<()>>> {
+        self.helpers.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The data path of this mount.
@@ -398,6 +407,25 @@ impl TideVfs {
     }
 }
 
+/// Sleeps `period` in short steps; then the VFS, unless it was dropped or unmounted meanwhile
+/// (so a helper thread ends within 100 ms of the unmount).
+fn sleep_while_mounted(weak: &Weak<TideVfs>, period: Duration) -> Option<Arc<TideVfs>> {
+    let step = Duration::from_millis(100);
+    let deadline = Instant::now() + period;
+    loop {
+        let vfs = weak.upgrade()?;
+        if vfs.destroyed.load(Ordering::SeqCst) {
+            return None;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Some(vfs);
+        }
+        drop(vfs);
+        std::thread::sleep(left.min(step));
+    }
+}
+
 /// A message for the background thread.
 enum Wake {
     /// An operation freed slices: delete their objects soon.
@@ -442,8 +470,8 @@ fn background_loop(data: &DataCtx, sid: u64, opts: &VfsOptions, wake: mpsc::Rece
     }
 }
 
-/// Deletes the objects of freed slices, one batch request per 1000 keys, in one pass over the
-/// deletion queue. A slice leaves the queue only when all its blocks are gone; slices that
+/// Deletes the objects of freed slices, one batch request per 1000 keys (sent at once), in one
+/// pass over the deletion queue. A slice leaves the queue only when all its blocks are gone; slices that
 /// fail stay for the next pass without holding up the ones behind them.
 pub fn delete_freed(data: &DataCtx) -> Result<usize> {
     let mut deleted = 0;
@@ -463,10 +491,16 @@ pub fn delete_freed(data: &DataCtx) -> Result<usize> {
             })
             .collect();
         let keys: Vec<String> = owned.iter().map(|(_, k)| k.clone()).collect();
-        let mut failed = Vec::new();
-        for batch in keys.chunks(1000) {
-            failed.extend(data.rt.block_on(data.store.delete_batch(batch)));
-        }
+        // Batches go out together; the store bounds how many requests run at once.
+        let batches = keys
+            .chunks(1000)
+            .map(|batch| data.store.delete_batch(batch));
+        let failed: Vec<_> = data
+            .rt
+            .block_on(futures::future::join_all(batches))
+            .into_iter()
+            .flatten()
+            .collect();
         let failed_keys: HashSet<&str> = failed.iter().map(|(k, _)| k.as_str()).collect();
         let failed_ids: HashSet<u64> = owned
             .iter()
@@ -651,7 +685,9 @@ impl tidefs_fuse::Vfs for TideVfs {
     fn open(&self, ctx: Ctx, ino: Ino, _flags: i32) -> Result<Opened> {
         if ino == CONTROL_INO {
             let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-            self.controls.insert(fh, Arc::new(ControlSession::new(ctx)));
+            let groups = perm::caller_groups(ctx.pid, ctx.gid);
+            self.controls
+                .insert(fh, Arc::new(ControlSession::new(ctx, groups)));
             return Ok(Opened {
                 fh,
                 keep_cache: false,
@@ -733,6 +769,9 @@ impl tidefs_fuse::Vfs for TideVfs {
 
     fn write(&self, ino: Ino, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
         if ino == CONTROL_INO {
+            if self.opts.read_only {
+                return Err(FsError::refused(libc::EROFS, "read-only mount"));
+            }
             let session = self.control(fh)?;
             if let Some(request) = session.feed(data)? {
                 let vfs = self
@@ -936,6 +975,14 @@ impl tidefs_fuse::Vfs for TideVfs {
     fn destroy(&self) {
         if self.destroyed.swap(true, Ordering::SeqCst) {
             return;
+        }
+        for c in self.controls.iter() {
+            c.cancel();
+        }
+        // Each helper sees `destroyed` within a second and ends after its current step.
+        let helpers = std::mem::take(&mut *self.lock_helpers());
+        for h in helpers {
+            let _ = h.join();
         }
         if let Err(e) = self.flush_all() {
             tracing::error!(error = %e, "flushing writes at unmount failed");

@@ -626,7 +626,8 @@ fn compaction_keeps_the_bytes_and_frees_the_replaced_slices() {
         .unwrap();
     model[1000..6000].fill(0);
     let before = data.meta.read_chunk(a.ino, 0).unwrap().len();
-    assert!(before >= 13, "{before} slices");
+    // (Writes hidden entirely by later ones were dropped at commit.)
+    assert!(before >= 5, "{before} slices");
     let read_all = || f.vfs.read(a.ino, fh, 0, 1 << 20).unwrap();
     assert!(read_all() == model);
     let done = tidefs::compact::compact_chunk(&data, a.ino, 0, 2).unwrap();
@@ -709,7 +710,7 @@ fn reads_racing_compaction_stay_correct() {
 
 /// Runs a control request as `ctx` and returns its last reply.
 fn control(f: &Fixture, ctx: Ctx, request: tidefs::control::Request) -> tidefs::control::Reply {
-    let session = tidefs::control::ControlSession::new(ctx);
+    let session = tidefs::control::ControlSession::new(ctx, vec![ctx.gid]);
     let mut line = serde_json::to_vec(&request).unwrap();
     line.push(b'\n');
     let request = session.feed(&line).unwrap().expect("a whole request");
@@ -774,7 +775,7 @@ fn rmr_checks_permissions_like_rm() {
     }
     assert_eq!(errno(f.vfs.lookup(CTX, shared.ino, b"mine")), libc::ENOENT);
     // A bad request gets an error line, not a hang.
-    let session = tidefs::control::ControlSession::new(CTX);
+    let session = tidefs::control::ControlSession::new(CTX, vec![0]);
     assert!(session.feed(b"{\"cmd\":\"nope\"}\n").unwrap().is_none());
     let out = String::from_utf8(session.read(4096)).unwrap();
     assert!(out.contains("bad control request"), "{out}");

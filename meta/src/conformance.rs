@@ -920,11 +920,11 @@ pub fn trash_keeps_removed_files_without_bending_link_counts(m: &dyn Meta) {
         "space stays used while in the trash"
     );
     assert!(m.pending_deletions(0, 10).unwrap().is_empty());
-    // The trash is visible by name only, root-owned and read-only.
+    // The trash is visible by name only, and only to root.
     let trash = m.lookup(ROOT_INO, TRASH_NAME).unwrap();
     assert_eq!(
         (trash.ino, trash.kind, trash.mode, trash.uid),
-        (TRASH_INO, FileKind::Dir, 0o555, 0)
+        (TRASH_INO, FileKind::Dir, 0o700, 0)
     );
     assert_eq!(names(m, ROOT_INO), vec!["d"]);
     let hours = names(m, TRASH_INO);
@@ -961,6 +961,20 @@ pub fn trash_keeps_removed_files_without_bending_link_counts(m: &dyn Meta) {
         )),
         libc::EPERM
     );
+    // The names of the trash and of the control file are reserved at the root.
+    for reserved in [TRASH_NAME, CONTROL_NAME] {
+        assert_eq!(
+            err(m.mknod(ROOT_INO, reserved, &node(FileKind::File, 0o644))),
+            libc::EPERM
+        );
+        assert_eq!(err(m.link(g.ino, ROOT_INO, reserved)), libc::EPERM);
+        assert_eq!(
+            err(m.rename(ROOT_INO, b"g", ROOT_INO, reserved, none, 1, &closed)),
+            libc::EPERM
+        );
+    }
+    m.mknod(d.ino, TRASH_NAME, &node(FileKind::Dir, 0o755))
+        .unwrap();
     assert_eq!(m.check_namespace(false).unwrap(), vec![]);
     // Restore by moving it back: it has one link again, and its data.
     m.rename(hour.ino, entry.as_bytes(), d.ino, b"back", none, 1, &closed)

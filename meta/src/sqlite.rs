@@ -383,12 +383,13 @@ fn free_if_orphan(tx: &Connection, ino: Ino) -> Result<()> {
     Ok(())
 }
 
-/// A new empty directory `ino` in `parent`, root-owned with mode 0555 (the trash's).
+/// A new empty directory `ino` in `parent`, root-owned with mode 0700 (the trash's: a removed
+/// file must not become readable to users its old directory kept out).
 fn empty_dir(ino: Ino, parent: Ino, now: Timestamp) -> Attr {
     Attr {
         ino,
         kind: FileKind::Dir,
-        mode: 0o555,
+        mode: 0o700,
         uid: 0,
         gid: 0,
         rdev: 0,
@@ -466,8 +467,20 @@ fn touch_dir(tx: &Connection, dir: &mut Attr, now: Timestamp) -> Result<()> {
     put_node(tx, dir)
 }
 
-/// Brings a database made by an earlier tidefs up to the current schema.
+/// Brings a database made by an earlier tidefs up to the current schema, in one transaction
+/// (two processes opening an old database at once upgrade it once).
 fn upgrade(conn: &Connection) -> Result<()> {
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    match upgrade_in_transaction(conn) {
+        Ok(()) => Ok(conn.execute_batch("COMMIT")?),
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            Err(e)
+        }
+    }
+}
+
+fn upgrade_in_transaction(conn: &Connection) -> Result<()> {
     let session_columns: Vec<String> = conn
         .prepare("SELECT name FROM pragma_table_info('session')")?
         .query_map([], |r| r.get(0))?
@@ -495,10 +508,8 @@ fn upgrade(conn: &Connection) -> Result<()> {
         if !slice_columns.iter().any(|c| c == "seq") {
             // Slices used to apply in id order; commit order starts from there.
             conn.execute_batch(
-                "BEGIN IMMEDIATE;
-                 ALTER TABLE slice ADD COLUMN seq INTEGER NOT NULL DEFAULT 0;
-                 UPDATE slice SET seq = id;
-                 COMMIT;",
+                "ALTER TABLE slice ADD COLUMN seq INTEGER NOT NULL DEFAULT 0;
+                 UPDATE slice SET seq = id;",
             )?;
         }
     }
@@ -1143,7 +1154,7 @@ impl Meta for SqliteMeta {
             if dir.nlink == 0 {
                 return Err(MetaError::NotFound);
             }
-            if in_trash(&dir) {
+            if in_trash(&dir) || is_reserved(parent, name) {
                 return Err(MetaError::NotPermitted);
             }
             if find_edge(tx, parent, name)?.is_some() {
@@ -1216,7 +1227,7 @@ impl Meta for SqliteMeta {
             if dir.nlink == 0 {
                 return Err(MetaError::NotFound);
             }
-            if in_trash(&dir) {
+            if in_trash(&dir) || is_reserved(parent, name) {
                 return Err(MetaError::NotPermitted);
             }
             let mut a = get_node(tx, ino)?;
@@ -1327,6 +1338,7 @@ impl Meta for SqliteMeta {
             if in_trash(&dst_dir)
                 || src_dir.ino == TRASH_INO
                 || (flags.exchange && in_trash(&src_dir))
+                || is_reserved(new_parent, new_name)
             {
                 return Err(MetaError::NotPermitted);
             }

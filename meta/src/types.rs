@@ -16,6 +16,18 @@ pub const TRASH_INO: Ino = 0x7FFF_FFFF_1000_0000;
 /// The name under which the root shows the trash (not listed by readdir).
 pub const TRASH_NAME: &[u8] = b".trash";
 
+/// The inode number of a mount's control file, `.control` at the root; never handed out to a
+/// real inode.
+pub const CONTROL_INO: Ino = 0x7FFF_FFFF_0000_0001;
+
+/// The name under which the root shows a mount's control file (not listed by readdir).
+pub const CONTROL_NAME: &[u8] = b".control";
+
+/// Names no entry of the root may take: the trash and the control file live there.
+pub fn is_reserved(parent: Ino, name: &[u8]) -> bool {
+    parent == ROOT_INO && (name == TRASH_NAME || name == CONTROL_NAME)
+}
+
 /// The name of the trash directory holding what was removed in the hour (UTC) that contains
 /// `sec` (seconds since the epoch): `YYYY-MM-DD-HH`.
 pub fn trash_hour_name(sec: i64) -> String {
