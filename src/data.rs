@@ -33,6 +33,22 @@ const ID_BATCH: u64 = 1024;
 /// Pending slices per file before a write forces a commit.
 pub const MAX_PENDING_SLICES: usize = 512;
 
+/// Blocks remembered as read in part (see [`ReadPattern::Random`]); the set is cleared when
+/// it grows past this, which only costs some later reads a whole-block fetch.
+const MAX_TOUCHED_BLOCKS: usize = 65_536;
+
+/// How a read is expected to continue, which decides what a cache miss fetches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadPattern {
+    /// Part of a sequential run: a missing block is fetched whole (and cached), since the
+    /// reader will want the rest of it.
+    Sequential,
+    /// A random read: the first miss on a block fetches just the bytes asked for (a ranged
+    /// GET, not cached); a block read in part before is fetched whole and cached, because it
+    /// is evidently hot.
+    Random,
+}
+
 /// Times a read plans again after blocks it planned with were deleted under it.
 const VANISHED_RETRIES: usize = 8;
 
@@ -65,6 +81,8 @@ pub struct DataCtx {
     compact_tx: Sender<ChunkRef>,
     compact_rx: Receiver<ChunkRef>,
     compact_queued: DashMap<ChunkRef, ()>,
+    /// Blocks a random read fetched in part (see [`ReadPattern::Random`]).
+    touched: DashMap<String, ()>,
 }
 
 /// Read-side metadata of one file, cached between changes.
@@ -116,6 +134,7 @@ impl DataCtx {
             compact_tx,
             compact_rx,
             compact_queued: DashMap::new(),
+            touched: DashMap::new(),
         }
     }
 
@@ -265,14 +284,22 @@ impl DataCtx {
             })
     }
 
-    /// Reads `[off, off + size)` of file `ino`, whose committed length is `length`.
-    pub fn read(&self, ino: Ino, length: u64, off: u64, size: u32) -> Result<Vec<u8>, FsError> {
+    /// Reads `[off, off + size)` of file `ino`, whose committed length is `length`; `pattern`
+    /// says whether cache misses fetch whole blocks or just the bytes asked for.
+    pub fn read(
+        &self,
+        ino: Ino,
+        length: u64,
+        off: u64,
+        size: u32,
+        pattern: ReadPattern,
+    ) -> Result<Vec<u8>, FsError> {
         if off >= length {
             return Ok(Vec::new());
         }
         let mut end = length.min(off + size as u64);
         for _ in 0..VANISHED_RETRIES {
-            match self.read_planned(ino, off, end) {
+            match self.read_planned(ino, off, end, pattern) {
                 // A truncate, unlink or compaction committed after the plan and the objects
                 // it freed are already deleted: plan again from the new metadata, length
                 // included.
@@ -292,9 +319,15 @@ impl DataCtx {
         )))
     }
 
-    fn read_planned(&self, ino: Ino, off: u64, end: u64) -> Result<Vec<u8>, ReadError> {
+    fn read_planned(
+        &self,
+        ino: Ino,
+        off: u64,
+        end: u64,
+        pattern: ReadPattern,
+    ) -> Result<Vec<u8>, ReadError> {
         let pieces = self.plan(ino, off, end).map_err(ReadError::Fs)?;
-        self.fetch_pieces(&pieces, off, end)
+        self.fetch_pieces(&pieces, off, end, pattern)
     }
 
     /// Bytes `[start, end)` of chunk `chunk` as the slices `slices` (in the order they apply)
@@ -314,6 +347,7 @@ impl DataCtx {
             &pieces,
             chunk_start + start as u64,
             chunk_start + end as u64,
+            ReadPattern::Sequential,
         ) {
             Ok(bytes) => Ok(Some(bytes)),
             Err(ReadError::Vanished) => Ok(None),
@@ -322,10 +356,17 @@ impl DataCtx {
     }
 
     /// The bytes of `[off, end)` of a file, planned as `pieces`.
-    fn fetch_pieces(&self, pieces: &[Piece], off: u64, end: u64) -> Result<Vec<u8>, ReadError> {
+    fn fetch_pieces(
+        &self,
+        pieces: &[Piece],
+        off: u64,
+        end: u64,
+        pattern: ReadPattern,
+    ) -> Result<Vec<u8>, ReadError> {
         let mut out = vec![0u8; (end - off) as usize];
         // Each piece's bytes: from a cache layer if one holds them (the disk layer reads just
-        // the piece), else from the whole block, fetched once for every reader.
+        // the piece), else from the whole block, fetched once for every reader; or, for a
+        // random read of a block not read before, just the piece.
         let fetched = self.rt.block_on(async {
             let fetches = pieces.iter().map(|p| async move {
                 let Some((key, len, in_block)) = &p.block else {
@@ -334,6 +375,9 @@ impl DataCtx {
                 let range = *in_block..*in_block + p.len;
                 if let Some(bytes) = self.cache.get_range(key, range.clone()).await {
                     return Ok(Some(bytes));
+                }
+                if pattern == ReadPattern::Random && p.len < *len && self.first_touch(key) {
+                    return self.block_range(key, range).await.map(Some);
                 }
                 let block = self.block(key, *len).await?;
                 Ok(Some(block.slice(range.start as usize..range.end as usize)))
@@ -347,6 +391,33 @@ impl DataCtx {
             }
         }
         Ok(out)
+    }
+
+    /// Whether no random read fetched part of block `key` before (and notes that one did).
+    fn first_touch(&self, key: &str) -> bool {
+        if self.touched.len() >= MAX_TOUCHED_BLOCKS {
+            self.touched.clear();
+        }
+        self.touched.insert(key.to_string(), ()).is_none()
+    }
+
+    /// Bytes `range` of block `key`, fetched with a ranged GET and not cached.
+    async fn block_range(&self, key: &str, range: Range<u32>) -> Result<Bytes, ReadError> {
+        let want = (range.end - range.start) as usize;
+        match self
+            .store
+            .get(key, Some(range.start as u64..range.end as u64))
+            .await
+        {
+            Ok(b) if b.len() == want => Ok(b),
+            Ok(b) => Err(ReadError::Fs(FsError::Data(format!(
+                "block {key} is shorter than expected: {} of {want} bytes at {}",
+                b.len(),
+                range.start
+            )))),
+            Err(StoreError::NotFound(_)) => Err(ReadError::Vanished),
+            Err(e) => Err(ReadError::Fs(FsError::Store(e))),
+        }
     }
 
     /// Starts fetching the blocks behind `[off, end)` of file `ino` into the cache.

@@ -29,6 +29,13 @@ struct State {
 }
 
 impl Readahead {
+    /// Whether a read at `off` would continue the current sequential run (the first read of
+    /// a file, near its start, counts as sequential).
+    pub fn is_sequential(&self, off: u64) -> bool {
+        let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        off + SLACK >= s.next && off <= s.next + SLACK
+    }
+
     /// Records a read of `[off, end)` in a file of blocks of `block` bytes; returns the range
     /// to fetch ahead now, if any, at most `max_window` bytes past the block being read.
     pub fn on_read(&self, off: u64, end: u64, block: u64, max_window: u64) -> Option<Range<u64>> {

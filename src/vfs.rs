@@ -8,7 +8,8 @@
 use crate::compact;
 use crate::control::{self, ControlSession, CONTROL_INO, CONTROL_NAME};
 use crate::data::{
-    DataCtx, FileWriter, PendingRead, COMPACT_THRESHOLD, MAX_FILE_SIZE, MAX_PENDING_SLICES,
+    DataCtx, FileWriter, PendingRead, ReadPattern, COMPACT_THRESHOLD, MAX_FILE_SIZE,
+    MAX_PENDING_SLICES,
 };
 use crate::error::FsError;
 use crate::layout::CHUNK_SIZE;
@@ -745,7 +746,12 @@ impl tidefs_fuse::Vfs for TideVfs {
             }
             PendingRead::Overlay { length, parts } => (self.data.length(ino)?.max(length), parts),
         };
-        let mut out = self.data.read(ino, length, offset, size)?;
+        let handle = self.handle(fh);
+        let pattern = match &handle {
+            Some(h) if !h.readahead.is_sequential(offset) => ReadPattern::Random,
+            _ => ReadPattern::Sequential,
+        };
+        let mut out = self.data.read(ino, length, offset, size, pattern)?;
         for (at, bytes) in overlay {
             let dst = (at - offset) as usize;
             if dst >= out.len() {
@@ -754,7 +760,7 @@ impl tidefs_fuse::Vfs for TideVfs {
             let n = bytes.len().min(out.len() - dst);
             out[dst..dst + n].copy_from_slice(&bytes[..n]);
         }
-        if let Some(h) = self.handle(fh) {
+        if let Some(h) = handle {
             let end = offset + out.len() as u64;
             let bs = self.data.layout.block_size() as u64;
             let max = self.opts.max_readahead.min(self.data.cache.room() / 2);

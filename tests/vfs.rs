@@ -780,3 +780,40 @@ fn rmr_checks_permissions_like_rm() {
     let out = String::from_utf8(session.read(4096)).unwrap();
     assert!(out.contains("bad control request"), "{out}");
 }
+
+/// A random read of a block not read before fetches just its bytes (a ranged GET, not
+/// cached); a second random read of that block fetches it whole and caches it.
+#[test]
+fn random_reads_fetch_ranges_until_a_block_is_hot() {
+    let f = fixture_with_cache(1 << 20, 64 << 20);
+    let body: Vec<u8> = (0..64u32 << 20).map(|i| (i % 253) as u8).collect();
+    let (a, fh) = f.vfs.create(CTX, ROOT_INO, b"big", 0o644, 0).unwrap();
+    f.vfs.write(a.ino, fh, 0, &body).unwrap();
+    f.vfs.release(a.ino, fh).unwrap();
+    let fh = f.vfs.open(CTX, a.ino, libc::O_RDONLY).unwrap().fh;
+    let before = f.store.got_bytes();
+    // Each read is more than the sequential slack away from the one before.
+    let mib = 1usize << 20;
+    for at in [
+        20 * mib,
+        40 * mib,
+        10 * mib,
+        60 * mib,
+        30 * mib,
+        50 * mib + 5,
+    ] {
+        let got = f.vfs.read(a.ino, fh, at as u64, 4096).unwrap();
+        assert!(got == body[at..at + 4096], "read at {at}");
+    }
+    assert_eq!(f.store.got_bytes() - before, 6 * 4096);
+    // The block at 40 MiB again: now fetched whole, then served from the cache.
+    let at = 40 * mib + 8192;
+    assert!(f.vfs.read(a.ino, fh, at as u64, 4096).unwrap() == body[at..at + 4096]);
+    assert_eq!(f.store.got_bytes() - before, 6 * 4096 + mib as u64);
+    let at = 40 * mib + 100_000;
+    let far = 5 * mib;
+    assert!(f.vfs.read(a.ino, fh, far as u64, 100).unwrap() == body[far..far + 100]);
+    assert!(f.vfs.read(a.ino, fh, at as u64, 4096).unwrap() == body[at..at + 4096]);
+    assert_eq!(f.store.got_bytes() - before, 6 * 4096 + mib as u64 + 100);
+    f.vfs.release(a.ino, fh).unwrap();
+}

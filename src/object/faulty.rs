@@ -18,6 +18,7 @@ pub struct FaultyStore {
     get_delay_ms: AtomicU64,
     put_delay_ms: AtomicU64,
     failing_deletes: std::sync::Mutex<Option<String>>,
+    got_bytes: AtomicU64,
 }
 
 fn injected(key: &str) -> StoreError {
@@ -43,7 +44,13 @@ impl FaultyStore {
             get_delay_ms: AtomicU64::new(0),
             put_delay_ms: AtomicU64::new(0),
             failing_deletes: std::sync::Mutex::new(None),
+            got_bytes: AtomicU64::new(0),
         }
+    }
+
+    /// Bytes returned by successful gets so far.
+    pub fn got_bytes(&self) -> u64 {
+        self.got_bytes.load(Ordering::SeqCst)
     }
 
     /// The next `n` puts fail.
@@ -102,7 +109,11 @@ impl ObjectStore for FaultyStore {
         if take(&self.failing_gets) {
             return Err(injected(key));
         }
-        self.inner.get(key, range).await
+        let got = self.inner.get(key, range).await;
+        if let Ok(b) = &got {
+            self.got_bytes.fetch_add(b.len() as u64, Ordering::SeqCst);
+        }
+        got
     }
 
     async fn head(&self, key: &str) -> Result<u64, StoreError> {
