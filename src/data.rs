@@ -72,6 +72,9 @@ pub struct DataCtx {
     pub rt: Handle,
     /// Bytes of written data held in memory (buffered or uploading), over all files.
     pub buffered: Arc<AtomicU64>,
+    /// Bytes being uploaded now, and a signal each time an upload ends (for writers waiting
+    /// for buffer room).
+    uploading: Arc<(AtomicU64, Mutex<()>, Condvar)>,
     ids: Mutex<Range<u64>>,
     /// Per-file metadata cached for reads (see [`FileCache`]).
     files: DashMap<Ino, Arc<FileCache>>,
@@ -128,6 +131,7 @@ impl DataCtx {
             layout,
             rt,
             buffered: Arc::new(AtomicU64::new(0)),
+            uploading: Arc::new((AtomicU64::new(0), Mutex::new(()), Condvar::new())),
             ids: Mutex::new(0..0),
             files: DashMap::new(),
             buffers,
@@ -258,20 +262,39 @@ impl DataCtx {
     /// An uploaded block goes to the disk cache, if any, but not to memory: large writes
     /// would only flush the hottest blocks.
     pub(crate) fn upload(&self, key: String, data: Bytes) -> JoinHandle<Result<(), StoreError>> {
-        let (store, buffered, cache) = (
+        let (store, buffered, cache, uploading) = (
             self.store.clone(),
             self.buffered.clone(),
             self.cache.clone(),
+            self.uploading.clone(),
         );
+        let len = data.len() as u64;
+        uploading.0.fetch_add(len, Ordering::SeqCst);
         self.rt.spawn(async move {
-            let len = data.len() as u64;
             let result = store.put(&key, data.clone()).await;
-            buffered.fetch_sub(len, Ordering::Relaxed);
+            buffered.fetch_sub(len, Ordering::SeqCst);
+            uploading.0.fetch_sub(len, Ordering::SeqCst);
+            uploading.2.notify_all();
             if result.is_ok() {
                 cache.keep_written(&key, data);
             }
             result
         })
+    }
+
+    /// Waits while written data in memory exceeds `limit` and uploads under way can still
+    /// bring it down; returns whether it is now within the limit. (Data not uploading, the
+    /// tails of slices, only leaves memory when its file is committed.)
+    pub fn wait_for_room(&self, limit: u64) -> bool {
+        let (in_flight, lock, ended) = &*self.uploading;
+        let mut guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+        while self.buffered.load(Ordering::SeqCst) > limit && in_flight.load(Ordering::SeqCst) > 0 {
+            guard = ended
+                .wait_timeout(guard, std::time::Duration::from_millis(50))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        self.buffered.load(Ordering::SeqCst) <= limit
     }
 
     /// Fetches block `key` of `len` bytes through the cache; concurrent callers share a fetch.

@@ -799,8 +799,12 @@ impl tidefs_fuse::Vfs for TideVfs {
         }
         let writer = self.writers.entry(ino).or_default().clone();
         let pending = writer.write(&self.data, offset, data)?;
+        // Backpressure: past the buffer limit a writer waits for uploads to make room, and
+        // commits its file only if uploads cannot (the memory is in unfinished blocks).
+        let limit = self.opts.buffer_size;
         if pending >= MAX_PENDING_SLICES
-            || self.data.buffered.load(Ordering::Relaxed) > self.opts.buffer_size
+            || (self.data.buffered.load(Ordering::Relaxed) > limit
+                && !self.data.wait_for_room(limit))
         {
             self.lost_writes_if_err(ino, writer.flush(&self.data, ino, None))?;
         }

@@ -321,6 +321,34 @@ fn buffered_bytes_return_to_zero() {
     }
 }
 
+/// Past the buffer limit a writer waits for uploads to make room instead of committing: memory
+/// stays within the limit (plus one write) and a large sequential write commits nothing until
+/// it is flushed.
+#[test]
+fn a_full_write_buffer_waits_for_uploads() {
+    use std::sync::atomic::Ordering;
+    let opts = VfsOptions {
+        buffer_size: 1 << 20,
+        ..VfsOptions::default()
+    };
+    let f = fixture_with(64 << 10, 64 << 20, opts);
+    f.store.delay_puts(Duration::from_millis(5));
+    let data = f.vfs.data();
+    let (a, fh) = f.vfs.create(CTX, ROOT_INO, b"w", 0o644, 0).unwrap();
+    let piece = vec![9u8; 64 << 10];
+    let mut peak = 0;
+    for i in 0..128u64 {
+        f.vfs.write(a.ino, fh, i * (64 << 10), &piece).unwrap();
+        peak = peak.max(data.buffered.load(Ordering::SeqCst));
+    }
+    assert!(peak <= (1 << 20) + (64 << 10), "peak {peak}");
+    assert_eq!(data.meta.getattr(a.ino).unwrap().length, 0, "nothing committed yet");
+    f.vfs.fsync(a.ino, fh, false).unwrap();
+    assert_eq!(data.meta.getattr(a.ino).unwrap().length, 8 << 20);
+    assert_eq!(data.buffered.load(Ordering::SeqCst), 0);
+    f.vfs.release(a.ino, fh).unwrap();
+}
+
 /// With retries in front of a store whose puts keep failing for a while, fsync succeeds and
 /// every acknowledged byte reads back: transient failures never lose data.
 #[test]
