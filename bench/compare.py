@@ -248,12 +248,15 @@ def args_cache(args):
 
 
 def fio(path, name, rw, bs, size_mib, extra=()):
+    """(MiB/s, IOPS, p99 completion latency in microseconds) of one fio job; options in
+    `extra` come last, so they override the defaults here."""
     out = run(["fio", f"--name={name}", f"--directory={path}", f"--rw={rw}", f"--bs={bs}",
                f"--size={size_mib}M", "--output-format=json", "--ioengine=psync",
                "--group_reporting", *extra])
     job = json.loads(out.stdout)["jobs"][0]
     part = job["read"] if "read" in rw else job["write"]
-    return part["bw_bytes"] / 2**20, part["iops"]
+    p99 = part.get("clat_ns", {}).get("percentile", {}).get("99.000000", float("nan")) / 1000
+    return part["bw_bytes"] / 2**20, part["iops"], p99
 
 
 def small_files(path, count, size):
@@ -317,17 +320,31 @@ def metadata(path, count):
     return create, stat, remove
 
 
+# Four readers of four files: each job reads its own file.
+PARALLEL = ["--numjobs=4", "--filename_format=$jobname.$jobnum"]
+
+# Random reads as the issue measures them: O_DIRECT (so the kernel's page cache is out of the
+# way), queue depth 16.
+RANDOM = ["--runtime=10", "--time_based", "--ioengine=libaio", "--iodepth=16", "--direct=1"]
+
+
 def one_round(target, args):
     r = {}
     p = target.path
     r["seq write 1M (MiB/s, end fsync)"] = fio(p, "seq", "write", "1M", args.size_mib,
                                                ["--end_fsync=1"])[0]
+    fio(p, "par", "write", "1M", args.size_mib // 4, ["--end_fsync=1", *PARALLEL])
     target.remount_cold()
     r["seq read 1M cold (MiB/s)"] = fio(p, "seq", "read", "1M", args.size_mib)[0]
+    r["4 readers of 4 files, 1M cold (MiB/s)"] = fio(p, "par", "read", "1M",
+                                                     args.size_mib // 4, PARALLEL)[0]
     r["seq read 1M warm (MiB/s)"] = fio(p, "seq", "read", "1M", args.size_mib)[0]
-    r["rand read 4K warm (IOPS)"] = fio(p, "seq", "randread", "4k", args.size_mib,
-                                        ["--runtime=10", "--time_based"])[1]
+    _, iops, p99 = fio(p, "seq", "randread", "4k", args.size_mib, RANDOM)
+    r["rand read 4K warm, QD16 direct (IOPS)"] = iops
+    r["rand read 4K warm p99 (us, lower is better)"] = p99
     os.unlink(os.path.join(p, "seq.0.0"))
+    for i in range(4):
+        os.unlink(os.path.join(p, f"par.{i}"))
     w, rd = small_files(p, args.small_files, 64 << 10)
     r["64 KiB files written (files/s)"] = w
     r["64 KiB files read (files/s)"] = rd
@@ -343,9 +360,11 @@ def one_round(target, args):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--size-mib", type=int, default=1024)
+    ap.add_argument("--size-mib", type=int, default=2048)
     ap.add_argument("--block-kib", type=int, default=4096)
-    ap.add_argument("--cache-mib", type=int, default=1024)
+    ap.add_argument("--cache-mib", type=int, default=4096,
+                    help="cache size of both filesystems: big enough for the file, so warm "
+                    "reads are warm")
     ap.add_argument("--small-files", type=int, default=2000)
     ap.add_argument("--meta-files", type=int, default=5000)
     ap.add_argument("--tidefs", default=os.path.join(ROOT, "target/release/tidefs"))
@@ -424,9 +443,51 @@ def main():
             lines.append(f"| {k} | {t:,.0f} | {j:,.0f} | {l:,.0f} | {t / j:.2f}x | {t / l:.2f}x |")
     table = "\n".join(lines)
     print(table)
+    chart = os.path.splitext(args.out)[0] + ".png"
+    chart_line = ""
+    if draw_chart(med, metrics, chart):
+        chart_line = f"![tidefs / JuiceFS and tidefs / local disk]({os.path.basename(chart)})\n\n"
     with open(args.out, "w") as f:
         cmd = "sudo bench/compare.py" + (" --storage s3" if args.storage == "s3" else "")
-        f.write(f"# Benchmark results\n\nMade by `{cmd}`.\n\n" + table + "\n\n" + NOTES)
+        f.write(f"# Benchmark results\n\nMade by `{cmd}`.\n\n" + table + "\n\n" + chart_line
+                + NOTES)
+
+
+def draw_chart(med, metrics, path):
+    """A PNG of tidefs / JuiceFS and tidefs / local disk per workload (log scale; above 1 is
+    tidefs ahead, with "lower is better" workloads inverted). False without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not found (pip install matplotlib): no chart", file=sys.stderr)
+        return False
+
+    def ratio(k, other):
+        t, o = med["tidefs"][k], med[other][k]
+        if not (t == t and o == o) or t <= 0 or o <= 0:
+            return float("nan")
+        return o / t if "lower is better" in k else t / o
+
+    names = [k.replace(" (lower is better)", "").replace(", lower is better", "") for k in metrics]
+    vs_jfs = [ratio(k, "JuiceFS") for k in metrics]
+    vs_local = [ratio(k, "local disk") for k in metrics]
+    fig, ax = plt.subplots(figsize=(10, 0.45 * len(metrics) + 1.5))
+    y = range(len(metrics))
+    ax.barh([i - 0.2 for i in y], vs_jfs, height=0.4, label="tidefs / JuiceFS")
+    ax.barh([i + 0.2 for i in y], vs_local, height=0.4, label="tidefs / local disk")
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_yticks(list(y))
+    ax.set_yticklabels(names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("ratio (log scale; right of 1: tidefs ahead)")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 NOTES = """## Reading the table

@@ -16,6 +16,9 @@ use tidefs_meta::{MetaError, MetaUrl, SessionInfo};
 /// Marks the re-executed child of `mount --background`.
 const DAEMON_ENV: &str = "TIDEFS_DAEMON_CHILD";
 
+/// How long an exiting `--writeback` mount keeps uploading staged blocks.
+const WRITEBACK_DRAIN: Duration = Duration::from_secs(300);
+
 #[derive(Parser)]
 #[command(
     name = "tidefs",
@@ -262,6 +265,11 @@ struct MountArgs {
     /// Mount read-only.
     #[arg(long)]
     read_only: bool,
+    /// Acknowledge writes once their blocks are durable on the local cache disk (needs
+    /// --cache-dir) and upload them in the background; blocks left by a crash are uploaded
+    /// by the next mount with the same --cache-dir.
+    #[arg(long)]
+    writeback: bool,
     /// Address of the metrics endpoint (Prometheus text at /metrics, JSON at /stats); if the
     /// port is taken, a free port on the same address is used.
     #[arg(long, default_value = "127.0.0.1:9567")]
@@ -499,6 +507,28 @@ fn mount(a: MountArgs) -> Result<()> {
     })?;
 
     let layout = Layout::of(&format);
+    let mut writeback = None;
+    let store: Arc<dyn tidefs::object::ObjectStore> = if a.writeback {
+        if a.cache_dir == "memory" {
+            let _ = meta.close_session(sid);
+            bail!("--writeback stages blocks on a local disk: give --cache-dir DIR");
+        }
+        let first = a.cache_dir.split(':').next().unwrap_or_default();
+        let dir = PathBuf::from(first).join(format!("{}-staging", format.uuid));
+        let staging = tidefs_cache::Staging::open(&dir).with_context(|| {
+            let _ = meta.close_session(sid);
+            format!(
+                "cannot open the writeback staging directory {}",
+                dir.display()
+            )
+        })?;
+        let wb = tidefs::object::WritebackStore::start(store, staging, rt.handle())
+            .context("cannot list the writeback staging directory")?;
+        writeback = Some(wb.clone());
+        wb
+    } else {
+        store
+    };
     let cache = if a.cache_dir == "memory" {
         BlockCache::new(a.cache_size.unwrap_or(128) << 20)
     } else {
@@ -596,6 +626,19 @@ fn mount(a: MountArgs) -> Result<()> {
         .map_err(|_| anyhow!("the FUSE session panicked"))?;
     // Runs once; a no-op if the session already called it.
     tidefs_fuse::Vfs::destroy(&*vfs);
+    if let Some(wb) = writeback {
+        let (blocks, bytes) = wb.pending();
+        if blocks > 0 {
+            tracing::info!(blocks, bytes, "uploading staged blocks before exit");
+        }
+        let left = rt.block_on(wb.drain(WRITEBACK_DRAIN));
+        if left > 0 {
+            tracing::warn!(
+                blocks = left,
+                "staged blocks not uploaded yet: the next mount with this --cache-dir uploads them"
+            );
+        }
+    }
     drop(rt);
     joined.context("FUSE session ended with an error")?;
     Ok(())

@@ -342,7 +342,11 @@ fn a_full_write_buffer_waits_for_uploads() {
         peak = peak.max(data.buffered.load(Ordering::SeqCst));
     }
     assert!(peak <= (1 << 20) + (64 << 10), "peak {peak}");
-    assert_eq!(data.meta.getattr(a.ino).unwrap().length, 0, "nothing committed yet");
+    assert_eq!(
+        data.meta.getattr(a.ino).unwrap().length,
+        0,
+        "nothing committed yet"
+    );
     f.vfs.fsync(a.ino, fh, false).unwrap();
     assert_eq!(data.meta.getattr(a.ino).unwrap().length, 8 << 20);
     assert_eq!(data.buffered.load(Ordering::SeqCst), 0);

@@ -6,8 +6,10 @@
 //! fetched from the object store (or the disk) once.
 
 mod disk;
+mod staging;
 
 pub use disk::{DiskCache, DiskCacheConfig, DiskCacheError, DiskCacheStats};
+pub use staging::Staging;
 
 use bytes::Bytes;
 use moka::future::Cache;

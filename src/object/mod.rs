@@ -8,12 +8,14 @@ mod local;
 mod metrics;
 mod retry;
 mod s3;
+mod writeback;
 
 pub use faulty::FaultyStore;
 pub use local::LocalStore;
 pub use metrics::{Instrumented, OpStats, StoreMetrics};
 pub use retry::{RetryPolicy, Retrying};
 pub use s3::{S3Location, S3Options, S3Store};
+pub use writeback::WritebackStore;
 
 use async_trait::async_trait;
 use bytes::Bytes;

@@ -203,3 +203,70 @@ fn volumes_sharing_a_cache_dir_stay_apart() {
         mnt.unmount();
     }
 }
+
+/// The writeback staging directory of the volume under `cache`.
+fn staging_files(cache: &std::path::Path) -> usize {
+    std::fs::read_dir(cache)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with("-staging"))
+        .map(|e| std::fs::read_dir(e.path()).unwrap().count())
+        .sum()
+}
+
+/// `--writeback`: fsync returns once the blocks are durable in the staging directory, so it
+/// succeeds while the object store fails, and the data reads back; a kill -9 then loses
+/// nothing: the next mount with the same cache directory uploads it, and the volume holds
+/// exactly the file's blocks.
+#[test]
+fn writeback_survives_a_killed_mount_and_uploads_later() {
+    use std::io::Write;
+    let vol = Volume::local(64);
+    let cache = vol.dir.path().join("cache");
+    let cache_arg = cache.to_str().unwrap().to_string();
+    std::fs::create_dir_all(vol.dir.path().join("mnt")).unwrap();
+    let out = tidefs(&[
+        "mount",
+        &vol.url,
+        vol.dir.path().join("mnt").to_str().unwrap(),
+        "--writeback",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--cache-dir"));
+
+    let mnt = vol.mount_with(&["--writeback", "--cache-dir", &cache_arg]);
+    // The store fails from now on: its directory is replaced by a file.
+    let away = vol.dir.path().join("objects.away");
+    std::fs::rename(&vol.bucket, &away).unwrap();
+    std::fs::write(&vol.bucket, b"not a directory").unwrap();
+    let body: Vec<u8> = (0..3u32 << 20).map(|i| (i % 249) as u8).collect();
+    let mut f = std::fs::File::create(mnt.p("f")).unwrap();
+    f.write_all(&body).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    assert_eq!(std::fs::read(mnt.p("f")).unwrap(), body);
+    assert_eq!(
+        staging_files(&cache),
+        48,
+        "3 MiB in 64 KiB blocks, all staged"
+    );
+    mnt.kill9();
+
+    std::fs::remove_file(&vol.bucket).unwrap();
+    std::fs::rename(&away, &vol.bucket).unwrap();
+    let mnt = vol.mount_with(&["--writeback", "--cache-dir", &cache_arg]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while staging_files(&cache) > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "staged blocks never uploaded"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    mnt.unmount();
+    assert_eq!(vol.objects().len(), 48);
+    // A mount without the cache reads it all from the store.
+    let mnt = vol.mount();
+    assert_eq!(std::fs::read(mnt.p("f")).unwrap(), body);
+    mnt.unmount();
+}
