@@ -249,22 +249,29 @@ fn drop_slices_past(tx: &Connection, ino: Ino, length: u64) -> Result<()> {
         .collect::<rusqlite::Result<_>>()?;
     for (chunk, id, size, pos, len) in rows {
         if chunk > first_chunk || pos >= cut {
-            tx.execute(
-                "DELETE FROM slice WHERE ino = ?1 AND chunk = ?2 AND id = ?3",
-                params![ino as i64, chunk, id],
-            )?;
-            if size > 0 {
-                tx.execute(
-                    "INSERT OR IGNORE INTO deleted_slice (id, size) VALUES (?1, ?2)",
-                    params![id, size],
-                )?;
-            }
+            drop_slice(tx, ino, chunk as u32, id, size)?;
         } else if pos + len > cut {
             tx.execute(
                 "UPDATE slice SET len = ?4 WHERE ino = ?1 AND chunk = ?2 AND id = ?3",
                 params![ino as i64, chunk, id, cut - pos],
             )?;
         }
+    }
+    Ok(())
+}
+
+/// Removes slice `id` from chunk `chunk` of `ino` and queues its objects (if it has any) for
+/// deletion: one slice has one reference, so dropping it frees it.
+fn drop_slice(tx: &Connection, ino: Ino, chunk: u32, id: i64, size: i64) -> Result<()> {
+    tx.execute(
+        "DELETE FROM slice WHERE ino = ?1 AND chunk = ?2 AND id = ?3",
+        params![ino as i64, chunk, id],
+    )?;
+    if size > 0 {
+        tx.execute(
+            "INSERT OR IGNORE INTO deleted_slice (id, size) VALUES (?1, ?2)",
+            params![id, size],
+        )?;
     }
     Ok(())
 }
@@ -290,16 +297,7 @@ fn drop_hidden_slices(tx: &Connection, ino: Ino, chunk: u32) -> Result<()> {
             .get(at)
             .is_some_and(|&(s, e)| s <= start && end <= e)
         {
-            tx.execute(
-                "DELETE FROM slice WHERE ino = ?1 AND chunk = ?2 AND id = ?3",
-                params![ino as i64, chunk, id],
-            )?;
-            if size > 0 {
-                tx.execute(
-                    "INSERT OR IGNORE INTO deleted_slice (id, size) VALUES (?1, ?2)",
-                    params![id, size],
-                )?;
-            }
+            drop_slice(tx, ino, chunk as u32, id, size)?;
             continue;
         }
         // Merge [start, end) with the ranges it touches.
@@ -1675,16 +1673,7 @@ impl Meta for SqliteMeta {
                 return Ok(false);
             }
             for r in replaced {
-                tx.execute(
-                    "DELETE FROM slice WHERE ino = ?1 AND chunk = ?2 AND id = ?3",
-                    params![ino as i64, chunk, r.id as i64],
-                )?;
-                if r.size > 0 {
-                    tx.execute(
-                        "INSERT OR IGNORE INTO deleted_slice (id, size) VALUES (?1, ?2)",
-                        params![r.id as i64, r.size],
-                    )?;
-                }
+                drop_slice(tx, ino, chunk, r.id as i64, r.size as i64)?;
             }
             tx.execute(
                 "INSERT INTO slice (ino, chunk, id, size, off, len, pos, seq)
