@@ -297,7 +297,7 @@ fn drop_hidden_slices(tx: &Connection, ino: Ino, chunk: u32) -> Result<()> {
             .get(at)
             .is_some_and(|&(s, e)| s <= start && end <= e)
         {
-            drop_slice(tx, ino, chunk as u32, id, size)?;
+            drop_slice(tx, ino, chunk, id, size)?;
             continue;
         }
         // Merge [start, end) with the ranges it touches.
