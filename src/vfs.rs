@@ -439,22 +439,33 @@ enum Wake {
 /// a burst of removals (`rm -rf`) go out together in batches of up to 1000 keys.
 const DELETE_SETTLE: Duration = Duration::from_millis(200);
 
+/// Longest the deleter waits for a burst of removals to end before deleting what it freed.
+const MAX_DELETE_SETTLE: Duration = Duration::from_secs(1);
+
 /// Deletes freed objects and keeps the session alive, until told to stop. Deletion runs
-/// [`DELETE_SETTLE`] after an operation freed something, and at least once per
-/// `delete_interval` (retrying what failed).
+/// [`DELETE_SETTLE`] after an operation freed something (up to [`MAX_DELETE_SETTLE`] while
+/// more keep coming), and at least once per `delete_interval` (retrying what failed).
 fn background_loop(data: &DataCtx, sid: u64, opts: &VfsOptions, wake: mpsc::Receiver<Wake>) {
     let mut last_beat = Instant::now();
     loop {
-        let mut stop = match wake.recv_timeout(opts.delete_interval) {
-            Ok(Wake::Freed) => {
-                std::thread::sleep(DELETE_SETTLE);
-                false
-            }
-            Ok(Wake::Stop) | Err(RecvTimeoutError::Disconnected) => true,
-            Err(RecvTimeoutError::Timeout) => false,
+        let (woken, mut stop) = match wake.recv_timeout(opts.delete_interval) {
+            Ok(Wake::Freed) => (true, false),
+            Ok(Wake::Stop) | Err(RecvTimeoutError::Disconnected) => (false, true),
+            Err(RecvTimeoutError::Timeout) => (false, false),
         };
-        while let Ok(w) = wake.try_recv() {
-            stop |= matches!(w, Wake::Stop);
+        // While removals keep coming (rm -rf), wait for them in steps, up to a bound, so that
+        // their objects go out in full batches.
+        let settling = Instant::now();
+        while woken && !stop {
+            std::thread::sleep(DELETE_SETTLE);
+            let mut more = false;
+            while let Ok(w) = wake.try_recv() {
+                stop |= matches!(w, Wake::Stop);
+                more = true;
+            }
+            if !more || settling.elapsed() >= MAX_DELETE_SETTLE {
+                break;
+            }
         }
         if let Err(e) = delete_freed(data) {
             tracing::warn!(error = %e, "deleting freed objects failed; will retry");
@@ -471,6 +482,10 @@ fn background_loop(data: &DataCtx, sid: u64, opts: &VfsOptions, wake: mpsc::Rece
     }
 }
 
+/// Freed slices read from the deletion queue at a time: small files have one block each, so
+/// a page this size still fills whole 1000-key batch requests.
+const DELETE_PAGE: usize = 1000;
+
 /// Deletes the objects of freed slices, one batch request per 1000 keys (sent at once), in one
 /// pass over the deletion queue. A slice leaves the queue only when all its blocks are gone; slices that
 /// fail stay for the next pass without holding up the ones behind them.
@@ -479,7 +494,7 @@ pub fn delete_freed(data: &DataCtx) -> Result<usize> {
     let mut after = 0;
     let mut first_failure = None;
     loop {
-        let freed = data.meta.pending_deletions(after, 256)?;
+        let freed = data.meta.pending_deletions(after, DELETE_PAGE)?;
         let Some(last) = freed.last() else { break };
         after = last.id;
         let owned: Vec<(u64, String)> = freed
