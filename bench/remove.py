@@ -122,6 +122,8 @@ def one(tmp, args, server, client, how, shape):
             if time.time() > deadline:
                 break
             time.sleep(0.05)
+        # A request is counted when its response arrives, just after the objects go.
+        time.sleep(2)
         deletes = delete_requests(metrics, counters) - sent
         print(f"  {client} {how}: {before} objects, command {command:.2f}s, "
               f"empty after {empty}s ({left} left), {deletes} delete requests", flush=True)
@@ -192,7 +194,7 @@ def main():
         lines += [
             "",
             f"## {files} files of {size >> 10} KiB in {dirs} directories "
-            f"({files * size / (1 << 30):.1f} GiB)",
+            f"({files * size / (1 << 20):,.0f} MiB)",
             "",
             "| client | removal | command (s) | bucket empty after (s) | delete requests |",
             "|---|---|---:|---:|---:|",
@@ -208,10 +210,27 @@ def main():
                 empty = f"> {args.timeout} ({left:.0f} objects left)"
             lines.append(
                 f"| {client} | `{how}` | {command:.2f} | {empty} | {deletes:.0f} |")
-    text = "\n".join(lines) + "\n"
+    text = "\n".join(lines) + "\n\n" + NOTES
     print(text)
     with open(args.out, "w") as f:
         f.write(text)
+
+
+NOTES = """## Reading the tables
+
+* tidefs frees a tree's objects with batched DeleteObjects (up to 1000 keys each), JuiceFS
+  with one DELETE per object. On s3s-fs both are bound by the server deleting one file per
+  object (about 1 ms each), so the time until the bucket is empty is close; on a remote
+  store, where each request costs a round trip of tens of milliseconds and counts against
+  the request rate, the thousands of single DELETEs are what a large removal waits for.
+* "bucket empty after" starts when the removal command starts; tidefs's deleter waits for
+  a burst of removals to settle (200 ms steps, at most 1 s) so that its batches are full.
+* `juicefs rmr` returns quickly but leaves most objects in the bucket past the 2-minute
+  wait (its deletion of those files' data happens later, in the background); `tidefs rmr`
+  frees everything as it goes.
+* `tidefs rmr` removes entries with one metadata transaction each, inside the mount; `rm
+  -rf` costs a lookup and an unlink round trip through the kernel per entry.
+"""
 
 
 if __name__ == "__main__":
