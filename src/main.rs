@@ -243,8 +243,9 @@ struct MountArgs {
     /// Stop adding blocks to a cache disk with less than this share of it free.
     #[arg(long, default_value_t = 0.1)]
     free_space_ratio: f64,
-    /// Write buffer size in MiB (uncommitted writes before writers commit at once).
-    #[arg(long, default_value_t = 300)]
+    /// Write buffer size in MiB: written data held in memory (buffered or uploading); past
+    /// it writers wait for uploads.
+    #[arg(long, default_value_t = 128)]
     buffer_size: u64,
     /// Most MiB a sequential reader fetches ahead (the window grows to it from one block;
     /// it is also held to half of --cache-size).

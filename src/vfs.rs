@@ -53,7 +53,7 @@ pub struct VfsOptions {
 impl Default for VfsOptions {
     fn default() -> Self {
         VfsOptions {
-            buffer_size: 300 << 20,
+            buffer_size: 128 << 20,
             heartbeat: Duration::from_secs(30),
             delete_interval: Duration::from_secs(1),
             max_readahead: 64 << 20,
