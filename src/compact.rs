@@ -45,33 +45,25 @@ pub fn compact_chunk(
     let start = slices.iter().map(|s| s.pos).min().unwrap_or(0);
     let end = slices.iter().map(|s| s.pos + s.len).max().unwrap_or(0);
     let _span = tracing::debug_span!("compact", ino, chunk, slices = slices.len()).entered();
-    let new = if slices.iter().all(Slice::is_zero) {
-        // Nothing stored: one zero slice says the same.
-        Slice {
-            id: data.next_slice_id()?,
-            size: 0,
-            off: 0,
-            len: end - start,
-            pos: start,
-        }
-    } else {
+    // A chunk of zero slices only has nothing stored: one zero slice says the same.
+    let stored = !slices.iter().all(Slice::is_zero);
+    let new = Slice {
+        id: data.next_slice_id()?,
+        size: if stored { end - start } else { 0 },
+        off: 0,
+        len: end - start,
+        pos: start,
+    };
+    if stored {
         let Some(bytes) = data.read_slices(chunk, &slices, start, end)? else {
             return Ok(Compacted::Raced);
-        };
-        let new = Slice {
-            id: data.next_slice_id()?,
-            size: end - start,
-            off: 0,
-            len: end - start,
-            pos: start,
         };
         if let Err(e) = upload_slice(data, new, Bytes::from(bytes)) {
             // Blocks that did reach the store are freed through the deletion queue.
             data.meta.compact_chunk(ino, chunk, &[], new)?;
             return Err(e);
         }
-        new
-    };
+    }
     let swapped = data.meta.compact_chunk(ino, chunk, &slices, new)?;
     data.invalidate(ino);
     Ok(if swapped {
@@ -101,12 +93,5 @@ fn upload_slice(data: &DataCtx, s: Slice, bytes: Bytes) -> Result<(), FsError> {
             data.upload(key, block)
         })
         .collect();
-    for r in data.rt.block_on(futures::future::join_all(uploads)) {
-        match r {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(FsError::Store(e)),
-            Err(e) => return Err(FsError::Data(format!("upload task failed: {e}"))),
-        }
-    }
-    Ok(())
+    data.wait_uploads(uploads)
 }

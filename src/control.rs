@@ -392,61 +392,62 @@ impl ControlSession {
     }
 
     /// Compacts file `ino`, or every file below directory `ino` (files the caller may not
-    /// write are refused).
+    /// write are refused), one file at a time as the walk finds them.
     fn compact(&self, vfs: &TideVfs, ino: Ino, tally: &mut Tally) -> Result<(), FsError> {
-        let data = vfs.data();
-        let groups = &self.groups;
-        let mut dirs = vec![ino];
-        let mut files = Vec::new();
-        let top = data.meta.getattr(ino)?;
+        let meta = vfs.data().meta.clone();
+        let top = meta.getattr(ino)?;
         match top.kind {
+            FileKind::File => return self.compact_file(vfs, &top, tally),
             FileKind::Dir => {}
-            FileKind::File => {
-                dirs.clear();
-                files.push(top);
-            }
             _ => return Err(FsError::refused(libc::EINVAL, "not a file or directory")),
         }
+        let mut dirs = vec![top];
         while let Some(dir) = dirs.pop() {
-            let d = data.meta.getattr(dir)?;
-            self.check_access(groups, &d, perm::R | perm::X)?;
+            self.check_access(&self.groups, &dir, perm::R | perm::X)?;
             let mut cookie = 0;
             loop {
-                let entries = data.meta.readdir(dir, cookie, 1000)?;
+                let entries = meta.readdir(dir.ino, cookie, 1000)?;
                 let Some(last) = entries.last() else { break };
                 cookie = last.cookie;
                 for e in entries {
-                    match e.kind {
-                        FileKind::Dir => dirs.push(e.ino),
-                        FileKind::File => match data.meta.getattr(e.ino) {
-                            Ok(a) => files.push(a),
-                            Err(MetaError::NotFound) => {}
-                            Err(e) => return Err(e.into()),
-                        },
-                        _ => {}
+                    if !matches!(e.kind, FileKind::Dir | FileKind::File) {
+                        continue;
+                    }
+                    let a = match meta.getattr(e.ino) {
+                        Ok(a) => a,
+                        Err(MetaError::NotFound) => continue,
+                        Err(e) => return Err(e.into()),
+                    };
+                    if a.kind == FileKind::Dir {
+                        dirs.push(a);
+                    } else {
+                        self.compact_file(vfs, &a, tally)?;
                     }
                 }
             }
         }
-        for f in files {
-            self.check_cancelled()?;
-            self.check_access(groups, &f, perm::W)?;
-            // Writes still buffered here go first, so they are part of what is compacted.
-            vfs.flush_file(f.ino)?;
-            let length = data.meta.getattr(f.ino)?.length;
-            for chunk in 0..length.div_ceil(CHUNK_SIZE) as u32 {
-                match compact::compact_chunk(&data, f.ino, chunk, 2)? {
-                    Compacted::Done { slices, bytes } => {
-                        tally.slices += slices as u64;
-                        tally.bytes += bytes;
-                    }
-                    Compacted::Skipped | Compacted::Raced => {}
+        Ok(())
+    }
+
+    /// Compacts every chunk of file `f`, once its writes buffered here are committed.
+    fn compact_file(&self, vfs: &TideVfs, f: &Attr, tally: &mut Tally) -> Result<(), FsError> {
+        self.check_cancelled()?;
+        self.check_access(&self.groups, f, perm::W)?;
+        vfs.flush_file(f.ino)?;
+        let data = vfs.data();
+        let length = data.meta.getattr(f.ino)?.length;
+        for chunk in 0..length.div_ceil(CHUNK_SIZE) as u32 {
+            match compact::compact_chunk(&data, f.ino, chunk, 2)? {
+                Compacted::Done { slices, bytes } => {
+                    tally.slices += slices as u64;
+                    tally.bytes += bytes;
                 }
+                Compacted::Skipped | Compacted::Raced => {}
             }
-            tally.entries += 1;
-            self.progress(tally);
-            vfs.wake_deleter();
         }
+        tally.entries += 1;
+        self.progress(tally);
+        vfs.wake_deleter();
         Ok(())
     }
 }

@@ -282,6 +282,21 @@ impl DataCtx {
         })
     }
 
+    /// Waits for block uploads started with [`DataCtx::upload`]; the first failure, if any.
+    pub(crate) fn wait_uploads(
+        &self,
+        uploads: Vec<JoinHandle<Result<(), StoreError>>>,
+    ) -> Result<(), FsError> {
+        for r in self.rt.block_on(futures::future::join_all(uploads)) {
+            match r {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(FsError::Store(e)),
+                Err(e) => return Err(FsError::Data(format!("upload task failed: {e}"))),
+            }
+        }
+        Ok(())
+    }
+
     /// Waits while written data in memory exceeds `limit` and uploads under way can still
     /// bring it down; returns whether it is now within the limit. (Data not uploading, the
     /// tails of slices, only leaves memory when its file is committed.)
@@ -493,31 +508,29 @@ impl DataCtx {
         pieces: &mut Vec<Piece>,
     ) {
         let bs = self.layout.block_size();
-        {
-            for span in resolve(slices, start, end) {
-                let file_off = chunk_start + span.pos as u64;
-                match span.source {
-                    Source::Zero => pieces.push(Piece {
-                        file_off,
-                        len: span.len,
-                        block: None,
-                    }),
-                    Source::Data { slice, data_off } => {
-                        let mut done = 0;
-                        while done < span.len {
-                            let d = data_off + done;
-                            let index = d / bs;
-                            let in_block = d % bs;
-                            let n = (bs - in_block).min(span.len - done);
-                            let blen = self.layout.block_len(slice.size, index);
-                            let key = self.layout.block_key(slice.id, index, blen);
-                            pieces.push(Piece {
-                                file_off: file_off + done as u64,
-                                len: n,
-                                block: Some((key, blen, in_block)),
-                            });
-                            done += n;
-                        }
+        for span in resolve(slices, start, end) {
+            let file_off = chunk_start + span.pos as u64;
+            match span.source {
+                Source::Zero => pieces.push(Piece {
+                    file_off,
+                    len: span.len,
+                    block: None,
+                }),
+                Source::Data { slice, data_off } => {
+                    let mut done = 0;
+                    while done < span.len {
+                        let d = data_off + done;
+                        let index = d / bs;
+                        let in_block = d % bs;
+                        let n = (bs - in_block).min(span.len - done);
+                        let blen = self.layout.block_len(slice.size, index);
+                        let key = self.layout.block_key(slice.id, index, blen);
+                        pieces.push(Piece {
+                            file_off: file_off + done as u64,
+                            len: n,
+                            block: Some((key, blen, in_block)),
+                        });
+                        done += n;
                     }
                 }
             }
@@ -760,7 +773,7 @@ impl FileWriter {
             return PendingRead::Nothing;
         }
         let mut parts = Vec::new();
-        // Slices are in id order, so later ones are laid over earlier ones.
+        // Slices are in write order, so later ones are laid over earlier ones.
         for s in &st.slices {
             let start = s.chunk as u64 * CHUNK_SIZE + s.pos as u64;
             let in_memory = start + s.uploaded as u64;
@@ -839,9 +852,7 @@ impl FileWriter {
         }
         // Wait for the commits taken before this one, so that this returns only when every
         // earlier write is committed (later ones may keep going).
-        while st.committing.iter().any(|(g, _)| *g < gen) {
-            st = self.idle.wait(st).unwrap_or_else(|e| e.into_inner());
-        }
+        let mut st = self.wait_for_earlier(st, gen);
         if st.slices.is_empty() && st.committing.is_empty() {
             st.length = 0;
             st.mtime = None;
@@ -856,6 +867,19 @@ impl FileWriter {
             )));
         }
         Ok(())
+    }
+
+    /// Waits, with the state locked as `st`, until no batch taken before batch `gen` is
+    /// still being committed.
+    fn wait_for_earlier<'a>(
+        &self,
+        mut st: std::sync::MutexGuard<'a, WriterState>,
+        gen: u64,
+    ) -> std::sync::MutexGuard<'a, WriterState> {
+        while st.committing.iter().any(|(g, _)| *g < gen) {
+            st = self.idle.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        st
     }
 
     /// Uploads and commits batch `gen`. Uploads of several batches run at once, but batches
@@ -875,20 +899,8 @@ impl FileWriter {
             .iter_mut()
             .flat_map(|s| s.uploads.drain(..))
             .collect();
-        let results = data.rt.block_on(futures::future::join_all(uploads));
-        for r in results {
-            match r {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => return Err(FsError::Store(e)),
-                Err(e) => return Err(FsError::Data(format!("upload task failed: {e}"))),
-            }
-        }
-        {
-            let mut st = self.lock();
-            while st.committing.iter().any(|(g, _)| *g < gen) {
-                st = self.idle.wait(st).unwrap_or_else(|e| e.into_inner());
-            }
-        }
+        data.wait_uploads(uploads)?;
+        drop(self.wait_for_earlier(self.lock(), gen));
         let committed: Vec<ChunkSlice> = slices
             .iter()
             .map(|s| ChunkSlice {

@@ -144,73 +144,44 @@ impl TideVfs {
         };
         // Commits run on their own thread: one can wait minutes on a slow store, and the
         // heartbeat must not wait with it.
-        {
-            let weak = Arc::downgrade(&vfs);
-            let period = (vfs.opts.commit_interval / 5)
-                .clamp(Duration::from_millis(50), Duration::from_secs(1));
-            let commits = std::thread::Builder::new()
-                .name("tidefs-commit".into())
-                .spawn(move || {
-                    while let Some(vfs) = sleep_while_mounted(&weak, period) {
-                        vfs.commit_old_writes();
-                    }
-                })
-                .expect("spawn commit thread");
-            vfs.lock_helpers().push(commits);
-        }
-        // Chunks with many slices are compacted one at a time, off every request path.
+        let period =
+            (vfs.opts.commit_interval / 5).clamp(Duration::from_millis(50), Duration::from_secs(1));
+        vfs.spawn_helper("tidefs-commit", move |weak| {
+            while let Some(vfs) = sleep_while_mounted(weak, period) {
+                vfs.commit_old_writes();
+            }
+        });
         if !vfs.opts.read_only {
-            let weak = Arc::downgrade(&vfs);
+            // Chunks with many slices are compacted one at a time, off every request path.
             let data = vfs.data.clone();
-            let compactor = std::thread::Builder::new()
-                .name("tidefs-compact".into())
-                .spawn(move || loop {
-                    let hint = data.next_compaction_hint(Duration::from_millis(100));
-                    if weak
-                        .upgrade()
-                        .is_none_or(|v| v.destroyed.load(Ordering::SeqCst))
-                    {
-                        return;
-                    }
-                    let Some((ino, chunk)) = hint else { continue };
-                    match compact::compact_chunk(&data, ino, chunk, COMPACT_THRESHOLD) {
-                        Ok(compact::Compacted::Done { .. }) => {
-                            if let Some(v) = weak.upgrade() {
-                                v.wake_deleter();
-                            }
-                        }
-                        Ok(_) | Err(FsError::Meta(MetaError::NotFound)) => {}
-                        Err(e) => tracing::warn!(ino, chunk, error = %e, "compaction failed"),
-                    }
-                })
-                .expect("spawn compaction thread");
-            vfs.lock_helpers().push(compactor);
-        }
-        // Any mount purges the trash: at mount, then once per interval.
-        if !vfs.opts.read_only {
-            let weak = Arc::downgrade(&vfs);
+            vfs.spawn_helper("tidefs-compact", move |weak| loop {
+                let hint = data.next_compaction_hint(Duration::from_millis(100));
+                let Some(vfs) = weak
+                    .upgrade()
+                    .filter(|v| !v.destroyed.load(Ordering::SeqCst))
+                else {
+                    return;
+                };
+                let Some((ino, chunk)) = hint else { continue };
+                match compact::compact_chunk(&data, ino, chunk, COMPACT_THRESHOLD) {
+                    Ok(compact::Compacted::Done { .. }) => vfs.wake_deleter(),
+                    Ok(_) | Err(FsError::Meta(MetaError::NotFound)) => {}
+                    Err(e) => tracing::warn!(ino, chunk, error = %e, "compaction failed"),
+                }
+            });
+            // Any mount purges the trash: at mount, then once per interval.
             let interval = vfs.opts.trash_purge_interval;
-            let purger = std::thread::Builder::new()
-                .name("tidefs-trash".into())
-                .spawn(move || {
-                    let mut last: Option<Instant> = None;
-                    while let Some(vfs) = sleep_while_mounted(&weak, Duration::ZERO) {
-                        if last.is_none_or(|t| t.elapsed() >= interval) {
-                            last = Some(Instant::now());
-                            match vfs.purge_trash(Timestamp::now().sec) {
-                                Ok(0) => {}
-                                Ok(n) => tracing::info!(files = n, "purged expired trash"),
-                                Err(e) => tracing::warn!(error = %e, "purging the trash failed"),
-                            }
-                        }
-                        drop(vfs);
-                        if sleep_while_mounted(&weak, Duration::from_secs(1)).is_none() {
-                            return;
-                        }
+            vfs.spawn_helper("tidefs-trash", move |weak| {
+                let mut wait = Duration::ZERO;
+                while let Some(vfs) = sleep_while_mounted(weak, wait) {
+                    match vfs.purge_trash(Timestamp::now().sec) {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(files = n, "purged expired trash"),
+                        Err(e) => tracing::warn!(error = %e, "purging the trash failed"),
                     }
-                })
-                .expect("spawn trash thread");
-            vfs.lock_helpers().push(purger);
+                    wait = interval;
+                }
+            });
         }
         *vfs.background.lock().unwrap_or_else(|e| e.into_inner()) = Some(worker);
         vfs
@@ -245,13 +216,10 @@ impl TideVfs {
                 let Some(last) = entries.last() else { break };
                 cookie = last.cookie;
                 for e in entries {
-                    match meta.unlink(hour.ino, &e.name, self.sid, &|ino| self.keep_if_open(ino)) {
-                        Ok(()) => {
-                            purged += 1;
-                            self.wake_deleter();
-                        }
-                        Err(MetaError::NotFound) => {}
-                        Err(e) => return Err(e.into()),
+                    match self.unlink_entry(hour.ino, &e.name) {
+                        Ok(()) => purged += 1,
+                        Err(FsError::Meta(MetaError::NotFound)) => {}
+                        Err(e) => return Err(e),
                     }
                 }
             }
@@ -265,6 +233,21 @@ impl TideVfs {
 
     fn lock_helpers(&self) -> std::sync::MutexGuard<'_, Vec<JoinHandle<()>>> {
         self.helpers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts a thread of background work named `name`, joined at unmount. It gets a weak
+    /// reference, so it never keeps the VFS alive, and must end soon after the unmount.
+    fn spawn_helper(
+        self: &Arc<Self>,
+        name: &str,
+        work: impl FnOnce(&Weak<TideVfs>) + Send + 'static,
+    ) {
+        let weak = Arc::downgrade(self);
+        let thread = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || work(&weak))
+            .unwrap_or_else(|e| panic!("cannot start thread {name}: {e}"));
+        self.lock_helpers().push(thread);
     }
 
     /// The data path of this mount.

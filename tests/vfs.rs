@@ -77,6 +77,24 @@ impl Fixture {
     }
 }
 
+/// Writes `len` bytes of `byte` at `off` of file `ino` through handle `fh`, and the same into
+/// `model`, the file as it should read.
+fn write_fill(
+    f: &Fixture,
+    ino: u64,
+    fh: u64,
+    model: &mut Vec<u8>,
+    off: usize,
+    len: usize,
+    byte: u8,
+) {
+    f.vfs.write(ino, fh, off as u64, &vec![byte; len]).unwrap();
+    if model.len() < off + len {
+        model.resize(off + len, 0);
+    }
+    model[off..off + len].fill(byte);
+}
+
 fn errno<T: std::fmt::Debug>(r: Result<T, tidefs::error::FsError>) -> i32 {
     r.expect_err("should fail").errno()
 }
@@ -484,14 +502,7 @@ fn reads_mixing_pending_and_committed_data_match_a_model() {
             0..=4 => {
                 let off = rng.gen_range(0..600_000usize);
                 let len = rng.gen_range(1..150_000usize);
-                let byte = rng.gen::<u8>() | 1;
-                f.vfs
-                    .write(a.ino, fh, off as u64, &vec![byte; len])
-                    .unwrap();
-                if model.len() < off + len {
-                    model.resize(off + len, 0);
-                }
-                model[off..off + len].fill(byte);
+                write_fill(&f, a.ino, fh, &mut model, off, len, rng.gen::<u8>() | 1);
             }
             5..=8 => {
                 let off = rng.gen_range(0..800_000usize);
@@ -637,15 +648,8 @@ fn compaction_keeps_the_bytes_and_frees_the_replaced_slices() {
     for _ in 0..12 {
         let off = rng.gen_range(0..400_000usize);
         let len = rng.gen_range(1..100_000usize);
-        let byte = rng.gen::<u8>() | 1;
-        f.vfs
-            .write(a.ino, fh, off as u64, &vec![byte; len])
-            .unwrap();
+        write_fill(&f, a.ino, fh, &mut model, off, len, rng.gen::<u8>() | 1);
         f.vfs.fsync(a.ino, fh, false).unwrap();
-        if model.len() < off + len {
-            model.resize(off + len, 0);
-        }
-        model[off..off + len].fill(byte);
     }
     f.vfs
         .fallocate(

@@ -83,6 +83,15 @@ impl Staging {
         Ok(Some(Bytes::from(raw)))
     }
 
+    /// The length of staged block `key`, if it is staged (from the file's size, unchecked).
+    pub fn len(&self, key: &str) -> io::Result<Option<u64>> {
+        match fs::metadata(self.path(key)) {
+            Ok(m) => Ok(Some(m.len().saturating_sub(4))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Forgets block `key` (uploaded or no longer wanted); a missing one is fine.
     pub fn remove(&self, key: &str) -> io::Result<()> {
         match fs::remove_file(self.path(key)) {
@@ -123,6 +132,8 @@ mod tests {
         assert_eq!(s.get(key).unwrap().unwrap(), Bytes::from_static(b"hello"));
         assert_eq!(s.get("odd%key/x").unwrap().unwrap(), Bytes::new());
         assert!(s.get("missing").unwrap().is_none());
+        assert_eq!(s.len(key).unwrap(), Some(5));
+        assert_eq!(s.len("missing").unwrap(), None);
         // A flipped byte or a cut file is damage, never data.
         let path = s.path(key);
         let mut raw = fs::read(&path).unwrap();

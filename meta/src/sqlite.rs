@@ -479,10 +479,13 @@ fn upgrade(conn: &Connection) -> Result<()> {
 }
 
 fn upgrade_in_transaction(conn: &Connection) -> Result<()> {
-    let session_columns: Vec<String> = conn
-        .prepare("SELECT name FROM pragma_table_info('session')")?
-        .query_map([], |r| r.get(0))?
-        .collect::<rusqlite::Result<_>>()?;
+    let columns = |table: &str| -> Result<Vec<String>> {
+        Ok(conn
+            .prepare("SELECT name FROM pragma_table_info(?1)")?
+            .query_map([table], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?)
+    };
+    let session_columns = columns("session")?;
     if !session_columns.is_empty() && !session_columns.iter().any(|c| c == "metrics") {
         conn.execute_batch("ALTER TABLE session ADD COLUMN metrics TEXT NOT NULL DEFAULT ''")?;
     }
@@ -499,11 +502,7 @@ fn upgrade_in_transaction(conn: &Connection) -> Result<()> {
             "CREATE INDEX IF NOT EXISTS slice_by_id ON slice (id);
              CREATE INDEX IF NOT EXISTS edge_by_ino ON edge (ino);",
         )?;
-        let slice_columns: Vec<String> = conn
-            .prepare("SELECT name FROM pragma_table_info('slice')")?
-            .query_map([], |r| r.get(0))?
-            .collect::<rusqlite::Result<_>>()?;
-        if !slice_columns.iter().any(|c| c == "seq") {
+        if !columns("slice")?.iter().any(|c| c == "seq") {
             // Slices used to apply in id order; commit order starts from there.
             conn.execute_batch(
                 "ALTER TABLE slice ADD COLUMN seq INTEGER NOT NULL DEFAULT 0;

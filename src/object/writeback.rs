@@ -110,6 +110,8 @@ impl WritebackStore {
             if self.is_deleted(&key) {
                 return self.forget(&key).await;
             }
+            // Read back from disk (most likely from the page cache) rather than kept in
+            // memory: a slow store must not make staged blocks pile up in memory.
             let staged = {
                 let (staging, k) = (self.staging.clone(), key.clone());
                 tokio::task::spawn_blocking(move || staging.get(&k)).await
@@ -211,11 +213,9 @@ impl ObjectStore for WritebackStore {
 
     async fn head(&self, key: &str) -> Result<u64, StoreError> {
         if self.pending.contains_key(key) {
-            if let Ok(Ok(Some(data))) = {
-                let (staging, k) = (self.staging.clone(), key.to_string());
-                tokio::task::spawn_blocking(move || staging.get(&k)).await
-            } {
-                return Ok(data.len() as u64);
+            let (staging, k) = (self.staging.clone(), key.to_string());
+            if let Ok(Ok(Some(len))) = tokio::task::spawn_blocking(move || staging.len(&k)).await {
+                return Ok(len);
             }
         }
         self.inner.head(key).await
