@@ -1,18 +1,25 @@
 #!/usr/bin/env bash
 # Installs what building and testing tidefs needs on Debian, if missing (run as root):
 # fuse3 (fusermount3 for unprivileged mounts), libacl1-dev (pjdfstest links libacl),
-# python3 (a lock test probes with it), /dev/fuse usable by every user, and s3s-fs (the S3
-# server the tests run on 127.0.0.1).
+# python3 (a lock test probes with it), redis-server (the Redis engine's tests start their own
+# instances on 127.0.0.1), /dev/fuse usable by every user, and s3s-fs (the S3 server the tests
+# run on 127.0.0.1).
 set -euo pipefail
 need=()
 command -v fusermount3 >/dev/null || need+=(fuse3)
 dpkg -s libacl1-dev >/dev/null 2>&1 || need+=(libacl1-dev)
 command -v python3 >/dev/null || need+=(python3)
 command -v runuser >/dev/null || need+=(util-linux)
+command -v redis-server >/dev/null || need+=(redis-server)
 if ((${#need[@]})); then
     echo "install-deps: installing ${need[*]}" >&2
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+    # The package starts a system-wide server where it can; the tests start their own, and
+    # none may stay running.
+    if [[ " ${need[*]} " == *" redis-server "* ]]; then
+        service redis-server stop >/dev/null 2>&1 || true
+    fi
 fi
 if [[ ! -e /dev/fuse ]]; then
     modprobe fuse 2>/dev/null || mknod -m 0666 /dev/fuse c 10 229

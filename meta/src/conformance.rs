@@ -699,6 +699,10 @@ pub fn readdir_cookies_are_stable(m: &dyn Meta) {
         .collect();
     expected.push("new".into());
     assert_eq!(rest, expected);
+    // No limit at all (callers pass usize::MAX) lists everything.
+    assert_eq!(m.readdir(d.ino, 0, usize::MAX).unwrap().len(), 49);
+    assert_eq!(m.pending_deletions(0, usize::MAX).unwrap(), vec![]);
+    assert_eq!(m.referenced_slices(0, usize::MAX).unwrap(), vec![]);
     assert_eq!(err(m.readdir(first[1].ino, 0, 10)), libc::ENOTDIR);
 }
 

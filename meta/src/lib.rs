@@ -7,11 +7,14 @@
 
 pub mod conformance;
 mod error;
+mod redis;
 mod sqlite;
+pub mod testing;
 mod types;
 mod url;
 
 pub use error::{MetaError, Result};
+pub use redis::{hide_password, RedisMeta};
 pub use sqlite::SqliteMeta;
 pub use types::*;
 pub use url::{open, MetaUrl};
@@ -142,4 +145,16 @@ pub trait Meta: Send + Sync {
 
     /// Makes every committed operation durable against power loss, not only process crashes.
     fn sync(&self) -> Result<()>;
+}
+
+/// Fails unless `name` may name a new directory entry: not empty, `.` or `..`, no `/`, at most
+/// [`NAME_MAX`] bytes.
+pub(crate) fn check_name(name: &[u8]) -> Result<()> {
+    if name.len() > NAME_MAX {
+        return Err(MetaError::NameTooLong);
+    }
+    if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') {
+        return Err(MetaError::Invalid);
+    }
+    Ok(())
 }

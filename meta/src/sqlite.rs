@@ -7,7 +7,7 @@
 //! [`Meta::sync`], which checkpoints the WAL (fsync) — the filesystem calls it on fsync(2).
 
 use crate::types::*;
-use crate::{Meta, MetaError, Result};
+use crate::{check_name, Meta, MetaError, Result};
 use rusqlite::{
     params, Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior,
 };
@@ -99,16 +99,6 @@ fn unix_now() -> i64 {
 
 fn round_space(length: u64) -> i64 {
     (length.div_ceil(4096) * 4096) as i64
-}
-
-fn check_name(name: &[u8]) -> Result<()> {
-    if name.len() > NAME_MAX {
-        return Err(MetaError::NameTooLong);
-    }
-    if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') {
-        return Err(MetaError::Invalid);
-    }
-    Ok(())
 }
 
 fn row_to_attr(row: &rusqlite::Row<'_>) -> rusqlite::Result<Attr> {
@@ -863,30 +853,26 @@ impl Meta for SqliteMeta {
         self.write(|tx| {
             tx.execute_batch(SCHEMA)?;
             let existing: Option<String> = tx
-                .query_row("SELECT value FROM setting WHERE name = 'format'", [], |r| r.get(0))
+                .query_row("SELECT value FROM setting WHERE name = 'format'", [], |r| {
+                    r.get(0)
+                })
                 .optional()?;
             if let Some(existing) = existing {
                 let old: Format = serde_json::from_str(&existing)
                     .map_err(|e| MetaError::Engine(format!("corrupt format record: {e}")))?;
-                if !old.same_layout(format) {
-                    return Err(MetaError::FormatMismatch(format!(
-                        "name {:?}, storage {}, bucket {}, block size {} (asked: name {:?}, storage {}, bucket {}, block size {})",
-                        old.name, old.storage, old.bucket, old.block_size,
-                        format.name, format.storage, format.bucket, format.block_size
-                    )));
-                }
-                let mut updated = old.clone();
-                updated.trash_days = format.trash_days;
-                updated.capacity = format.capacity;
-                updated.inodes = format.inodes;
-                updated.access_key = format.access_key.clone();
-                updated.secret_key = format.secret_key.clone();
+                let updated = old.updated_with(format)?;
                 let json = serde_json::to_string(&updated).expect("format serializes");
-                tx.execute("UPDATE setting SET value = ?1 WHERE name = 'format'", [json])?;
+                tx.execute(
+                    "UPDATE setting SET value = ?1 WHERE name = 'format'",
+                    [json],
+                )?;
                 return Ok(());
             }
             let json = serde_json::to_string(format).expect("format serializes");
-            tx.execute("INSERT INTO setting (name, value) VALUES ('format', ?1)", [json])?;
+            tx.execute(
+                "INSERT INTO setting (name, value) VALUES ('format', ?1)",
+                [json],
+            )?;
             let now = Timestamp::now();
             put_node(
                 tx,

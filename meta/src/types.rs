@@ -452,6 +452,33 @@ pub struct Format {
 }
 
 impl Format {
+    /// This format with the changeable settings of `asked` (a format asked for again), or
+    /// [`crate::MetaError::FormatMismatch`] if `asked` has another layout.
+    pub fn updated_with(&self, asked: &Format) -> crate::Result<Format> {
+        if !self.same_layout(asked) {
+            return Err(crate::MetaError::FormatMismatch(format!(
+                "name {:?}, storage {}, bucket {}, block size {} (asked: name {:?}, storage {}, \
+                 bucket {}, block size {})",
+                self.name,
+                self.storage,
+                self.bucket,
+                self.block_size,
+                asked.name,
+                asked.storage,
+                asked.bucket,
+                asked.block_size
+            )));
+        }
+        Ok(Format {
+            trash_days: asked.trash_days,
+            capacity: asked.capacity,
+            inodes: asked.inodes,
+            access_key: asked.access_key.clone(),
+            secret_key: asked.secret_key.clone(),
+            ..self.clone()
+        })
+    }
+
     /// Whether `other` names the same volume layout (everything that cannot change after format).
     pub fn same_layout(&self, other: &Format) -> bool {
         self.name == other.name

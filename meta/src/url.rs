@@ -1,6 +1,6 @@
 //! META_URL parsing: which engine, where.
 
-use crate::{Meta, MetaError, SqliteMeta};
+use crate::{Meta, MetaError, RedisMeta, SqliteMeta};
 use std::path::PathBuf;
 
 /// A parsed META_URL.
@@ -8,6 +8,9 @@ use std::path::PathBuf;
 pub enum MetaUrl {
     /// `sqlite3://PATH` or `sqlite://PATH`: an SQLite database file.
     Sqlite(PathBuf),
+    /// `redis://[user:pass@]host:port/db`, `rediss://...` (TLS) or
+    /// `unix:///path/redis.sock?db=N`: a Redis database, which several mounts may share.
+    Redis(String),
 }
 
 impl MetaUrl {
@@ -26,11 +29,24 @@ impl MetaUrl {
                 }
                 Ok(MetaUrl::Sqlite(PathBuf::from(path)))
             }
-            "redis" | "rediss" | "unix" => Err(format!(
-                "META_URL {url:?}: the redis engine is not available in this build yet"
-            )),
+            "redis" | "rediss" | "unix" => {
+                let shown = crate::hide_password(url);
+                let host = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+                if scheme != "unix" && (host.is_empty() || host.starts_with(['/', '?'])) {
+                    return Err(format!(
+                        "invalid META_URL {shown:?}: missing host, e.g. redis://127.0.0.1:6379/1"
+                    ));
+                }
+                if scheme == "unix" && !rest.starts_with('/') {
+                    return Err(format!(
+                        "invalid META_URL {shown:?}: expected unix:///path/to/redis.sock?db=N"
+                    ));
+                }
+                Ok(MetaUrl::Redis(url.to_string()))
+            }
             other => Err(format!(
-                "invalid META_URL {url:?}: unknown engine {other:?} (supported: sqlite3://)"
+                "invalid META_URL {url:?}: unknown engine {other:?} (supported: sqlite3://, \
+                 redis://, rediss://, unix://)"
             )),
         }
     }
@@ -39,6 +55,7 @@ impl MetaUrl {
     pub fn local_file(&self) -> Option<&std::path::Path> {
         match self {
             MetaUrl::Sqlite(p) => Some(p),
+            MetaUrl::Redis(_) => None,
         }
     }
 }
@@ -48,6 +65,8 @@ impl MetaUrl {
 pub fn open(url: &MetaUrl, create: bool) -> Result<Box<dyn Meta>, MetaError> {
     match url {
         MetaUrl::Sqlite(path) => Ok(Box::new(SqliteMeta::open(path, create)?)),
+        // A Redis database always exists; an empty one is simply not formatted.
+        MetaUrl::Redis(url) => Ok(Box::new(RedisMeta::open(url)?)),
     }
 }
 
@@ -65,6 +84,24 @@ mod tests {
             MetaUrl::parse("sqlite://rel/a.db?_journal=WAL").unwrap(),
             MetaUrl::Sqlite("rel/a.db".into())
         );
+    }
+
+    #[test]
+    fn parses_redis_forms() {
+        for url in [
+            "redis://127.0.0.1:6379/1",
+            "redis://user:pw@host:6380/2",
+            "rediss://host:6380/0",
+            "unix:///run/redis.sock?db=3",
+        ] {
+            assert_eq!(MetaUrl::parse(url).unwrap(), MetaUrl::Redis(url.into()));
+        }
+        let e = MetaUrl::parse("redis:///1").unwrap_err();
+        assert!(e.contains("missing host"), "{e}");
+        let e = MetaUrl::parse("unix://run/redis.sock").unwrap_err();
+        assert!(e.contains("unix:///"), "{e}");
+        let e = MetaUrl::parse("redis://u:secret@").unwrap_err();
+        assert!(!e.contains("secret"), "{e}");
     }
 
     #[test]

@@ -1,0 +1,894 @@
+//! The Redis engine: metadata in one Redis database, shared by every mount of the volume.
+//!
+//! Every [`Meta`] operation that changes more than one key is one call of a server-side Lua
+//! script (`redis.lua`): Redis runs a script to its end without interleaving other commands,
+//! so each operation is atomic and isolated across all mounts, and costs one round trip.
+//! Reads of a single key go straight to Redis. The key schema is described in `redis.lua` and
+//! in docs/design.md.
+//!
+//! Durability is Redis's: with `appendonly yes` and `appendfsync always` every reply follows
+//! an fsync; with `everysec` (Redis's default for AOF) [`Meta::sync`] waits for the fsync with
+//! `WAITAOF` where the server has it (Redis 7.2 and later).
+
+use crate::types::*;
+use crate::{check_name, Meta, MetaError, Result};
+use redis::{Connection, RedisError, Value};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+const SCRIPT: &str = include_str!("redis.lua");
+
+/// How long to wait for a connection to Redis.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one command may take before the operation fails with EIO. The namespace check
+/// runs as one script and may take long on a large volume.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
+/// Connections kept for reuse.
+const POOL_SIZE: usize = 64;
+
+/// The Redis metadata engine.
+pub struct RedisMeta {
+    client: redis::Client,
+    /// The URL with any password hidden, for messages.
+    shown: String,
+    pool: Mutex<Vec<Connection>>,
+    script: redis::Script,
+    /// Whether the server knows WAITAOF (Redis 7.2+); cleared at the first refusal.
+    waitaof: AtomicBool,
+}
+
+impl std::fmt::Debug for RedisMeta {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisMeta")
+            .field("url", &self.shown)
+            .finish()
+    }
+}
+
+/// `url` with the password of its user info replaced by `****`.
+pub fn hide_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (auth, host) = match rest.rfind('@') {
+        Some(at) => (&rest[..at], &rest[at + 1..]),
+        None => return url.to_string(),
+    };
+    match auth.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:****@{host}"),
+        None => url.to_string(),
+    }
+}
+
+fn map_err(e: RedisError) -> MetaError {
+    match e.code() {
+        Some("ENOENT") => MetaError::NotFound,
+        Some("EEXIST") => MetaError::Exists,
+        Some("ENOTEMPTY") => MetaError::NotEmpty,
+        Some("ENOTDIR") => MetaError::NotDir,
+        Some("EISDIR") => MetaError::IsDir,
+        Some("EPERM") => MetaError::NotPermitted,
+        Some("EINVAL") => MetaError::Invalid,
+        Some("ENAMETOOLONG") => MetaError::NameTooLong,
+        Some("ENODATA") => MetaError::NoData,
+        Some("EMLINK") => MetaError::TooManyLinks,
+        Some("ENOSPC") => MetaError::NoSpace,
+        Some("EOPNOTSUPP") => MetaError::NotSupported,
+        _ => MetaError::Engine(format!("redis: {e}")),
+    }
+}
+
+/// Whether `e` came from the server's answer to a well-formed exchange, so the connection is
+/// still in step and may be reused.
+fn connection_usable(e: &RedisError) -> bool {
+    !(e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_unrecoverable_error())
+}
+
+fn bytes(v: &Value) -> Result<&[u8]> {
+    match v {
+        Value::BulkString(b) => Ok(b),
+        Value::SimpleString(s) => Ok(s.as_bytes()),
+        other => Err(MetaError::Engine(format!(
+            "redis: unexpected reply {other:?}"
+        ))),
+    }
+}
+
+fn text(v: &Value) -> Result<&str> {
+    std::str::from_utf8(bytes(v)?)
+        .map_err(|_| MetaError::Engine("redis: reply is not UTF-8".into()))
+}
+
+fn number<T: std::str::FromStr>(v: &Value) -> Result<T> {
+    if let Value::Int(i) = v {
+        return i
+            .to_string()
+            .parse()
+            .map_err(|_| MetaError::Engine(format!("redis: number {i} out of range")));
+    }
+    let s = text(v)?;
+    s.parse()
+        .map_err(|_| MetaError::Engine(format!("redis: {s:?} is not a number")))
+}
+
+fn items(v: Value) -> Result<Vec<Value>> {
+    match v {
+        Value::Array(items) | Value::Set(items) => Ok(items),
+        Value::Nil => Ok(Vec::new()),
+        other => Err(MetaError::Engine(format!(
+            "redis: expected a list, got {other:?}"
+        ))),
+    }
+}
+
+fn corrupt(what: &str, raw: &str) -> MetaError {
+    MetaError::Engine(format!("redis: corrupt {what} {raw:?}"))
+}
+
+/// Decodes an inode record `kind,mode,uid,gid,rdev,nlink,length,atime s,ns,mtime s,ns,ctime
+/// s,ns,parent` (see redis.lua).
+fn decode_attr(ino: Ino, raw: &str) -> Result<Attr> {
+    let f: Vec<&str> = raw.split(',').collect();
+    if f.len() != 14 {
+        return Err(corrupt("inode", raw));
+    }
+    let n = |i: usize| f[i].parse::<i64>().map_err(|_| corrupt("inode", raw));
+    let ts = |i: usize| -> Result<Timestamp> {
+        Ok(Timestamp {
+            sec: n(i)?,
+            nsec: n(i + 1)? as u32,
+        })
+    };
+    Ok(Attr {
+        ino,
+        kind: FileKind::from_code(n(0)? as u8).ok_or_else(|| corrupt("inode", raw))?,
+        mode: n(1)? as u32,
+        uid: n(2)? as u32,
+        gid: n(3)? as u32,
+        rdev: n(4)? as u32,
+        nlink: n(5)? as u32,
+        length: n(6)? as u64,
+        atime: ts(7)?,
+        mtime: ts(9)?,
+        ctime: ts(11)?,
+        parent: f[13].parse().map_err(|_| corrupt("inode", raw))?,
+    })
+}
+
+/// The attributes in a script's `{ino, record}` reply.
+fn attr_reply(v: Value) -> Result<Attr> {
+    let v = items(v)?;
+    match v.as_slice() {
+        [ino, raw] => decode_attr(number(ino)?, text(raw)?),
+        _ => Err(MetaError::Engine("redis: malformed inode reply".into())),
+    }
+}
+
+/// The numbers of a record `raw` of kind `what`, separated by `,` or `:`.
+fn numbers(raw: &str, what: &str) -> Result<Vec<u64>> {
+    raw.split([',', ':'])
+        .map(|x| x.parse().map_err(|_| corrupt(what, raw)))
+        .collect()
+}
+
+fn decode_slice(raw: &str) -> Result<Slice> {
+    match numbers(raw, "slice")?.as_slice() {
+        &[id, size, off, len, pos] => Ok(Slice {
+            id,
+            size: size as u32,
+            off: off as u32,
+            len: len as u32,
+            pos: pos as u32,
+        }),
+        _ => Err(corrupt("slice", raw)),
+    }
+}
+
+fn slice_args(s: &Slice) -> [u64; 5] {
+    [
+        s.id,
+        s.size as u64,
+        s.off as u64,
+        s.len as u64,
+        s.pos as u64,
+    ]
+}
+
+/// Arguments of one script call.
+struct Call {
+    args: Vec<Vec<u8>>,
+}
+
+impl Call {
+    fn new(op: &str) -> Self {
+        let now = Timestamp::now();
+        let mut c = Call { args: Vec::new() };
+        c.arg(op)
+            .arg(now.sec)
+            .arg(now.nsec)
+            .arg(trash_hour_name(now.sec));
+        c
+    }
+
+    fn arg(&mut self, a: impl std::fmt::Display) -> &mut Self {
+        self.args.push(a.to_string().into_bytes());
+        self
+    }
+
+    fn bin(&mut self, a: &[u8]) -> &mut Self {
+        self.args.push(a.to_vec());
+        self
+    }
+
+    fn time(&mut self, t: Option<Timestamp>) -> &mut Self {
+        match t {
+            Some(t) => self.arg(t.sec).arg(t.nsec),
+            None => self.arg("").arg(""),
+        }
+    }
+}
+
+/// What a script asking whether an inode is open (`retry <ino>`) gets back.
+enum Outcome {
+    Done(Value),
+    AskOpen(Ino),
+}
+
+impl RedisMeta {
+    /// Connects to the Redis database at `url` (`redis://[user:pass@]host:port/db`,
+    /// `rediss://...` for TLS, `unix:///path/redis.sock?db=N`). Fails with a clear error when
+    /// the server cannot be reached.
+    pub fn open(url: &str) -> Result<Self> {
+        let shown = hide_password(url);
+        let client = redis::Client::open(url)
+            .map_err(|e| MetaError::Engine(format!("invalid redis URL {shown}: {e}")))?;
+        let script = SCRIPT.replace("@TRASH_INO@", &TRASH_INO.to_string());
+        let meta = RedisMeta {
+            client,
+            shown,
+            pool: Mutex::new(Vec::new()),
+            script: redis::Script::new(&script),
+            waitaof: AtomicBool::new(true),
+        };
+        let conn = meta.connect()?;
+        meta.put_conn(conn);
+        Ok(meta)
+    }
+
+    fn connect(&self) -> Result<Connection> {
+        let conn = self
+            .client
+            .get_connection_with_timeout(CONNECT_TIMEOUT)
+            .map_err(|e| MetaError::Engine(format!("cannot connect to {}: {e}", self.shown)))?;
+        conn.set_read_timeout(Some(COMMAND_TIMEOUT))
+            .and_then(|_| conn.set_write_timeout(Some(COMMAND_TIMEOUT)))
+            .map_err(|e| MetaError::Engine(format!("redis {}: {e}", self.shown)))?;
+        Ok(conn)
+    }
+
+    fn put_conn(&self, conn: Connection) {
+        let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        if pool.len() < POOL_SIZE {
+            pool.push(conn);
+        }
+    }
+
+    /// Runs `f` on a pooled connection; a connection that failed below the protocol level is
+    /// dropped, not reused.
+    fn with_conn<T>(&self, f: impl FnOnce(&mut Connection) -> redis::RedisResult<T>) -> Result<T> {
+        let pooled = self.pool.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let mut conn = match pooled {
+            Some(c) => c,
+            None => self.connect()?,
+        };
+        match f(&mut conn) {
+            Ok(v) => {
+                self.put_conn(conn);
+                Ok(v)
+            }
+            Err(e) => {
+                if connection_usable(&e) {
+                    self.put_conn(conn);
+                }
+                Err(map_err(e))
+            }
+        }
+    }
+
+    /// Up to `limit` members of sorted set `key` scored above `after`, in score order.
+    fn ids_after(&self, key: &str, after: u64, limit: usize) -> Result<Vec<String>> {
+        self.with_conn(|c| {
+            redis::cmd("ZRANGEBYSCORE")
+                .arg(key)
+                .arg(format!("({after}"))
+                .arg("+inf")
+                .arg("LIMIT")
+                .arg(0)
+                .arg(redis_count(limit))
+                .query(c)
+        })
+    }
+
+    fn cmd(&self, cmd: &redis::Cmd) -> Result<Value> {
+        self.with_conn(|c| cmd.query(c))
+    }
+
+    fn run(&self, call: &Call) -> Result<Outcome> {
+        let mut inv = self.script.prepare_invoke();
+        for a in &call.args {
+            inv.arg(a.as_slice());
+        }
+        let v: Value = self.with_conn(|c| inv.invoke(c))?;
+        if let Value::BulkString(b) = &v {
+            if let Some(ino) = b.strip_prefix(b"retry ") {
+                let ino = std::str::from_utf8(ino)
+                    .ok()
+                    .and_then(|s| s.parse().ok())
+                    .ok_or_else(|| MetaError::Engine("redis: malformed retry".into()))?;
+                return Ok(Outcome::AskOpen(ino));
+            }
+        }
+        Ok(Outcome::Done(v))
+    }
+
+    fn call(&self, call: &Call) -> Result<Value> {
+        match self.run(call)? {
+            Outcome::Done(v) => Ok(v),
+            Outcome::AskOpen(_) => Err(MetaError::Engine("redis: unexpected retry".into())),
+        }
+    }
+
+    /// Runs an operation that may drop the last name of an inode: the script asks whether
+    /// that inode is open (only this mount knows), and the call is repeated with the answer.
+    /// If the namespace changed in between, the script asks again.
+    fn call_with_open(
+        &self,
+        make: impl Fn(Option<(Ino, bool)>) -> Call,
+        is_open: &dyn Fn(Ino) -> bool,
+    ) -> Result<()> {
+        let mut answer = None;
+        for _ in 0..100 {
+            match self.run(&make(answer))? {
+                Outcome::Done(_) => return Ok(()),
+                Outcome::AskOpen(ino) => answer = Some((ino, is_open(ino))),
+            }
+        }
+        Err(MetaError::Engine(
+            "redis: the namespace kept changing during the operation".into(),
+        ))
+    }
+}
+
+impl Meta for RedisMeta {
+    fn engine(&self) -> &'static str {
+        "redis"
+    }
+
+    fn format(&self, format: &Format, root_uid: u32, root_gid: u32) -> Result<()> {
+        loop {
+            match self.load_format() {
+                Ok(old) => {
+                    let updated = old.updated_with(format)?;
+                    let json = serde_json::to_string(&updated).expect("format serializes");
+                    self.cmd(
+                        redis::cmd("HSET")
+                            .arg("setting")
+                            .arg("format")
+                            .arg(json)
+                            .arg("capacity")
+                            .arg(updated.capacity)
+                            .arg("inodes")
+                            .arg(updated.inodes)
+                            .arg("trash_days")
+                            .arg(updated.trash_days),
+                    )?;
+                    return Ok(());
+                }
+                Err(MetaError::NotFormatted) => {}
+                Err(e) => return Err(e),
+            }
+            let json = serde_json::to_string(format).expect("format serializes");
+            let v = self.call(
+                Call::new("format")
+                    .arg(json)
+                    .arg(format.capacity)
+                    .arg(format.inodes)
+                    .arg(format.trash_days)
+                    .arg(root_uid)
+                    .arg(root_gid),
+            )?;
+            if text(&v)? == "ok" {
+                return Ok(());
+            }
+            // Formatted by someone else meanwhile: check it as an existing format.
+        }
+    }
+
+    fn load_format(&self) -> Result<Format> {
+        match self.cmd(redis::cmd("HGET").arg("setting").arg("format"))? {
+            Value::Nil => Err(MetaError::NotFormatted),
+            v => serde_json::from_slice(bytes(&v)?)
+                .map_err(|e| MetaError::Engine(format!("corrupt format record: {e}"))),
+        }
+    }
+
+    fn new_session(&self, info: &SessionInfo) -> Result<u64> {
+        let now = Timestamp::now().sec;
+        let sid: u64 =
+            number(&self.cmd(redis::cmd("HINCRBY").arg("counter").arg("next_sid").arg(1))?)?;
+        let record = SessionInfo {
+            sid,
+            started: now,
+            heartbeat: now,
+            ..info.clone()
+        };
+        let json = serde_json::to_string(&record).expect("session serializes");
+        self.with_conn(|c| {
+            redis::pipe()
+                .atomic()
+                .hset("sessions", sid, json)
+                .ignore()
+                .zadd("heartbeats", sid, now)
+                .ignore()
+                .query::<()>(c)
+        })?;
+        Ok(sid)
+    }
+
+    fn heartbeat(&self, sid: u64) -> Result<()> {
+        self.cmd(
+            redis::cmd("ZADD")
+                .arg("heartbeats")
+                .arg("XX")
+                .arg(Timestamp::now().sec)
+                .arg(sid),
+        )?;
+        Ok(())
+    }
+
+    fn close_session(&self, sid: u64) -> Result<()> {
+        self.call(Call::new("close_session").arg(sid))?;
+        Ok(())
+    }
+
+    fn sessions(&self) -> Result<Vec<SessionInfo>> {
+        /// Session records (sid, JSON) and heartbeats (sid, seconds).
+        type Listing = (Vec<(u64, String)>, Vec<(u64, i64)>);
+        let (records, beats): Listing = self.with_conn(|c| {
+            redis::pipe()
+                .atomic()
+                .hgetall("sessions")
+                .zrange_withscores("heartbeats", 0, -1)
+                .query(c)
+        })?;
+        let beats: std::collections::HashMap<u64, i64> = beats.into_iter().collect();
+        let mut out = Vec::with_capacity(records.len());
+        for (sid, json) in records {
+            let mut s: SessionInfo = serde_json::from_str(&json)
+                .map_err(|e| MetaError::Engine(format!("corrupt session {sid}: {e}")))?;
+            s.sid = sid;
+            if let Some(&beat) = beats.get(&sid) {
+                s.heartbeat = beat;
+            }
+            out.push(s);
+        }
+        out.sort_by_key(|s| s.sid);
+        Ok(out)
+    }
+
+    fn usage(&self) -> Result<Usage> {
+        let (space, inodes): (Option<i64>, Option<i64>) = self.with_conn(|c| {
+            redis::cmd("HMGET")
+                .arg("counter")
+                .arg("used_space")
+                .arg("used_inodes")
+                .query(c)
+        })?;
+        Ok(Usage {
+            space: space.unwrap_or(0).max(0) as u64,
+            inodes: inodes.unwrap_or(0).max(0) as u64,
+        })
+    }
+
+    fn lookup(&self, parent: Ino, name: &[u8]) -> Result<Attr> {
+        if name.len() > NAME_MAX {
+            return Err(MetaError::NameTooLong);
+        }
+        attr_reply(self.call(Call::new("lookup").arg(parent).bin(name))?)
+    }
+
+    fn getattr(&self, ino: Ino) -> Result<Attr> {
+        match self.cmd(redis::cmd("GET").arg(format!("i{ino}")))? {
+            Value::Nil => Err(MetaError::NotFound),
+            v => decode_attr(ino, text(&v)?),
+        }
+    }
+
+    fn setattr(&self, ino: Ino, set: &SetAttr) -> Result<Attr> {
+        let opt = |v: Option<u32>| v.map(|v| v.to_string()).unwrap_or_default();
+        attr_reply(
+            self.call(
+                Call::new("setattr")
+                    .arg(ino)
+                    .arg(opt(set.mode))
+                    .arg(opt(set.uid))
+                    .arg(opt(set.gid))
+                    .time(set.atime)
+                    .time(set.mtime)
+                    .time(set.ctime),
+            )?,
+        )
+    }
+
+    fn truncate(&self, ino: Ino, length: u64, mtime: Timestamp) -> Result<Attr> {
+        attr_reply(self.call(Call::new("truncate").arg(ino).arg(length).time(Some(mtime)))?)
+    }
+
+    fn fallocate(
+        &self,
+        ino: Ino,
+        mode: FallocMode,
+        off: u64,
+        len: u64,
+        zero_ids: &[u64],
+    ) -> Result<Attr> {
+        off.checked_add(len).ok_or(MetaError::FileTooLarge)?;
+        let (zero, keep_size) = match mode {
+            FallocMode::Allocate { keep_size } => (false, keep_size),
+            FallocMode::PunchHole => (true, true),
+            FallocMode::ZeroRange { keep_size } => (true, keep_size),
+        };
+        let mut call = Call::new("fallocate");
+        call.arg(ino)
+            .arg(u8::from(zero))
+            .arg(u8::from(keep_size))
+            .arg(off)
+            .arg(len);
+        for id in zero_ids {
+            call.arg(id);
+        }
+        attr_reply(self.call(&call)?)
+    }
+
+    fn mknod(&self, parent: Ino, name: &[u8], node: &NewNode) -> Result<Attr> {
+        check_name(name)?;
+        if node.symlink.as_ref().is_some_and(|t| t.len() > SYMLINK_MAX) {
+            return Err(MetaError::NameTooLong);
+        }
+        let groups: Vec<String> = node.groups.iter().map(|g| g.to_string()).collect();
+        attr_reply(
+            self.call(
+                Call::new("mknod")
+                    .arg(parent)
+                    .bin(name)
+                    .arg(node.kind.code())
+                    .arg(node.mode)
+                    .arg(node.uid)
+                    .arg(node.gid)
+                    .arg(node.rdev)
+                    .arg(u8::from(node.symlink.is_some()))
+                    .bin(node.symlink.as_deref().unwrap_or_default())
+                    .arg(groups.join(",")),
+            )?,
+        )
+    }
+
+    fn link(&self, ino: Ino, parent: Ino, name: &[u8]) -> Result<Attr> {
+        check_name(name)?;
+        attr_reply(self.call(Call::new("link").arg(ino).arg(parent).bin(name))?)
+    }
+
+    fn unlink(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        sid: u64,
+        is_open: &dyn Fn(Ino) -> bool,
+    ) -> Result<()> {
+        if name.len() > NAME_MAX {
+            return Err(MetaError::NameTooLong);
+        }
+        self.call_with_open(
+            |answer| {
+                let mut c = Call::new("unlink");
+                c.arg(parent).bin(name).arg(sid);
+                open_answer(&mut c, answer);
+                c
+            },
+            is_open,
+        )
+    }
+
+    fn rmdir(&self, parent: Ino, name: &[u8]) -> Result<()> {
+        match name {
+            b"." => return Err(MetaError::Invalid),
+            b".." => return Err(MetaError::NotEmpty),
+            _ if name.len() > NAME_MAX => return Err(MetaError::NameTooLong),
+            _ => {}
+        }
+        self.call(Call::new("rmdir").arg(parent).bin(name))?;
+        Ok(())
+    }
+
+    fn rename(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        new_parent: Ino,
+        new_name: &[u8],
+        flags: RenameFlags,
+        sid: u64,
+        is_open: &dyn Fn(Ino) -> bool,
+    ) -> Result<()> {
+        if name.len() > NAME_MAX {
+            return Err(MetaError::NameTooLong);
+        }
+        check_name(new_name)?;
+        if flags.exchange && flags.noreplace {
+            return Err(MetaError::Invalid);
+        }
+        self.call_with_open(
+            |answer| {
+                let mut c = Call::new("rename");
+                c.arg(parent)
+                    .bin(name)
+                    .arg(new_parent)
+                    .bin(new_name)
+                    .arg(u8::from(flags.noreplace))
+                    .arg(u8::from(flags.exchange))
+                    .arg(sid);
+                open_answer(&mut c, answer);
+                c
+            },
+            is_open,
+        )
+    }
+
+    fn readlink(&self, ino: Ino) -> Result<Vec<u8>> {
+        Ok(bytes(&self.call(Call::new("readlink").arg(ino))?)?.to_vec())
+    }
+
+    fn readdir(&self, ino: Ino, cookie: u64, limit: usize) -> Result<Vec<DirEntry>> {
+        let flat = items(
+            self.call(
+                Call::new("readdir")
+                    .arg(ino)
+                    .arg(cookie)
+                    .arg(redis_count(limit)),
+            )?,
+        )?;
+        flat.chunks(4)
+            .map(|e| match e {
+                [name, child, kind, cookie] => Ok(DirEntry {
+                    name: bytes(name)?.to_vec(),
+                    ino: number(child)?,
+                    kind: FileKind::from_code(number(kind)?).unwrap_or(FileKind::File),
+                    cookie: number(cookie)?,
+                }),
+                _ => Err(MetaError::Engine("redis: malformed directory reply".into())),
+            })
+            .collect()
+    }
+
+    fn getxattr(&self, ino: Ino, name: &[u8]) -> Result<Vec<u8>> {
+        Ok(bytes(&self.call(Call::new("getxattr").arg(ino).bin(name))?)?.to_vec())
+    }
+
+    fn setxattr(&self, ino: Ino, name: &[u8], value: &[u8], mode: XattrMode) -> Result<()> {
+        if name.is_empty() {
+            return Err(MetaError::Invalid);
+        }
+        if name.len() > NAME_MAX {
+            return Err(MetaError::NameTooLong);
+        }
+        if value.len() > XATTR_VALUE_MAX {
+            return Err(MetaError::TooBig);
+        }
+        let mode = match mode {
+            XattrMode::Any => "any",
+            XattrMode::Create => "create",
+            XattrMode::Replace => "replace",
+        };
+        self.call(
+            Call::new("setxattr")
+                .arg(ino)
+                .bin(name)
+                .bin(value)
+                .arg(mode),
+        )?;
+        Ok(())
+    }
+
+    fn listxattr(&self, ino: Ino) -> Result<Vec<Vec<u8>>> {
+        items(self.call(Call::new("listxattr").arg(ino))?)?
+            .iter()
+            .map(|v| Ok(bytes(v)?.to_vec()))
+            .collect()
+    }
+
+    fn removexattr(&self, ino: Ino, name: &[u8]) -> Result<()> {
+        self.call(Call::new("removexattr").arg(ino).bin(name))?;
+        Ok(())
+    }
+
+    fn read_chunk(&self, ino: Ino, chunk: u32) -> Result<Vec<Slice>> {
+        let raw: Vec<String> = self.with_conn(|c| {
+            redis::cmd("LRANGE")
+                .arg(format!("c{ino}:{chunk}"))
+                .arg(0)
+                .arg(-1)
+                .query(c)
+        })?;
+        raw.iter().map(|r| decode_slice(r)).collect()
+    }
+
+    fn write_slices(&self, ino: Ino, slices: &[ChunkSlice], mtime: Timestamp) -> Result<Attr> {
+        let mut call = Call::new("write_slices");
+        call.arg(ino).time(Some(mtime));
+        for cs in slices {
+            call.arg(cs.chunk);
+            for v in slice_args(&cs.slice) {
+                call.arg(v);
+            }
+        }
+        attr_reply(self.call(&call)?)
+    }
+
+    fn compact_chunk(&self, ino: Ino, chunk: u32, replaced: &[Slice], new: Slice) -> Result<bool> {
+        let mut call = Call::new("compact_chunk");
+        call.arg(ino).arg(chunk);
+        for s in std::iter::once(&new).chain(replaced) {
+            for v in slice_args(s) {
+                call.arg(v);
+            }
+        }
+        Ok(number::<u8>(&self.call(&call)?)? == 1)
+    }
+
+    fn next_slice_ids(&self, n: u64) -> Result<u64> {
+        let next: u64 = number(
+            &self.cmd(
+                redis::cmd("HINCRBY")
+                    .arg("counter")
+                    .arg("next_slice")
+                    .arg(n),
+            )?,
+        )?;
+        Ok(next - n)
+    }
+
+    fn release(&self, ino: Ino, sid: u64) -> Result<()> {
+        self.call(Call::new("release").arg(ino).arg(sid))?;
+        Ok(())
+    }
+
+    fn pending_deletions(&self, after: u64, limit: usize) -> Result<Vec<FreedSlice>> {
+        self.ids_after("freed", after, limit)?
+            .iter()
+            .map(|r| match numbers(r, "freed slice")?.as_slice() {
+                &[id, size] => Ok(FreedSlice {
+                    id,
+                    size: size as u32,
+                }),
+                _ => Err(corrupt("freed slice", r)),
+            })
+            .collect()
+    }
+
+    fn ack_deletions(&self, ids: &[u64]) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        self.with_conn(|c| {
+            let mut pipe = redis::pipe();
+            for id in ids {
+                pipe.cmd("ZREMRANGEBYSCORE")
+                    .arg("freed")
+                    .arg(id)
+                    .arg(id)
+                    .ignore();
+            }
+            pipe.query::<()>(c)
+        })
+    }
+
+    fn referenced_slices(&self, after: u64, limit: usize) -> Result<Vec<SliceRef>> {
+        self.ids_after("refs", after, limit)?
+            .iter()
+            .map(|r| match numbers(r, "slice reference")?.as_slice() {
+                &[id, size, ino] => Ok(SliceRef {
+                    id,
+                    size: size as u32,
+                    ino,
+                }),
+                _ => Err(corrupt("slice reference", r)),
+            })
+            .collect()
+    }
+
+    fn check_namespace(&self, repair: bool) -> Result<Vec<Problem>> {
+        let flat = items(self.call(Call::new("check_namespace").arg(u8::from(repair)))?)?;
+        flat.chunks(3)
+            .map(|p| match p {
+                [what, fix, repaired] => {
+                    let fix = String::from_utf8_lossy(bytes(fix)?).into_owned();
+                    Ok(Problem {
+                        what: String::from_utf8_lossy(bytes(what)?).into_owned(),
+                        fix: (!fix.is_empty()).then_some(fix),
+                        repaired: text(repaired)? == "1",
+                    })
+                }
+                _ => Err(MetaError::Engine("redis: malformed check reply".into())),
+            })
+            .collect()
+    }
+
+    fn sync(&self) -> Result<()> {
+        if !self.waitaof.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        // Waits until this connection's writes, and so every earlier one, are fsynced to the
+        // local append-only file. Servers without an AOF or WAITAOF keep their own durability.
+        let r = self.with_conn(|c| redis::cmd("WAITAOF").arg(1).arg(0).arg(0).query::<Value>(c));
+        match r {
+            Ok(_) => Ok(()),
+            Err(MetaError::Engine(msg))
+                if msg.contains("unknown command") || msg.contains("appendonly is disabled") =>
+            {
+                if msg.contains("unknown command") {
+                    self.waitaof.store(false, Ordering::Relaxed);
+                }
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// A count as Redis takes it (a signed 64-bit number): "no limit" (usize::MAX) included.
+fn redis_count(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX)
+}
+
+/// Adds the answer to "is this inode open?" (or none yet) to an unlink or rename call.
+fn open_answer(call: &mut Call, answer: Option<(Ino, bool)>) {
+    match answer {
+        Some((ino, open)) => call.arg(ino).arg(u8::from(open)),
+        None => call.arg("").arg(0),
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_hidden() {
+        assert_eq!(
+            hide_password("redis://user:secret@host:6379/1"),
+            "redis://user:****@host:6379/1"
+        );
+        assert_eq!(hide_password("redis://host:6379/1"), "redis://host:6379/1");
+        assert_eq!(
+            hide_password("unix:///run/redis.sock?db=2"),
+            "unix:///run/redis.sock?db=2"
+        );
+    }
+
+    #[test]
+    fn inode_records_round_trip_through_the_script_format() {
+        let a = decode_attr(7, "1,420,1000,1000,0,1,5000,-1,999999999,10,5,11,6,1").unwrap();
+        assert_eq!(a.kind, FileKind::File);
+        assert_eq!(a.mode, 0o644);
+        assert_eq!(
+            a.atime,
+            Timestamp {
+                sec: -1,
+                nsec: 999_999_999
+            }
+        );
+        assert_eq!(a.parent, 1);
+        assert!(decode_attr(7, "1,2,3").is_err());
+    }
+}
