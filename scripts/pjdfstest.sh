@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs pjdfstest against a fresh tidefs volume (SQLite metadata; objects in a local directory,
-# or with TIDEFS_TEST_STORAGE=s3 in an s3s-fs server started on 127.0.0.1 for the run) mounted
+# Runs pjdfstest against a fresh tidefs volume (SQLite metadata, or with TIDEFS_TEST_META=redis
+# a redis-server started on 127.0.0.1 for the run; objects in a local directory, or with
+# TIDEFS_TEST_STORAGE=s3 in an s3s-fs server started on 127.0.0.1 for the run) mounted
 # in a temporary directory, then unmounts, stops the server and deletes everything. As root.
 # TIDEFS_TRASH_DAYS=N formats the volume with a trash, which must change no result.
 # Prints "pjdfstest: N passed, N failed, N skipped" and fails if any test failed.
@@ -12,6 +13,7 @@ tmp=$(mktemp -d /tmp/tidefs-pjd.XXXXXX)
 chmod 755 "$tmp"
 pid=""
 s3pid=""
+redispid=""
 cleanup() {
     if grep -q " $tmp/mnt " /proc/self/mountinfo 2>/dev/null; then
         "$bin" umount "$tmp/mnt" 2>/dev/null || umount -l "$tmp/mnt" 2>/dev/null || true
@@ -21,15 +23,22 @@ cleanup() {
         kill -9 "$pid" 2>/dev/null || true
     fi
     [[ -n $s3pid ]] && kill "$s3pid" 2>/dev/null
+    if [[ -n $redispid ]]; then
+        kill "$redispid" 2>/dev/null
+        for _ in $(seq 50); do kill -0 "$redispid" 2>/dev/null || break; sleep 0.1; done
+    fi
     rm -rf -- "$tmp"
 }
 trap cleanup EXIT
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
 mkdir "$tmp/mnt"
 store=(--bucket "$tmp/objects")
 keys=()
 if [[ ${TIDEFS_TEST_STORAGE:-} == s3 ]]; then
     export PATH="$PATH:${CARGO_HOME:-$HOME/.cargo}/bin"
-    port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    port=$(free_port)
     mkdir -p "$tmp/s3/pjdfstest"
     s3s-fs --host 127.0.0.1 --port "$port" --access-key pjd-ak --secret-key pjd-sk "$tmp/s3" \
         >"$tmp/s3.log" 2>&1 &
@@ -38,9 +47,18 @@ if [[ ${TIDEFS_TEST_STORAGE:-} == s3 ]]; then
     keys=(--access-key pjd-ak --secret-key pjd-sk)
     store=(--storage s3 --bucket "http://127.0.0.1:$port/pjdfstest" "${keys[@]}")
 fi
-"$bin" format "sqlite3://$tmp/meta.db" pjdfstest "${store[@]}" \
+meta="sqlite3://$tmp/meta.db"
+if [[ ${TIDEFS_TEST_META:-} == redis ]]; then
+    rport=$(free_port)
+    redis-server --port "$rport" --bind 127.0.0.1 --save '' --appendonly no --dir "$tmp" \
+        --logfile redis.log &
+    redispid=$!
+    for _ in $(seq 200); do (echo >"/dev/tcp/127.0.0.1/$rport") 2>/dev/null && break; sleep 0.05; done
+    meta="redis://127.0.0.1:$rport/1"
+fi
+"$bin" format "$meta" pjdfstest "${store[@]}" \
     --trash-days "${TIDEFS_TRASH_DAYS:-0}" >/dev/null
-"$bin" mount "sqlite3://$tmp/meta.db" "$tmp/mnt" ${keys[@]+"${keys[@]}"} 2>"$tmp/mount.log" >/dev/null &
+"$bin" mount "$meta" "$tmp/mnt" ${keys[@]+"${keys[@]}"} 2>"$tmp/mount.log" >/dev/null &
 pid=$!
 for _ in $(seq 200); do
     grep -qE " $tmp/mnt .* - fuse(\.tidefs)? tidefs:" /proc/self/mountinfo && break

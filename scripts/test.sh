@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The one command that runs every tidefs test: unit tests, the metadata conformance suite,
-# integration tests on real FUSE mounts and pjdfstest, both on a local object directory and
-# on a real S3 server (s3s-fs on 127.0.0.1). Run as root on Debian: it installs
-# what is missing (scripts/install-deps.sh), and the tests mount filesystems.
+# The one command that runs every tidefs test: unit tests, the metadata conformance suite
+# (SQLite and Redis), integration tests on real FUSE mounts and pjdfstest, on a local object
+# directory, on a real S3 server (s3s-fs on 127.0.0.1) and with metadata in a real
+# redis-server on 127.0.0.1. Run as root on Debian: it installs what is missing
+# (scripts/install-deps.sh), and the tests mount filesystems.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ $(id -u) -ne 0 ]]; then
@@ -18,3 +19,6 @@ TIDEFS_TRASH_DAYS=1 scripts/pjdfstest.sh
 # The same mounts again with data in S3 (a real S3 server on 127.0.0.1).
 TIDEFS_TEST_STORAGE=s3 cargo test --locked --test integration
 TIDEFS_TEST_STORAGE=s3 scripts/pjdfstest.sh
+# The same mounts again with metadata in Redis (each volume gets its own redis-server).
+TIDEFS_TEST_META=redis cargo test --locked --test integration
+TIDEFS_TEST_META=redis scripts/pjdfstest.sh

@@ -24,6 +24,7 @@ pub mod perm;
 pub mod readahead;
 pub mod scan;
 pub mod secret;
+pub mod session;
 pub mod slices;
 pub mod vfs;
 pub mod volume;

@@ -8,6 +8,7 @@ use std::time::Duration;
 use tidefs::control;
 use tidefs::data::DataCtx;
 use tidefs::layout::Layout;
+use tidefs::session;
 use tidefs::vfs::{TideVfs, VfsOptions};
 use tidefs::volume::{self, FormatRequest};
 use tidefs_cache::BlockCache;
@@ -263,6 +264,10 @@ struct MountArgs {
     /// Number of FUSE request loops.
     #[arg(long, default_value_t = 16)]
     threads: usize,
+    /// Seconds between session heartbeats. A mount that misses 5 is taken for dead and its
+    /// session cleaned up by the others; give every mount of a volume the same value.
+    #[arg(long, default_value_t = session::DEFAULT_HEARTBEAT)]
+    heartbeat: u64,
     /// Mount read-only.
     #[arg(long)]
     read_only: bool,
@@ -409,30 +414,14 @@ fn default_volume() -> Result<String> {
     Ok(url)
 }
 
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "localhost".into())
-}
-
-/// Whether the mount of session `s` is running: its process, on this host; a heartbeat in
-/// the last 2 minutes, elsewhere.
-fn session_alive(s: &SessionInfo) -> bool {
-    if s.host == hostname() {
-        pid_alive(s.pid)
-    } else {
-        tidefs_meta::Timestamp::now().sec - s.heartbeat < 120
-    }
-}
-
 /// The live sessions of a volume, for commands that must not race a mount.
 fn live_sessions(meta: &dyn tidefs_meta::Meta) -> Result<Vec<SessionInfo>> {
-    Ok(meta.sessions()?.into_iter().filter(session_alive).collect())
-}
-
-fn pid_alive(pid: u32) -> bool {
-    let r = unsafe { libc::kill(pid as i32, 0) };
-    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+    let heartbeat = Duration::from_secs(session::DEFAULT_HEARTBEAT);
+    Ok(meta
+        .sessions()?
+        .into_iter()
+        .filter(|s| session::is_alive(s, heartbeat))
+        .collect())
 }
 
 fn mount(a: MountArgs) -> Result<()> {
@@ -477,28 +466,25 @@ fn mount(a: MountArgs) -> Result<()> {
         .map(|a| a.to_string())
         .unwrap_or_default();
 
-    // Sessions of mounts on this host whose process is gone: free what they held. A live
-    // session means the volume is mounted: one volume has one mount until shared volumes exist.
-    for s in meta.sessions()? {
-        if session_alive(&s) {
+    // Sessions of dead mounts: free what they held. SQLite volumes have one mount at a time;
+    // several mounts share a volume through an engine on a server (Redis).
+    let heartbeat = Duration::from_secs(a.heartbeat.max(1));
+    session::reap_dead(&*meta, None, heartbeat)?;
+    if meta.engine() == "sqlite3" {
+        if let Some(s) = meta.sessions()?.first() {
             bail!(
-                "volume {} is already mounted at {} by pid {} on {} (one mount per volume)",
+                "volume {} is already mounted at {} by pid {} on {} (one mount per SQLite \
+                 volume; keep metadata in Redis to share a volume)",
                 format.name,
                 s.mountpoint,
                 s.pid,
                 s.host
             );
         }
-        tracing::info!(
-            sid = s.sid,
-            pid = s.pid,
-            "cleaning up the session of a dead mount"
-        );
-        meta.close_session(s.sid)?;
     }
     let sid = meta.new_session(&SessionInfo {
         sid: 0,
-        host: hostname(),
+        host: session::hostname(),
         pid: std::process::id(),
         mountpoint: mountpoint.display().to_string(),
         version: env!("CARGO_PKG_VERSION").into(),
@@ -567,6 +553,7 @@ fn mount(a: MountArgs) -> Result<()> {
         buffer_size: a.buffer_size << 20,
         max_readahead: a.max_readahead << 20,
         read_only: a.read_only,
+        heartbeat,
         ..VfsOptions::default()
     };
     let vfs = TideVfs::new(data, format.clone(), sid, opts);
@@ -1001,7 +988,7 @@ fn status(a: StatusArgs) -> Result<()> {
         .enable_all()
         .build()
         .context("cannot start a runtime")?;
-    let host = hostname();
+    let host = session::hostname();
     let sessions: Vec<serde_json::Value> = sessions
         .into_iter()
         .map(|s| {

@@ -33,7 +33,7 @@ use tidefs_meta::{
 pub struct VfsOptions {
     /// Bytes of uncommitted writes, over all files, before writers commit at once.
     pub buffer_size: u64,
-    /// How often the session heartbeat is written.
+    /// How often the session heartbeat is written and dead sessions are looked for.
     pub heartbeat: Duration,
     /// How often freed objects are deleted when nobody asks sooner.
     pub delete_interval: Duration,
@@ -54,7 +54,7 @@ impl Default for VfsOptions {
     fn default() -> Self {
         VfsOptions {
             buffer_size: 128 << 20,
-            heartbeat: Duration::from_secs(30),
+            heartbeat: Duration::from_secs(crate::session::DEFAULT_HEARTBEAT),
             delete_interval: Duration::from_secs(1),
             max_readahead: 64 << 20,
             commit_interval: Duration::from_secs(5),
@@ -139,7 +139,7 @@ impl TideVfs {
             let opts = vfs.opts.clone();
             std::thread::Builder::new()
                 .name("tidefs-background".into())
-                .spawn(move || background_loop(&data, sid, &opts, rx))
+                .spawn(move || background_loop(&data, &opts, rx))
                 .expect("spawn background thread")
         };
         // Commits run on their own thread: one can wait minutes on a slow store, and the
@@ -149,6 +149,22 @@ impl TideVfs {
         vfs.spawn_helper("tidefs-commit", move |weak| {
             while let Some(vfs) = sleep_while_mounted(weak, period) {
                 vfs.commit_old_writes();
+            }
+        });
+        // The heartbeat has a thread of its own, so that neither slow deletes nor slow
+        // commits make a live mount look dead to the others.
+        let heartbeat = vfs.opts.heartbeat;
+        vfs.spawn_helper("tidefs-session", move |weak| {
+            while let Some(vfs) = sleep_while_mounted(weak, heartbeat) {
+                let meta = &vfs.data.meta;
+                if let Err(e) = meta.heartbeat(sid) {
+                    tracing::warn!(error = %e, "session heartbeat failed");
+                }
+                if !vfs.opts.read_only {
+                    if let Err(e) = crate::session::reap_dead(&**meta, Some(sid), heartbeat) {
+                        tracing::warn!(error = %e, "cleaning up dead sessions failed");
+                    }
+                }
             }
         });
         if !vfs.opts.read_only {
@@ -425,11 +441,10 @@ const DELETE_SETTLE: Duration = Duration::from_millis(200);
 /// Longest the deleter waits for a burst of removals to end before deleting what it freed.
 const MAX_DELETE_SETTLE: Duration = Duration::from_secs(1);
 
-/// Deletes freed objects and keeps the session alive, until told to stop. Deletion runs
+/// Deletes freed objects until told to stop. Deletion runs
 /// [`DELETE_SETTLE`] after an operation freed something (up to [`MAX_DELETE_SETTLE`] while
 /// more keep coming), and at least once per `delete_interval` (retrying what failed).
-fn background_loop(data: &DataCtx, sid: u64, opts: &VfsOptions, wake: mpsc::Receiver<Wake>) {
-    let mut last_beat = Instant::now();
+fn background_loop(data: &DataCtx, opts: &VfsOptions, wake: mpsc::Receiver<Wake>) {
     loop {
         let (woken, mut stop) = match wake.recv_timeout(opts.delete_interval) {
             Ok(Wake::Freed) => (true, false),
@@ -452,12 +467,6 @@ fn background_loop(data: &DataCtx, sid: u64, opts: &VfsOptions, wake: mpsc::Rece
         }
         if let Err(e) = delete_freed(data) {
             tracing::warn!(error = %e, "deleting freed objects failed; will retry");
-        }
-        if last_beat.elapsed() >= opts.heartbeat {
-            if let Err(e) = data.meta.heartbeat(sid) {
-                tracing::warn!(error = %e, "session heartbeat failed");
-            }
-            last_beat = Instant::now();
         }
         if stop {
             return;

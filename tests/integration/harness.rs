@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
+pub use tidefs_meta::testing::RedisServer;
 
 /// The tidefs binary under test.
 pub const TIDEFS: &str = env!("CARGO_BIN_EXE_tidefs");
@@ -17,8 +18,9 @@ pub fn tidefs(args: &[&str]) -> Output {
         .expect("run tidefs")
 }
 
-/// A formatted volume: SQLite metadata in a temp dir; objects in a local directory, or in a
-/// bucket of the test S3 server when `TIDEFS_TEST_STORAGE=s3`.
+/// A formatted volume: SQLite metadata in a temp dir, or in a redis-server of its own when
+/// `TIDEFS_TEST_META=redis`; objects in a local directory, or in a bucket of the test S3
+/// server when `TIDEFS_TEST_STORAGE=s3`.
 pub struct Volume {
     pub dir: tempfile::TempDir,
     pub url: String,
@@ -26,25 +28,44 @@ pub struct Volume {
     pub bucket: PathBuf,
     /// Extra `mount` arguments the store needs (S3 credentials).
     pub store_args: Vec<String>,
+    /// The volume's own redis-server when this run tests the Redis engine; declared last so
+    /// it stops after everything else is dropped.
+    pub redis: Option<RedisServer>,
 }
 
 impl Volume {
     /// A new volume with blocks of `block_kib` KiB, on the storage this run tests.
     pub fn new(block_kib: u32) -> Volume {
-        Volume::with_storage(block_kib, s3_storage(), &[])
+        Volume::with_storage(block_kib, s3_storage(), test_redis(), &[])
+    }
+
+    /// A new volume with metadata in a redis-server of its own, whatever this run tests: a
+    /// volume several mounts may share.
+    pub fn shared(block_kib: u32) -> Volume {
+        Volume::on_redis(block_kib, RedisServer::start())
+    }
+
+    /// A new volume with metadata in `server`.
+    pub fn on_redis(block_kib: u32, server: RedisServer) -> Volume {
+        Volume::with_storage(block_kib, s3_storage(), Some(server), &[])
     }
 
     /// A new volume formatted with extra `tidefs format` options.
     pub fn formatted_with(block_kib: u32, extra: &[&str]) -> Volume {
-        Volume::with_storage(block_kib, s3_storage(), extra)
+        Volume::with_storage(block_kib, s3_storage(), test_redis(), extra)
     }
 
     /// A new volume whose objects are in a local directory, whatever this run tests.
     pub fn local(block_kib: u32) -> Volume {
-        Volume::with_storage(block_kib, false, &[])
+        Volume::with_storage(block_kib, false, test_redis(), &[])
     }
 
-    fn with_storage(block_kib: u32, s3: bool, extra: &[&str]) -> Volume {
+    fn with_storage(
+        block_kib: u32,
+        s3: bool,
+        redis: Option<RedisServer>,
+        extra: &[&str],
+    ) -> Volume {
         let dir = tempfile::Builder::new()
             .prefix("tidefs-it.")
             .tempdir()
@@ -55,7 +76,10 @@ impl Volume {
             std::os::unix::fs::PermissionsExt::from_mode(0o755),
         )
         .unwrap();
-        let url = format!("sqlite3://{}", dir.path().join("meta.db").display());
+        let url = match &redis {
+            Some(server) => server.url(1),
+            None => format!("sqlite3://{}", dir.path().join("meta.db").display()),
+        };
         let (bucket, mut args, store_args) = if s3 {
             let server = s3_server();
             let (bucket_url, bucket_dir) = server.new_bucket();
@@ -89,6 +113,7 @@ impl Volume {
             url,
             bucket,
             store_args,
+            redis,
         }
     }
 
@@ -289,6 +314,16 @@ pub fn errno() -> i32 {
 /// A C string of a path.
 pub fn cpath(p: &Path) -> std::ffi::CString {
     std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap()
+}
+
+/// A redis-server for a new volume's metadata when this run tests Redis.
+fn test_redis() -> Option<RedisServer> {
+    redis_meta().then(RedisServer::start)
+}
+
+/// Whether this run keeps metadata in Redis (`TIDEFS_TEST_META=redis`).
+pub fn redis_meta() -> bool {
+    std::env::var("TIDEFS_TEST_META").is_ok_and(|v| v == "redis")
 }
 
 /// Whether this run tests S3-backed volumes (`TIDEFS_TEST_STORAGE=s3`).

@@ -8,4 +8,5 @@ mod crash;
 mod data;
 mod harness;
 mod namespace;
+mod shared;
 mod space;

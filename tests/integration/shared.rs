@@ -1,0 +1,194 @@
+//! Several mounts of one volume (metadata in Redis): close-to-open consistency, namespace
+//! changes seen across mounts, and the sessions of dead mounts cleaned up by the others.
+
+use crate::harness::*;
+use std::io::{Read, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// Waits until `cond` holds, for up to `secs` seconds; panics with `what` otherwise.
+fn eventually(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+fn assert_fsck_clean(vol: &Volume) {
+    let out = tidefs(&["fsck", &vol.url]);
+    assert!(
+        out.status.success(),
+        "fsck: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+fn mount_two(vol: &Volume, extra: &[&str]) -> (Mount, Mount) {
+    let (a, b) = (vol.dir.path().join("a"), vol.dir.path().join("b"));
+    std::fs::create_dir_all(&a).unwrap();
+    std::fs::create_dir_all(&b).unwrap();
+    (
+        vol.mount_at(&a, extra, "a.log"),
+        vol.mount_at(&b, extra, "b.log"),
+    )
+}
+
+#[test]
+fn two_mounts_share_a_volume_with_close_to_open_consistency() {
+    let vol = Volume::shared(1024);
+    let (a, b) = mount_two(&vol, &[]);
+    let status = tidefs(&["status", &vol.url]);
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status["sessions"].as_array().unwrap().len(), 2, "{status}");
+
+    // A file closed on A is whole on B when opened after the close: 3.5 blocks.
+    let body = pattern(3_500_000, 1);
+    std::fs::write(a.p("data"), &body).unwrap();
+    eventually(5, "B sees the file", || b.p("data").exists());
+    assert_eq!(std::fs::read(b.p("data")).unwrap(), body);
+
+    // Rewritten in the middle on B (kept open on A meanwhile); A's next open sees it.
+    let mut kept = std::fs::File::open(a.p("data")).unwrap();
+    let mut first = vec![0u8; 4096];
+    kept.read_exact(&mut first).unwrap();
+    {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(b.p("data"))
+            .unwrap();
+        std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(1_000_000)).unwrap();
+        f.write_all(&[7u8; 70_000]).unwrap();
+    }
+    let mut expected = body.clone();
+    expected[1_000_000..1_070_000].fill(7);
+    eventually(5, "A sees the rewrite", || {
+        std::fs::read(a.p("data")).unwrap() == expected
+    });
+    drop(kept);
+
+    // Directories, renames and removals on one mount show on the other within the kernel's
+    // cache timeout (1 s by default).
+    std::fs::create_dir_all(a.p("warehouse/t1")).unwrap();
+    for i in 0..20 {
+        std::fs::write(
+            a.p(&format!("warehouse/t1/part-{i:03}")),
+            format!("row {i}"),
+        )
+        .unwrap();
+    }
+    std::fs::rename(a.p("warehouse/t1"), a.p("warehouse/t2")).unwrap();
+    eventually(5, "B lists the renamed table", || {
+        b.p("warehouse/t2").is_dir() && !b.p("warehouse/t1").exists()
+    });
+    assert_eq!(names(&b.p("warehouse/t2")).len(), 20);
+    assert_eq!(
+        std::fs::read_to_string(b.p("warehouse/t2/part-007")).unwrap(),
+        "row 7"
+    );
+    std::fs::remove_file(b.p("warehouse/t2/part-000")).unwrap();
+    std::fs::hard_link(b.p("warehouse/t2/part-001"), b.p("link")).unwrap();
+    eventually(5, "A sees B's unlink and link", || {
+        !a.p("warehouse/t2/part-000").exists()
+            && std::fs::metadata(a.p("warehouse/t2/part-001")).is_ok_and(|m| m.nlink() == 2)
+    });
+    assert_eq!(names(&a.p("warehouse/t2")).len(), 19);
+
+    // Both mounts create in one directory at once: every name lands once.
+    let writers: Vec<_> = [a.path.clone(), b.path.clone()]
+        .into_iter()
+        .enumerate()
+        .map(|(m, root)| {
+            std::thread::spawn(move || {
+                for i in 0..100 {
+                    std::fs::write(root.join(format!("warehouse/m{m}-{i}")), [m as u8]).unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().unwrap();
+    }
+    eventually(5, "both mounts list all 201 entries", || {
+        names(&a.p("warehouse")).len() == 201 && names(&b.p("warehouse")).len() == 201
+    });
+    a.unmount();
+    b.unmount();
+    assert_fsck_clean(&vol);
+}
+
+#[test]
+fn a_dead_mounts_session_is_cleaned_up_by_the_others() {
+    let vol = Volume::shared(1024);
+    let (a, b) = mount_two(&vol, &["--heartbeat", "1"]);
+    std::fs::write(a.p("kept"), pattern(2_500_000, 3)).unwrap();
+    let objects = vol.objects().len();
+    assert!(objects >= 3, "{objects} objects");
+    // Open on A and removed there: A's session keeps the inode until its last close.
+    let held = std::fs::File::open(a.p("kept")).unwrap();
+    std::fs::remove_file(a.p("kept")).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(vol.objects().len(), objects, "freed while still open");
+    // A dies with the file open; B notices at its next heartbeat and frees what A held.
+    a.kill9();
+    drop(held);
+    eventually(20, "B closes A's session", || {
+        let out = tidefs(&["status", &vol.url]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["sessions"].as_array().unwrap().len() == 1
+    });
+    eventually(20, "the objects of the file A held are deleted", || {
+        vol.objects().is_empty()
+    });
+    assert!(
+        b.log_text().contains("closing the session of a dead mount"),
+        "{}",
+        b.log_text()
+    );
+    b.unmount();
+}
+
+#[test]
+fn losing_redis_gives_eio_and_the_mount_recovers() {
+    let server = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let mut vol = Volume::on_redis(1024, server);
+    let mnt = vol.mount();
+    std::fs::create_dir(mnt.p("d")).unwrap();
+    std::fs::write(mnt.p("d/before"), pattern(1_500_000, 5)).unwrap();
+    let root = mnt.path.clone();
+    vol.redis.as_mut().unwrap().crash_and_restart(|| {
+        // Metadata operations fail cleanly while Redis is down; nothing hangs.
+        let started = Instant::now();
+        let e = std::fs::write(root.join("d/during"), b"x").unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+        let e = std::fs::create_dir(root.join("d/sub")).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(30));
+    });
+    // Redis is back: the mount works again and nothing was lost or half-made.
+    assert_eq!(
+        std::fs::read(mnt.p("d/before")).unwrap(),
+        pattern(1_500_000, 5)
+    );
+    std::fs::write(mnt.p("d/after"), b"after").unwrap();
+    assert_eq!(names(&mnt.p("d")), vec!["after", "before"]);
+    mnt.unmount();
+    assert_fsck_clean(&vol);
+}
