@@ -60,6 +60,18 @@ enum Command {
     Compact(PathsArgs),
     /// Change a volume's changeable settings (the rest is fixed at format).
     Config(ConfigArgs),
+    /// Write a volume's metadata to a portable JSON Lines file (or - for stdout).
+    Dump(DumpArgs),
+    /// Load a dump into an empty metadata engine (any engine: SQLite, Redis).
+    Load(DumpArgs),
+}
+
+#[derive(Args)]
+struct DumpArgs {
+    /// Metadata engine URL.
+    meta_url: String,
+    /// The dump file; - for stdout (dump) or stdin (load).
+    file: PathBuf,
 }
 
 #[derive(Args)]
@@ -344,6 +356,8 @@ fn main() {
         Command::Rmr(a) => rmr(a),
         Command::Compact(a) => compact(a),
         Command::Config(a) => config(a),
+        Command::Dump(a) => dump(a),
+        Command::Load(a) => load(a),
     };
     if let Err(e) = result {
         eprintln!("tidefs: error: {e:#}");
@@ -724,6 +738,88 @@ fn meta_url_or_default(url: Option<String>) -> String {
 }
 
 /// A spinner on stderr showing a scan's progress (hidden when stderr is not a terminal).
+/// Shows a dump's or load's counts on `bar`, at most every 100 records.
+fn show_dump_progress(
+    bar: &indicatif::ProgressBar,
+) -> impl FnMut(&tidefs_meta::dump::DumpStats) + '_ {
+    let mut calls = 0u64;
+    move |st| {
+        calls += 1;
+        if calls % 100 == 0 {
+            bar.set_message(format!(
+                "{} inodes, {} entries, {} slices",
+                st.inodes, st.entries, st.slices
+            ));
+        }
+    }
+}
+
+fn dump(a: DumpArgs) -> Result<()> {
+    let (meta, _) = volume::open_meta(&parse_url(&a.meta_url)?)?;
+    if let Some(s) = live_sessions(&*meta)?.first() {
+        eprintln!(
+            "tidefs: warning: the volume is mounted ({} at {}); the dump is not a snapshot of \
+             one instant",
+            s.host, s.mountpoint
+        );
+    }
+    let bar = spinner();
+    let stats = if a.file.as_os_str() == "-" {
+        let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+        tidefs_meta::dump::dump(&*meta, &mut out, &mut show_dump_progress(&bar))?
+    } else {
+        // Written beside the target and renamed into place: a failed dump leaves no file
+        // that looks whole.
+        let mut tmp = a.file.clone().into_os_string();
+        tmp.push(".partial");
+        let tmp = PathBuf::from(tmp);
+        let file = std::fs::File::create(&tmp)
+            .with_context(|| format!("cannot create {}", tmp.display()))?;
+        let mut out = std::io::BufWriter::new(file);
+        let stats = tidefs_meta::dump::dump(&*meta, &mut out, &mut show_dump_progress(&bar))
+            .inspect_err(|_| {
+                let _ = std::fs::remove_file(&tmp);
+            })?;
+        out.into_inner()
+            .map_err(|e| e.into_error())
+            .and_then(|f| f.sync_all())
+            .and_then(|()| std::fs::rename(&tmp, &a.file))
+            .with_context(|| format!("cannot write {}", a.file.display()))?;
+        stats
+    };
+    bar.finish_and_clear();
+    let summary = serde_json::to_string_pretty(&stats)?;
+    if a.file.as_os_str() == "-" {
+        eprintln!("{summary}");
+    } else {
+        println!("{summary}");
+    }
+    Ok(())
+}
+
+fn load(a: DumpArgs) -> Result<()> {
+    let url = parse_url(&a.meta_url)?;
+    if let Some(db) = url.local_file() {
+        if let Some(dir) = db.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+    }
+    let meta = tidefs_meta::open(&url, true)?;
+    let mut input: Box<dyn std::io::BufRead> = if a.file.as_os_str() == "-" {
+        Box::new(std::io::stdin().lock())
+    } else {
+        let file = std::fs::File::open(&a.file)
+            .with_context(|| format!("cannot open {}", a.file.display()))?;
+        Box::new(std::io::BufReader::new(file))
+    };
+    let bar = spinner();
+    let stats = tidefs_meta::dump::load(&*meta, &mut input, &mut show_dump_progress(&bar))?;
+    bar.finish_and_clear();
+    println!("{}", serde_json::to_string_pretty(&stats)?);
+    Ok(())
+}
+
 fn spinner() -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new_spinner();
     bar.enable_steady_tick(Duration::from_millis(120));

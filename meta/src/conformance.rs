@@ -55,7 +55,8 @@ pub fn sample_format() -> Format {
     }
 }
 
-fn node(kind: FileKind, mode: u32) -> NewNode {
+/// A new node of `kind` and `mode` owned by 1000:1000, for checks and tests.
+pub fn node(kind: FileKind, mode: u32) -> NewNode {
     NewNode {
         kind,
         mode,

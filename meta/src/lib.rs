@@ -6,6 +6,7 @@
 //! it unchanged.
 
 pub mod conformance;
+pub mod dump;
 mod error;
 mod redis;
 mod sqlite;
@@ -145,6 +146,17 @@ pub trait Meta: Send + Sync {
 
     /// Makes every committed operation durable against power loss, not only process crashes.
     fn sync(&self) -> Result<()>;
+
+    /// The next inode number and the next slice id the volume hands out.
+    fn id_counters(&self) -> Result<(u64, u64)>;
+    /// Fills an engine that holds no volume with a dump's records (see [`dump::load`]):
+    /// inode numbers, slice ids and entry order are kept, usage counters recomputed, and the
+    /// format written last, so a load that fails part way leaves no formatted volume.
+    fn load_records(
+        &self,
+        header: &dump::DumpHeader,
+        records: &mut dyn Iterator<Item = Result<dump::DumpRecord>>,
+    ) -> Result<()>;
 }
 
 /// Fails unless `name` may name a new directory entry: not empty, `.` or `..`, no `/`, at most

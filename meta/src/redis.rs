@@ -10,6 +10,7 @@
 //! an fsync; with `everysec` (Redis's default for AOF) [`Meta::sync`] waits for the fsync with
 //! `WAITAOF` where the server has it (Redis 7.2 and later).
 
+use crate::dump::{DumpHeader, DumpRecord};
 use crate::types::*;
 use crate::{check_name, Meta, MetaError, Result};
 use redis::{Connection, RedisError, Value};
@@ -154,6 +155,32 @@ fn decode_attr(ino: Ino, raw: &str) -> Result<Attr> {
         ctime: ts(11)?,
         parent: f[13].parse().map_err(|_| corrupt("inode", raw))?,
     })
+}
+
+/// The inode record of `a`, as [`decode_attr`] reads it.
+fn encode_attr(a: &Attr) -> String {
+    format!(
+        "{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+        a.kind.code(),
+        a.mode,
+        a.uid,
+        a.gid,
+        a.rdev,
+        a.nlink,
+        a.length,
+        a.atime.sec,
+        a.atime.nsec,
+        a.mtime.sec,
+        a.mtime.nsec,
+        a.ctime.sec,
+        a.ctime.nsec,
+        a.parent
+    )
+}
+
+/// The list element of slice `s`, as [`decode_slice`] reads it.
+fn encode_slice(s: &Slice) -> String {
+    format!("{},{},{},{},{}", s.id, s.size, s.off, s.len, s.pos)
 }
 
 /// The attributes in a script's `{ino, record}` reply.
@@ -844,6 +871,116 @@ impl Meta for RedisMeta {
             Err(e) => Err(e),
         }
     }
+
+    fn id_counters(&self) -> Result<(u64, u64)> {
+        let (ino, slice): (Option<u64>, Option<u64>) = self.with_conn(|c| {
+            redis::cmd("HMGET")
+                .arg("counter")
+                .arg("next_ino")
+                .arg("next_slice")
+                .query(c)
+        })?;
+        Ok((ino.unwrap_or(0), slice.unwrap_or(0)))
+    }
+
+    fn load_records(
+        &self,
+        header: &DumpHeader,
+        records: &mut dyn Iterator<Item = Result<DumpRecord>>,
+    ) -> Result<()> {
+        let keys: u64 = number(&self.cmd(&redis::cmd("DBSIZE"))?)?;
+        if keys > 0 {
+            return Err(MetaError::Engine(format!(
+                "{} holds {keys} keys: load into an empty database",
+                self.shown
+            )));
+        }
+        let (mut inodes, mut space, mut cookie) = (0u64, 0u64, 0u64);
+        // Hour directories of the trash: a file named in one is a trashed file.
+        let mut hours = std::collections::HashSet::new();
+        let mut pipe = redis::pipe();
+        let mut queued = 0;
+        for r in records {
+            match r? {
+                DumpRecord::Header(_) => return Err(MetaError::Invalid),
+                DumpRecord::Inode(i) => {
+                    let a = &i.attr;
+                    pipe.set(format!("i{}", a.ino), encode_attr(a)).ignore();
+                    inodes += 1;
+                    match a.kind {
+                        FileKind::File => space += a.length.div_ceil(4096) * 4096,
+                        FileKind::Dir if a.parent == TRASH_INO => {
+                            hours.insert(a.ino);
+                        }
+                        _ => {}
+                    }
+                    if let Some(target) = &i.symlink {
+                        pipe.set(format!("s{}", a.ino), &target.0).ignore();
+                    }
+                    for (name, value) in &i.xattrs {
+                        pipe.hset(format!("x{}", a.ino), &name.0, &value.0).ignore();
+                    }
+                    for c in &i.chunks {
+                        let list: Vec<String> = c.slices.iter().map(encode_slice).collect();
+                        pipe.rpush(format!("c{}:{}", a.ino, c.index), list).ignore();
+                        pipe.sadd(format!("k{}", a.ino), c.index).ignore();
+                        for s in c.slices.iter().filter(|s| !s.is_zero()) {
+                            let member = format!("{}:{}:{}", s.id, s.size, a.ino);
+                            pipe.zadd("refs", member, s.id).ignore();
+                        }
+                    }
+                }
+                DumpRecord::Entry(e) => {
+                    cookie += 1;
+                    let value = format!("{},{},{cookie}", e.ino, e.kind.code());
+                    pipe.hset(format!("d{}", e.parent), &e.name.0, value)
+                        .ignore();
+                    pipe.zadd(format!("z{}", e.parent), &e.name.0, cookie)
+                        .ignore();
+                    if hours.contains(&e.parent) {
+                        pipe.hset("trashed", e.ino, e.parent).ignore();
+                    }
+                }
+                DumpRecord::Freed { id, size } => {
+                    pipe.zadd("freed", format!("{id}:{size}"), id).ignore();
+                }
+            }
+            queued += 1;
+            if queued >= 1000 {
+                self.with_conn(|c| pipe.query::<()>(c))?;
+                pipe = redis::pipe();
+                queued = 0;
+            }
+        }
+        let f = &header.format;
+        let json = serde_json::to_string(f).expect("format serializes");
+        pipe.cmd("HSET")
+            .arg("counter")
+            .arg("next_ino")
+            .arg(header.next_ino)
+            .arg("next_slice")
+            .arg(header.next_slice)
+            .arg("used_space")
+            .arg(space)
+            .arg("used_inodes")
+            .arg(inodes)
+            .arg("next_edge")
+            .arg(cookie)
+            .ignore();
+        // Last: until the format is there, the database holds no volume.
+        pipe.cmd("HSET")
+            .arg("setting")
+            .arg("format")
+            .arg(json)
+            .arg("capacity")
+            .arg(f.capacity)
+            .arg("inodes")
+            .arg(f.inodes)
+            .arg("trash_days")
+            .arg(f.trash_days)
+            .ignore();
+        self.with_conn(|c| pipe.query::<()>(c))
+    }
 }
 
 /// A count as Redis takes it (a signed 64-bit number): "no limit" (usize::MAX) included.
@@ -889,6 +1026,7 @@ mod tests {
             }
         );
         assert_eq!(a.parent, 1);
+        assert_eq!(decode_attr(7, &encode_attr(&a)).unwrap(), a);
         assert!(decode_attr(7, "1,2,3").is_err());
     }
 }

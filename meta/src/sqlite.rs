@@ -6,6 +6,7 @@
 //! transaction survives a crash of the process at once, and survives power loss after
 //! [`Meta::sync`], which checkpoints the WAL (fsync) — the filesystem calls it on fsync(2).
 
+use crate::dump::{DumpHeader, DumpRecord};
 use crate::types::*;
 use crate::{check_name, Meta, MetaError, Result};
 use rusqlite::{
@@ -247,6 +248,26 @@ fn drop_slices_past(tx: &Connection, ino: Ino, length: u64) -> Result<()> {
             )?;
         }
     }
+    Ok(())
+}
+
+/// Adds slice `s` to chunk `chunk` of `ino` at commit position `seq` (replacing one with its
+/// id there).
+fn insert_slice(tx: &Connection, ino: Ino, chunk: u32, s: &Slice, seq: i64) -> Result<()> {
+    tx.execute(
+        "INSERT OR REPLACE INTO slice (ino, chunk, id, size, off, len, pos, seq)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        params![
+            ino as i64,
+            chunk,
+            s.id as i64,
+            s.size,
+            s.off,
+            s.len,
+            s.pos,
+            seq
+        ],
+    )?;
     Ok(())
 }
 
@@ -1585,20 +1606,7 @@ impl Meta for SqliteMeta {
             let first = next_seq(tx, slices.len())?;
             for (seq, cs) in (first..).zip(slices) {
                 let s = cs.slice;
-                tx.execute(
-                    "INSERT OR REPLACE INTO slice (ino, chunk, id, size, off, len, pos, seq)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                    params![
-                        ino as i64,
-                        cs.chunk,
-                        s.id as i64,
-                        s.size,
-                        s.off,
-                        s.len,
-                        s.pos,
-                        seq
-                    ],
-                )?;
+                insert_slice(tx, ino, cs.chunk, &s, seq)?;
                 end = end.max(cs.chunk as u64 * CHUNK_SIZE + s.pos as u64 + s.len as u64);
             }
             let delta = round_space(end) - round_space(a.length);
@@ -1660,20 +1668,7 @@ impl Meta for SqliteMeta {
             for r in replaced {
                 drop_slice(tx, ino, chunk, r.id as i64, r.size as i64)?;
             }
-            tx.execute(
-                "INSERT INTO slice (ino, chunk, id, size, off, len, pos, seq)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                params![
-                    ino as i64,
-                    chunk,
-                    new.id as i64,
-                    new.size,
-                    new.off,
-                    new.len,
-                    new.pos,
-                    last
-                ],
-            )?;
+            insert_slice(tx, ino, chunk, &new, last.unwrap_or_default())?;
             Ok(true)
         })
     }
@@ -1761,5 +1756,77 @@ impl Meta for SqliteMeta {
         })();
         self.put_conn(conn);
         result
+    }
+
+    fn id_counters(&self) -> Result<(u64, u64)> {
+        self.read(|tx| {
+            Ok((
+                counter(tx, "next_ino")? as u64,
+                counter(tx, "next_slice")? as u64,
+            ))
+        })
+    }
+
+    fn load_records(
+        &self,
+        header: &DumpHeader,
+        records: &mut dyn Iterator<Item = Result<DumpRecord>>,
+    ) -> Result<()> {
+        *self.limits.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.write(|tx| {
+            tx.execute_batch(SCHEMA)?;
+            let (mut inodes, mut space, mut seq) = (0i64, 0i64, 0i64);
+            for r in records {
+                match r? {
+                    DumpRecord::Header(_) => return Err(MetaError::Invalid),
+                    DumpRecord::Inode(i) => {
+                        let a = &i.attr;
+                        put_node(tx, a)?;
+                        inodes += 1;
+                        if a.kind == FileKind::File {
+                            space += round_space(a.length);
+                        }
+                        if let Some(target) = &i.symlink {
+                            tx.execute(
+                                "INSERT INTO symlink (ino, target) VALUES (?1, ?2)",
+                                params![a.ino as i64, target.0],
+                            )?;
+                        }
+                        for (name, value) in &i.xattrs {
+                            tx.execute(
+                                "INSERT INTO xattr (ino, name, value) VALUES (?1, ?2, ?3)",
+                                params![a.ino as i64, name.0, value.0],
+                            )?;
+                        }
+                        for c in &i.chunks {
+                            for s in &c.slices {
+                                seq += 1;
+                                insert_slice(tx, a.ino, c.index, s, seq)?;
+                            }
+                        }
+                    }
+                    DumpRecord::Entry(e) => add_edge(tx, e.parent, &e.name.0, e.ino, e.kind)?,
+                    DumpRecord::Freed { id, size } => {
+                        tx.execute(
+                            "INSERT OR IGNORE INTO deleted_slice (id, size) VALUES (?1, ?2)",
+                            params![id as i64, size],
+                        )?;
+                    }
+                }
+            }
+            // Commit positions of loaded slices stay below every id handed out later.
+            let next_slice = (header.next_slice as i64).max(seq + 1);
+            tx.execute(
+                "INSERT INTO counter (name, value) VALUES ('next_ino', ?1), ('next_slice', ?2),
+                 ('used_space', ?3), ('used_inodes', ?4)",
+                params![header.next_ino as i64, next_slice, space, inodes],
+            )?;
+            let json = serde_json::to_string(&header.format).expect("format serializes");
+            tx.execute(
+                "INSERT INTO setting (name, value) VALUES ('format', ?1)",
+                [json],
+            )?;
+            Ok(())
+        })
     }
 }

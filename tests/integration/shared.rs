@@ -26,7 +26,9 @@ fn names(dir: &Path) -> Vec<String> {
 }
 
 fn assert_fsck_clean(vol: &Volume) {
-    let out = tidefs(&["fsck", &vol.url]);
+    let mut args = vec!["fsck", vol.url.as_str()];
+    args.extend(vol.store_args.iter().map(String::as_str));
+    let out = tidefs(&args);
     assert!(
         out.status.success(),
         "fsck: {}{}",
@@ -191,4 +193,66 @@ fn losing_redis_gives_eio_and_the_mount_recovers() {
     assert_eq!(names(&mnt.p("d")), vec!["after", "before"]);
     mnt.unmount();
     assert_fsck_clean(&vol);
+}
+
+#[test]
+fn a_volume_moves_between_engines_by_dump_and_load() {
+    let vol = Volume::new(1024);
+    let mnt = vol.mount();
+    std::fs::create_dir_all(mnt.p("lake/t")).unwrap();
+    let big = pattern(2_300_000, 9);
+    std::fs::write(mnt.p("lake/t/big"), &big).unwrap();
+    for i in 0..300 {
+        std::fs::write(mnt.p(&format!("lake/t/s{i}")), format!("small {i}")).unwrap();
+    }
+    std::os::unix::fs::symlink("t/big", mnt.p("lake/link")).unwrap();
+    std::fs::hard_link(mnt.p("lake/t/s1"), mnt.p("lake/s1-again")).unwrap();
+    mnt.unmount();
+    let first = vol.dir.path().join("first.jsonl");
+    let out = tidefs(&["dump", &vol.url, first.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // lake; t, link, s1-again; big and 300 small files.
+    assert_eq!(stats["entries"], 1 + 3 + 301, "{stats}");
+
+    // Into the other engine: Redis when the volume is on SQLite, and the other way round.
+    let server = RedisServer::start();
+    let target = if redis_meta() {
+        format!("sqlite3://{}", vol.dir.path().join("moved.db").display())
+    } else {
+        server.url(5)
+    };
+    let out = tidefs(&["load", &target, first.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = tidefs(&["load", &target, first.to_str().unwrap()]);
+    assert!(!out.status.success(), "a second load into a used target");
+    let again = std::process::Command::new(TIDEFS)
+        .args(["dump", &target, "-"])
+        .output()
+        .unwrap();
+    assert!(again.status.success());
+    assert_eq!(again.stdout, std::fs::read(&first).unwrap());
+
+    // The moved volume mounts on the same objects and reads the same bytes.
+    let moved = vol.dir.path().join("moved");
+    std::fs::create_dir_all(&moved).unwrap();
+    let args: Vec<&str> = vol.store_args.iter().map(String::as_str).collect();
+    let m = Mount::start(&target, &moved, &args, vol.dir.path().join("moved.log"));
+    assert_eq!(std::fs::read(m.p("lake/link")).unwrap(), big);
+    assert_eq!(
+        std::fs::read_to_string(m.p("lake/s1-again")).unwrap(),
+        "small 1"
+    );
+    assert_eq!(std::fs::metadata(m.p("lake/t/s1")).unwrap().nlink(), 2);
+    assert_eq!(names(&m.p("lake/t")).len(), 301);
+    std::fs::write(m.p("lake/new"), b"written after the move").unwrap();
+    m.unmount();
 }
