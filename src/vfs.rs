@@ -22,7 +22,8 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-use tidefs_fuse::{Ctx, ListEntry, Opened, StatFs};
+use tidefs_fuse::{Ctx, ListEntry, Opened, PosixLock, StatFs};
+use tidefs_meta::lock::{Lock, LockType};
 use tidefs_meta::{
     parse_trash_hour, Attr, FallocMode, FileKind, Format, Ino, MetaError, NewNode, RenameFlags,
     SetAttr, Timestamp, XattrMode, TRASH_INO,
@@ -86,6 +87,11 @@ pub struct TideVfs {
     writers: DashMap<Ino, Arc<FileWriter>>,
     /// (mtime, length) of files at their last open, to let the kernel keep cached pages.
     seen_versions: DashMap<Ino, (Timestamp, u64)>,
+    /// (inode, lock owner) pairs that took POSIX locks here: their close releases them.
+    lock_owners: DashMap<(Ino, u64), ()>,
+    /// Bumped whenever this mount releases a lock, waking its lock waiters at once (waiters
+    /// for locks of other mounts ask again after a growing pause).
+    lock_changed: (Mutex<u64>, std::sync::Condvar),
     background: Mutex<Option<JoinHandle<()>>>,
     /// Tells the background thread that objects were freed (or to stop).
     deleter: mpsc::Sender<Wake>,
@@ -131,6 +137,8 @@ impl TideVfs {
             sustained: DashMap::new(),
             writers: DashMap::new(),
             seen_versions: DashMap::new(),
+            lock_owners: DashMap::new(),
+            lock_changed: (Mutex::new(0), std::sync::Condvar::new()),
             background: Mutex::new(None),
             destroyed: AtomicBool::new(false),
         });
@@ -269,6 +277,37 @@ impl TideVfs {
     /// The data path of this mount.
     pub fn data(&self) -> Arc<DataCtx> {
         self.data.clone()
+    }
+
+    /// The engine's form of a kernel lock request of `owner` on `ino`.
+    fn meta_lock(&self, ino: Ino, owner: u64, lock: PosixLock) -> Result<Lock> {
+        if ino == CONTROL_INO {
+            return Err(FsError::refused(
+                libc::ENOLCK,
+                "the control file takes no locks",
+            ));
+        }
+        let typ = match lock.typ {
+            libc::F_RDLCK => LockType::Read,
+            libc::F_WRLCK => LockType::Write,
+            libc::F_UNLCK => LockType::Unlock,
+            _ => return Err(FsError::refused(libc::EINVAL, "unknown lock type")),
+        };
+        Ok(Lock {
+            sid: self.sid,
+            owner,
+            pid: lock.pid,
+            typ,
+            start: lock.start,
+            end: lock.end,
+        })
+    }
+
+    /// Wakes this mount's lock waiters: a lock was released here.
+    fn locks_released(&self) {
+        let (count, changed) = &self.lock_changed;
+        *count.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        changed.notify_all();
     }
 
     fn with_overlay(&self, mut a: Attr) -> Attr {
@@ -425,6 +464,9 @@ fn sleep_while_mounted(weak: &Weak<TideVfs>, period: Duration) -> Option<Arc<Tid
         std::thread::sleep(left.min(step));
     }
 }
+
+/// Longest pause between two tries of a lock held by another mount.
+const MAX_LOCK_POLL: Duration = Duration::from_millis(100);
 
 /// A message for the background thread.
 enum Wake {
@@ -823,6 +865,75 @@ impl tidefs_fuse::Vfs for TideVfs {
             return Ok(());
         }
         self.flush_inode(ino, self.handle(fh).as_deref())
+    }
+
+    fn getlk(&self, ino: Ino, _fh: u64, owner: u64, lock: PosixLock) -> Result<Option<PosixLock>> {
+        let req = self.meta_lock(ino, owner, lock)?;
+        Ok(self.data.meta.getlk(ino, &req)?.map(|l| PosixLock {
+            start: l.start,
+            end: l.end,
+            typ: match l.typ {
+                LockType::Write => libc::F_WRLCK,
+                _ => libc::F_RDLCK,
+            },
+            pid: l.pid,
+        }))
+    }
+
+    fn setlk(&self, ino: Ino, fh: u64, owner: u64, lock: PosixLock, wait: bool) -> Result<()> {
+        let req = self.meta_lock(ino, owner, lock)?;
+        if req.typ != LockType::Unlock {
+            // Before taking it: a close racing this request must find the owner.
+            self.lock_owners.insert((ino, owner), ());
+        }
+        let mut pause = Duration::from_millis(1);
+        loop {
+            let seen = *self
+                .lock_changed
+                .0
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if self.data.meta.setlk(ino, &req)?.is_none() {
+                if req.typ == LockType::Unlock {
+                    self.locks_released();
+                }
+                return Ok(());
+            }
+            if !wait {
+                return Err(FsError::refused(
+                    libc::EAGAIN,
+                    "the range is locked by another owner",
+                ));
+            }
+            // Stop waiting once nobody can receive the lock: the file was closed (its waiter
+            // was interrupted) or the mount is ending.
+            if !self.handles.contains_key(&fh) || self.destroyed.load(Ordering::SeqCst) {
+                return Err(FsError::refused(libc::EINTR, "lock wait abandoned"));
+            }
+            let (count, changed) = &self.lock_changed;
+            let guard = count.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = changed
+                .wait_timeout_while(guard, pause, |n| *n == seen)
+                .unwrap_or_else(|e| e.into_inner());
+            pause = (pause * 2).min(MAX_LOCK_POLL);
+        }
+    }
+
+    fn release_locks(&self, ino: Ino, owner: u64) -> Result<()> {
+        if self.lock_owners.remove(&(ino, owner)).is_none() {
+            return Ok(());
+        }
+        let all = PosixLock {
+            start: 0,
+            end: u64::MAX,
+            typ: libc::F_UNLCK,
+            pid: 0,
+        };
+        self.data
+            .meta
+            .setlk(ino, &self.meta_lock(ino, owner, all)?)?;
+        self.locks_released();
+        Ok(())
     }
 
     fn release(&self, ino: Ino, fh: u64) -> Result<()> {

@@ -7,8 +7,8 @@
 use fuser::{
     AccessFlags, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
     INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, OpenFlags, ReplyAttr, ReplyCreate,
-    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
-    ReplyXattr, Request, Session, SessionACL, TimeOrNow, WriteFlags,
+    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLock, ReplyOpen, ReplyStatfs,
+    ReplyWrite, ReplyXattr, Request, Session, SessionACL, TimeOrNow, WriteFlags,
 };
 use std::ffi::OsStr;
 use std::io;
@@ -80,6 +80,20 @@ pub struct StatFs {
 ///
 /// Permission checks on paths are done by the kernel (`default_permissions`); implementations
 /// apply the rules the kernel leaves to filesystems (setgid inheritance and such).
+/// A POSIX (fcntl) record lock as the kernel passes it: bytes `start..=end`, `typ` one of
+/// `F_RDLCK`, `F_WRLCK`, `F_UNLCK`, and the process it belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PosixLock {
+    /// First byte.
+    pub start: u64,
+    /// Last byte, inclusive.
+    pub end: u64,
+    /// `F_RDLCK`, `F_WRLCK` or `F_UNLCK`.
+    pub typ: i32,
+    /// The process holding or asking.
+    pub pid: u32,
+}
+
 pub trait Vfs: Send + Sync + 'static {
     /// Error of every operation.
     type Error: ToErrno;
@@ -152,6 +166,27 @@ pub trait Vfs: Send + Sync + 'static {
     fn flush(&self, ino: Ino, fh: u64) -> Result<(), Self::Error>;
     /// Called when the last descriptor of a handle goes away.
     fn release(&self, ino: Ino, fh: u64) -> Result<(), Self::Error>;
+    /// The first lock of another owner that `lock` conflicts with (F_GETLK); None if it
+    /// could be taken.
+    fn getlk(
+        &self,
+        ino: Ino,
+        fh: u64,
+        owner: u64,
+        lock: PosixLock,
+    ) -> Result<Option<PosixLock>, Self::Error>;
+    /// Takes or releases a lock for `owner` (F_SETLK); with `wait` (F_SETLKW) waits until it
+    /// can be taken. Called on a thread of its own when waiting.
+    fn setlk(
+        &self,
+        ino: Ino,
+        fh: u64,
+        owner: u64,
+        lock: PosixLock,
+        wait: bool,
+    ) -> Result<(), Self::Error>;
+    /// A descriptor of `owner` was closed: POSIX locks of `owner` on `ino` go.
+    fn release_locks(&self, ino: Ino, owner: u64) -> Result<(), Self::Error>;
     /// Makes written data and metadata durable.
     fn fsync(&self, ino: Ino, fh: u64, datasync: bool) -> Result<(), Self::Error>;
     /// Makes the directory's entries durable.
@@ -307,7 +342,10 @@ impl<V: Vfs> Filesystem for Adapter<V> {
         if let Err(max) = config.set_max_write(MAX_WRITE) {
             config.set_max_write(max).ok();
         }
-        let wanted = InitFlags::FUSE_PARALLEL_DIROPS | InitFlags::FUSE_ASYNC_READ;
+        // POSIX locks go to the VFS so that they hold across every mount of a volume.
+        let wanted = InitFlags::FUSE_PARALLEL_DIROPS
+            | InitFlags::FUSE_ASYNC_READ
+            | InitFlags::FUSE_POSIX_LOCKS;
         config.add_capabilities(wanted & config.capabilities()).ok();
         Ok(())
     }
@@ -538,11 +576,77 @@ impl<V: Vfs> Filesystem for Adapter<V> {
         _req: &Request,
         ino: INodeNo,
         fh: FileHandle,
-        _lock_owner: LockOwner,
+        lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
         let _s = tracing::debug_span!("flush", ino = ino.0).entered();
-        Self::empty(reply, self.vfs.flush(ino.0, fh.0));
+        let flushed = self.vfs.flush(ino.0, fh.0);
+        let unlocked = self.vfs.release_locks(ino.0, lock_owner.0);
+        Self::empty(reply, flushed.and(unlocked));
+    }
+
+    fn getlk(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+        reply: ReplyLock,
+    ) {
+        let _s = tracing::debug_span!("getlk", ino = ino.0).entered();
+        let lock = PosixLock {
+            start,
+            end,
+            typ,
+            pid,
+        };
+        match self.vfs.getlk(ino.0, fh.0, lock_owner.0, lock) {
+            Ok(Some(l)) => reply.locked(l.start, l.end, l.typ, l.pid),
+            Ok(None) => reply.locked(start, end, libc::F_UNLCK, 0),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn setlk(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+        sleep: bool,
+        reply: ReplyEmpty,
+    ) {
+        let _s = tracing::debug_span!("setlk", ino = ino.0, sleep).entered();
+        let lock = PosixLock {
+            start,
+            end,
+            typ,
+            pid,
+        };
+        if !sleep {
+            return Self::empty(
+                reply,
+                self.vfs.setlk(ino.0, fh.0, lock_owner.0, lock, false),
+            );
+        }
+        // A wait may be long: it must not hold a request loop.
+        let vfs = self.vfs.clone();
+        let waiter = std::thread::Builder::new()
+            .name("tidefs-lockwait".into())
+            .spawn(move || {
+                Self::empty(reply, vfs.setlk(ino.0, fh.0, lock_owner.0, lock, true));
+            });
+        if let Err(e) = waiter {
+            tracing::warn!(error = %e, "cannot start a lock waiter");
+        }
     }
 
     fn release(

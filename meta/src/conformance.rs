@@ -21,7 +21,8 @@ macro_rules! meta_conformance_tests {
             sessions_free_kept_files, slice_ids_are_unique, usage_counts, limits_are_enforced,
             referenced_slices_page_in_id_order, namespace_check_passes_after_every_kind_of_change,
             trash_keeps_removed_files_without_bending_link_counts,
-            slices_apply_in_commit_order_and_compact_safely);
+            slices_apply_in_commit_order_and_compact_safely,
+            posix_locks_conflict_across_sessions);
     };
     (@each $make:expr; $($name:ident),*) => {
         $(
@@ -1119,4 +1120,69 @@ pub fn slices_apply_in_commit_order_and_compact_safely(m: &dyn Meta) {
         assert!(freed.contains(&id), "{id} not freed: {freed:?}");
     }
     assert_eq!(m.check_namespace(false).unwrap(), vec![]);
+}
+
+/// POSIX locks conflict between owners, in one session or several; an owner's own locks
+/// split and merge; closing a session releases its locks.
+pub fn posix_locks_conflict_across_sessions(m: &dyn Meta) {
+    use crate::lock::{Lock, LockType};
+    formatted(m);
+    let f = file(m, ROOT_INO, "f");
+    let a = m.new_session(&sample_session()).unwrap();
+    let b = m.new_session(&sample_session()).unwrap();
+    let lk = |sid, owner, typ, start, end| Lock {
+        sid,
+        owner,
+        pid: 100 + owner as u32,
+        typ,
+        start,
+        end,
+    };
+    let held = lk(a, 1, LockType::Write, 0, 99);
+    assert_eq!(m.setlk(f.ino, &held).unwrap(), None);
+    // Another session, another owner of the same session: both refused, nothing changes.
+    for req in [
+        lk(b, 1, LockType::Read, 50, 60),
+        lk(a, 2, LockType::Write, 99, u64::MAX),
+    ] {
+        assert_eq!(m.getlk(f.ino, &req).unwrap(), Some(held));
+        assert_eq!(m.setlk(f.ino, &req).unwrap(), Some(held));
+    }
+    // Readers share; the owner downgrades part of its range and others may read there.
+    assert_eq!(
+        m.setlk(f.ino, &lk(a, 1, LockType::Read, 0, 49)).unwrap(),
+        None
+    );
+    assert_eq!(
+        m.setlk(f.ino, &lk(b, 1, LockType::Read, 10, 20)).unwrap(),
+        None
+    );
+    assert_eq!(
+        m.getlk(f.ino, &lk(b, 1, LockType::Write, 40, 60)).unwrap(),
+        Some(lk(a, 1, LockType::Read, 0, 49))
+    );
+    assert_eq!(
+        m.getlk(f.ino, &lk(b, 1, LockType::Read, 50, 50)).unwrap(),
+        Some(lk(a, 1, LockType::Write, 50, 99))
+    );
+    // Closing session a releases all of its locks; b's stay.
+    m.close_session(a).unwrap();
+    let c = m.new_session(&sample_session()).unwrap();
+    assert_eq!(
+        m.setlk(f.ino, &lk(c, 1, LockType::Write, 21, u64::MAX))
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        m.setlk(f.ino, &lk(c, 1, LockType::Write, 0, 20)).unwrap(),
+        Some(lk(b, 1, LockType::Read, 10, 20))
+    );
+    // Unlocking everything lets the other owner in; unlocking nothing held is fine.
+    let all = |sid, typ| lk(sid, 1, typ, 0, u64::MAX);
+    assert_eq!(m.setlk(f.ino, &all(b, LockType::Unlock)).unwrap(), None);
+    assert_eq!(m.setlk(f.ino, &all(b, LockType::Unlock)).unwrap(), None);
+    assert_eq!(m.setlk(f.ino, &all(c, LockType::Write)).unwrap(), None);
+    // Locks go with their file.
+    m.unlink(ROOT_INO, b"f", c, &closed).unwrap();
+    assert_eq!(m.getlk(f.ino, &all(b, LockType::Write)).unwrap(), None);
 }

@@ -8,6 +8,7 @@
 pub mod conformance;
 pub mod dump;
 mod error;
+pub mod lock;
 mod redis;
 mod sqlite;
 pub mod testing;
@@ -40,7 +41,8 @@ pub trait Meta: Send + Sync {
     fn new_session(&self, info: &SessionInfo) -> Result<u64>;
     /// Records that session `sid` is alive.
     fn heartbeat(&self, sid: u64) -> Result<()>;
-    /// Ends session `sid`, freeing files it kept alive after their last unlink.
+    /// Ends session `sid`, freeing files it kept alive after their last unlink and releasing
+    /// its locks.
     fn close_session(&self, sid: u64) -> Result<()>;
     /// Every registered session.
     fn sessions(&self) -> Result<Vec<SessionInfo>>;
@@ -146,6 +148,13 @@ pub trait Meta: Send + Sync {
 
     /// Makes every committed operation durable against power loss, not only process crashes.
     fn sync(&self) -> Result<()>;
+
+    /// Takes or releases POSIX lock `req` on `ino` for its owner, atomically against every
+    /// mount of the volume (see [`lock::apply`]). Returns the lock of another owner it
+    /// conflicts with, changing nothing, or None when done.
+    fn setlk(&self, ino: Ino, req: &lock::Lock) -> Result<Option<lock::Lock>>;
+    /// The first lock of another owner that `req` would conflict with.
+    fn getlk(&self, ino: Ino, req: &lock::Lock) -> Result<Option<lock::Lock>>;
 
     /// The next inode number and the next slice id the volume hands out.
     fn id_counters(&self) -> Result<(u64, u64)>;

@@ -226,7 +226,7 @@ local function free_inode(a)
     redis.call('DEL', 'c' .. ino .. ':' .. c)
   end
   redis.call('DEL', 'k' .. ino, 'x' .. ino, 's' .. ino, 'i' .. ino, 'h' .. ino, 'd' .. ino,
-    'z' .. ino)
+    'z' .. ino, 'p' .. ino)
   redis.call('HDEL', 'trashed', ino)
   if a.kind == FILE then bump('used_space', -round_space(a.length)) end
   bump('used_inodes', -1)
@@ -321,7 +321,42 @@ function ops.format(now, json, capacity, inodes, trash_days, uid, gid)
   return 'ok'
 end
 
+-- POSIX locks: "p<ino>" holds "lock;lock;..." (see lock.rs); "L<sid>" is the set of inodes
+-- where session `sid` may hold locks. The engine decides the new list and swaps it in only
+-- if the stored one is still `old`.
+function ops.lock_swap(now, ino, sid, old, new)
+  if (redis.call('GET', 'p' .. ino) or '') ~= old then return 0 end
+  if new == '' then
+    redis.call('DEL', 'p' .. ino)
+  else
+    redis.call('SET', 'p' .. ino, new)
+    redis.call('SADD', 'L' .. sid, ino)
+  end
+  return 1
+end
+
+-- Drops every lock of session `sid`.
+local function release_locks(sid)
+  local prefix = sid .. ','
+  for _, ino in ipairs(redis.call('SMEMBERS', 'L' .. sid)) do
+    local raw = redis.call('GET', 'p' .. ino)
+    if raw then
+      local keep = {}
+      for l in string.gmatch(raw, '[^;]+') do
+        if string.sub(l, 1, #prefix) ~= prefix then keep[#keep + 1] = l end
+      end
+      if #keep == 0 then
+        redis.call('DEL', 'p' .. ino)
+      else
+        redis.call('SET', 'p' .. ino, table.concat(keep, ';'))
+      end
+    end
+  end
+  redis.call('DEL', 'L' .. sid)
+end
+
 function ops.close_session(now, sid)
+  release_locks(sid)
   for _, ino in ipairs(redis.call('SMEMBERS', 'o' .. sid)) do
     redis.call('SREM', 'h' .. ino, sid)
     free_if_orphan(ino)

@@ -11,6 +11,7 @@
 //! `WAITAOF` where the server has it (Redis 7.2 and later).
 
 use crate::dump::{DumpHeader, DumpRecord};
+use crate::lock::{self, Lock};
 use crate::types::*;
 use crate::{check_name, Meta, MetaError, Result};
 use redis::{Connection, RedisError, Value};
@@ -321,6 +322,19 @@ impl RedisMeta {
                 Err(map_err(e))
             }
         }
+    }
+
+    /// The stored POSIX locks of `ino` (`lock;lock;...`, empty for none) and their decoding.
+    fn file_locks(&self, ino: Ino) -> Result<(String, Vec<Lock>)> {
+        let raw: Option<String> =
+            self.with_conn(|c| redis::cmd("GET").arg(format!("p{ino}")).query(c))?;
+        let raw = raw.unwrap_or_default();
+        let locks = raw
+            .split(';')
+            .filter(|l| !l.is_empty())
+            .map(|l| Lock::decode(l).ok_or_else(|| corrupt("lock", l)))
+            .collect::<Result<_>>()?;
+        Ok((raw, locks))
     }
 
     /// Up to `limit` members of sorted set `key` scored above `after`, in score order.
@@ -870,6 +884,32 @@ impl Meta for RedisMeta {
             }
             Err(e) => Err(e),
         }
+    }
+
+    fn setlk(&self, ino: Ino, req: &Lock) -> Result<Option<Lock>> {
+        // Read, decide here, then swap only if nobody changed the file's locks meanwhile.
+        loop {
+            let (raw, held) = self.file_locks(ino)?;
+            let locks = match lock::apply(&held, req) {
+                Ok(locks) => locks,
+                Err(conflict) => return Ok(Some(conflict)),
+            };
+            let new: Vec<String> = locks.iter().map(Lock::encode).collect();
+            let swapped = self.call(
+                Call::new("lock_swap")
+                    .arg(ino)
+                    .arg(req.sid)
+                    .arg(raw)
+                    .arg(new.join(";")),
+            )?;
+            if number::<u8>(&swapped)? == 1 {
+                return Ok(None);
+            }
+        }
+    }
+
+    fn getlk(&self, ino: Ino, req: &Lock) -> Result<Option<Lock>> {
+        Ok(lock::conflict(&self.file_locks(ino)?.1, req))
     }
 
     fn id_counters(&self) -> Result<(u64, u64)> {

@@ -7,6 +7,7 @@
 //! [`Meta::sync`], which checkpoints the WAL (fsync) — the filesystem calls it on fsync(2).
 
 use crate::dump::{DumpHeader, DumpRecord};
+use crate::lock::{self, Lock};
 use crate::types::*;
 use crate::{check_name, Meta, MetaError, Result};
 use rusqlite::{
@@ -45,6 +46,9 @@ CREATE TABLE IF NOT EXISTS sustained (
 CREATE TABLE IF NOT EXISTS deleted_slice (id INTEGER PRIMARY KEY, size INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS slice_by_id ON slice (id);
 CREATE INDEX IF NOT EXISTS edge_by_ino ON edge (ino);
+CREATE TABLE IF NOT EXISTS plock (ino INTEGER NOT NULL, sid INTEGER NOT NULL, lock TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS plock_by_ino ON plock (ino);
+CREATE INDEX IF NOT EXISTS plock_by_sid ON plock (sid);
 ";
 
 /// How long the capacity and inode limits are used before being read again.
@@ -334,6 +338,7 @@ fn free_inode(tx: &Connection, a: &Attr) -> Result<()> {
     tx.execute("DELETE FROM slice WHERE ino = ?1", [ino])?;
     tx.execute("DELETE FROM xattr WHERE ino = ?1", [ino])?;
     tx.execute("DELETE FROM symlink WHERE ino = ?1", [ino])?;
+    tx.execute("DELETE FROM plock WHERE ino = ?1", [ino])?;
     tx.execute("DELETE FROM node WHERE ino = ?1", [ino])?;
     if a.kind == FileKind::File {
         bump_counter(tx, "used_space", -round_space(a.length))?;
@@ -511,7 +516,11 @@ fn upgrade_in_transaction(conn: &Connection) -> Result<()> {
     if has_slices {
         conn.execute_batch(
             "CREATE INDEX IF NOT EXISTS slice_by_id ON slice (id);
-             CREATE INDEX IF NOT EXISTS edge_by_ino ON edge (ino);",
+             CREATE INDEX IF NOT EXISTS edge_by_ino ON edge (ino);
+             CREATE TABLE IF NOT EXISTS plock (
+                 ino INTEGER NOT NULL, sid INTEGER NOT NULL, lock TEXT NOT NULL);
+             CREATE INDEX IF NOT EXISTS plock_by_ino ON plock (ino);
+             CREATE INDEX IF NOT EXISTS plock_by_sid ON plock (sid);",
         )?;
         if !columns("slice")?.iter().any(|c| c == "seq") {
             // Slices used to apply in id order; commit order starts from there.
@@ -522,6 +531,17 @@ fn upgrade_in_transaction(conn: &Connection) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The POSIX locks held on `ino`.
+fn file_locks(tx: &Connection, ino: Ino) -> Result<Vec<Lock>> {
+    let raw: Vec<String> = tx
+        .prepare_cached("SELECT lock FROM plock WHERE ino = ?1")?
+        .query_map([ino as i64], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    raw.iter()
+        .map(|r| Lock::decode(r).ok_or_else(|| MetaError::Engine(format!("corrupt lock {r:?}"))))
+        .collect()
 }
 
 /// The checks of [`Meta::check_namespace`], in one transaction.
@@ -972,6 +992,7 @@ impl Meta for SqliteMeta {
                 .query_map([sid as i64], |r| r.get(0))?
                 .collect::<rusqlite::Result<_>>()?;
             tx.execute("DELETE FROM sustained WHERE sid = ?1", [sid as i64])?;
+            tx.execute("DELETE FROM plock WHERE sid = ?1", [sid as i64])?;
             for ino in inos {
                 free_if_orphan(tx, ino as u64)?;
             }
@@ -1756,6 +1777,28 @@ impl Meta for SqliteMeta {
         })();
         self.put_conn(conn);
         result
+    }
+
+    fn setlk(&self, ino: Ino, req: &Lock) -> Result<Option<Lock>> {
+        self.write(|tx| {
+            let held = file_locks(tx, ino)?;
+            let locks = match lock::apply(&held, req) {
+                Ok(locks) => locks,
+                Err(conflict) => return Ok(Some(conflict)),
+            };
+            tx.execute("DELETE FROM plock WHERE ino = ?1", [ino as i64])?;
+            for l in locks {
+                tx.execute(
+                    "INSERT INTO plock (ino, sid, lock) VALUES (?1, ?2, ?3)",
+                    params![ino as i64, l.sid as i64, l.encode()],
+                )?;
+            }
+            Ok(None)
+        })
+    }
+
+    fn getlk(&self, ino: Ino, req: &Lock) -> Result<Option<Lock>> {
+        self.read(|tx| Ok(lock::conflict(&file_locks(tx, ino)?, req)))
     }
 
     fn id_counters(&self) -> Result<(u64, u64)> {

@@ -256,3 +256,95 @@ fn a_volume_moves_between_engines_by_dump_and_load() {
     std::fs::write(m.p("lake/new"), b"written after the move").unwrap();
     m.unmount();
 }
+
+/// A python child that takes an fcntl write lock on `len` bytes at `start` of `path`: without
+/// `wait` it exits 3 when the range is locked; with `wait` it blocks until it gets it, prints
+/// "locked" and exits.
+fn lock_child(path: &Path, start: u32, len: u32, wait: bool) -> std::process::Child {
+    let flags = if wait {
+        "fcntl.LOCK_EX"
+    } else {
+        "fcntl.LOCK_EX|fcntl.LOCK_NB"
+    };
+    std::process::Command::new("python3")
+        .args([
+            "-c",
+            &format!(
+                "import fcntl,sys\nf=open(sys.argv[1],'r+')\ntry:\n fcntl.lockf(f, {flags}, {len}, {start})\nexcept OSError:\n sys.exit(3)\nprint('locked', flush=True)\n"
+            ),
+        ])
+        .arg(path)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn probe(path: &Path, start: u32) -> Option<i32> {
+    lock_child(path, start, 10, false).wait().unwrap().code()
+}
+
+fn set_lock(f: &std::fs::File, typ: i32, start: i64, len: i64) -> i32 {
+    use std::os::fd::AsRawFd;
+    let mut lk: libc::flock = unsafe { std::mem::zeroed() };
+    lk.l_type = typ as i16;
+    lk.l_whence = libc::SEEK_SET as i16;
+    lk.l_start = start;
+    lk.l_len = len;
+    unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLK, &lk) }
+}
+
+#[test]
+fn fcntl_locks_hold_across_mounts() {
+    let vol = Volume::shared(1024);
+    let (a, b) = mount_two(&vol, &["--heartbeat", "1"]);
+    std::fs::write(a.p("f"), b"records").unwrap();
+    eventually(5, "B sees the file", || b.p("f").exists());
+    let held = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(a.p("f"))
+        .unwrap();
+    assert_eq!(set_lock(&held, libc::F_WRLCK, 0, 100), 0);
+    // Other processes meet the lock through the other mount, on the range it covers only.
+    assert_eq!(probe(&b.p("f"), 50), Some(3), "the range is locked on A");
+    assert_eq!(probe(&b.p("f"), 200), Some(0), "past the range it is free");
+    // A waiter on B gets the lock once A releases it.
+    let mut waiter = lock_child(&b.p("f"), 0, 10, true);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        waiter.try_wait().unwrap().is_none(),
+        "waited without the lock"
+    );
+    assert_eq!(set_lock(&held, libc::F_UNLCK, 0, 100), 0);
+    let started = Instant::now();
+    let status = waiter.wait().unwrap();
+    assert!(status.success(), "{status}");
+    let mut out = String::new();
+    waiter
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    assert_eq!(out, "locked\n");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // Closing a file releases its process's locks, as fcntl(2) says.
+    assert_eq!(set_lock(&held, libc::F_WRLCK, 0, 0), 0);
+    assert_eq!(probe(&b.p("f"), 1000), Some(3));
+    drop(held);
+    assert_eq!(probe(&b.p("f"), 1000), Some(0));
+    // A mount that dies holding a lock loses it once the others notice it is gone.
+    let held = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(a.p("f"))
+        .unwrap();
+    assert_eq!(set_lock(&held, libc::F_WRLCK, 0, 0), 0);
+    assert_eq!(probe(&b.p("f"), 0), Some(3));
+    a.kill9();
+    drop(held);
+    eventually(20, "the dead mount's lock is released", || {
+        probe(&b.p("f"), 0) == Some(0)
+    });
+    b.unmount();
+}

@@ -1,0 +1,234 @@
+//! POSIX record locks (fcntl) held in the metadata engine, so that they conflict across every
+//! mount of a volume.
+//!
+//! A lock belongs to an owner: a session (mount) and the kernel's lock owner within it. The
+//! rules are those of fcntl(2): an owner's locks never conflict with each other, and a new
+//! lock replaces, splits or merges the owner's locks over its range; two owners conflict
+//! where their ranges overlap and one of them writes.
+
+use serde::{Deserialize, Serialize};
+
+/// What a lock request asks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LockType {
+    /// A shared (read) lock.
+    Read,
+    /// An exclusive (write) lock.
+    Write,
+    /// Release the range.
+    Unlock,
+}
+
+impl LockType {
+    /// The stable letter used to store the type.
+    pub fn code(self) -> char {
+        match self {
+            LockType::Read => 'r',
+            LockType::Write => 'w',
+            LockType::Unlock => 'u',
+        }
+    }
+
+    /// The type stored as `code`.
+    pub fn from_code(code: char) -> Option<Self> {
+        Some(match code {
+            'r' => LockType::Read,
+            'w' => LockType::Write,
+            'u' => LockType::Unlock,
+            _ => return None,
+        })
+    }
+}
+
+/// A held lock, or a request for one: bytes `start..=end` of a file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lock {
+    /// The session (mount) of the owner.
+    pub sid: u64,
+    /// The kernel's lock owner within that mount.
+    pub owner: u64,
+    /// The process that took it (reported by F_GETLK).
+    pub pid: u32,
+    /// Read or write (Unlock only in requests).
+    pub typ: LockType,
+    /// First byte.
+    pub start: u64,
+    /// Last byte, inclusive (`u64::MAX`: to the end of any file).
+    pub end: u64,
+}
+
+impl Lock {
+    fn same_owner(&self, other: &Lock) -> bool {
+        self.sid == other.sid && self.owner == other.owner
+    }
+
+    fn overlaps(&self, other: &Lock) -> bool {
+        self.start <= other.end && other.start <= self.end
+    }
+
+    /// The stored form `sid,owner,pid,typ,start,end`.
+    pub fn encode(&self) -> String {
+        format!(
+            "{},{},{},{},{},{}",
+            self.sid,
+            self.owner,
+            self.pid,
+            self.typ.code(),
+            self.start,
+            self.end
+        )
+    }
+
+    /// Reads the stored form.
+    pub fn decode(raw: &str) -> Option<Lock> {
+        let mut f = raw.split(',');
+        let mut n = || f.next()?.parse::<u64>().ok();
+        let (sid, owner, pid) = (n()?, n()?, n()?);
+        let typ = LockType::from_code(raw.split(',').nth(3)?.chars().next()?)?;
+        let mut f = raw.split(',').skip(4);
+        let start = f.next()?.parse().ok()?;
+        let end = f.next()?.parse().ok()?;
+        Some(Lock {
+            sid,
+            owner,
+            pid: u32::try_from(pid).ok()?,
+            typ,
+            start,
+            end,
+        })
+    }
+}
+
+/// The first lock of another owner that `req` conflicts with, if any.
+pub fn conflict(held: &[Lock], req: &Lock) -> Option<Lock> {
+    if req.typ == LockType::Unlock {
+        return None;
+    }
+    held.iter()
+        .find(|l| {
+            !l.same_owner(req)
+                && l.overlaps(req)
+                && (l.typ == LockType::Write || req.typ == LockType::Write)
+        })
+        .copied()
+}
+
+/// The locks of a file after `req` (a lock or an unlock) is applied to `held`, or the lock it
+/// conflicts with. The owner's locks over the range are replaced; adjacent or overlapping
+/// locks of the owner with the same type are merged.
+pub fn apply(held: &[Lock], req: &Lock) -> Result<Vec<Lock>, Lock> {
+    if let Some(c) = conflict(held, req) {
+        return Err(c);
+    }
+    let mut out = Vec::with_capacity(held.len() + 2);
+    let mut merged = *req;
+    for l in held {
+        if !l.same_owner(req) {
+            out.push(*l);
+            continue;
+        }
+        let touches = l.start <= req.end.saturating_add(1) && req.start <= l.end.saturating_add(1);
+        if l.typ == req.typ && touches {
+            merged.start = merged.start.min(l.start);
+            merged.end = merged.end.max(l.end);
+            continue;
+        }
+        if !l.overlaps(req) {
+            out.push(*l);
+            continue;
+        }
+        // Keep the parts of `l` outside the request.
+        if l.start < req.start {
+            out.push(Lock {
+                end: req.start - 1,
+                ..*l
+            });
+        }
+        if l.end > req.end {
+            out.push(Lock {
+                start: req.end + 1,
+                ..*l
+            });
+        }
+    }
+    if merged.typ != LockType::Unlock {
+        out.push(merged);
+    }
+    out.sort_by_key(|l| (l.start, l.sid, l.owner));
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lk(owner: u64, typ: LockType, start: u64, end: u64) -> Lock {
+        Lock {
+            sid: 1,
+            owner,
+            pid: owner as u32,
+            typ,
+            start,
+            end,
+        }
+    }
+
+    #[test]
+    fn owners_conflict_only_where_one_writes() {
+        use LockType::*;
+        let held = vec![lk(1, Read, 0, 99), lk(2, Write, 200, 299)];
+        assert_eq!(conflict(&held, &lk(3, Read, 50, 60)), None);
+        assert_eq!(conflict(&held, &lk(3, Write, 50, 60)), Some(held[0]));
+        assert_eq!(conflict(&held, &lk(3, Read, 299, 400)), Some(held[1]));
+        assert_eq!(conflict(&held, &lk(2, Write, 0, 300)), Some(held[0]));
+        assert_eq!(conflict(&held, &lk(1, Write, 0, 100)), None);
+        let other_mount = Lock {
+            sid: 2,
+            ..lk(1, Write, 0, 0)
+        };
+        assert_eq!(conflict(&held, &other_mount), Some(held[0]));
+    }
+
+    #[test]
+    fn an_owners_locks_split_and_merge() {
+        use LockType::*;
+        let held = apply(&[], &lk(1, Write, 0, 99)).unwrap();
+        // A read lock in the middle splits the write lock.
+        let held = apply(&held, &lk(1, Read, 40, 59)).unwrap();
+        assert_eq!(
+            held,
+            vec![
+                lk(1, Write, 0, 39),
+                lk(1, Read, 40, 59),
+                lk(1, Write, 60, 99)
+            ]
+        );
+        // Writing it back merges all three.
+        let held = apply(&held, &lk(1, Write, 40, 59)).unwrap();
+        assert_eq!(held, vec![lk(1, Write, 0, 99)]);
+        // Unlocking the middle, then the rest, leaves nothing.
+        let held = apply(&held, &lk(1, Unlock, 10, 19)).unwrap();
+        assert_eq!(held, vec![lk(1, Write, 0, 9), lk(1, Write, 20, 99)]);
+        let held = apply(&held, &lk(1, Unlock, 0, u64::MAX)).unwrap();
+        assert!(held.is_empty());
+        // To the end of the file, without overflow.
+        let held = apply(&[], &lk(1, Read, 5, u64::MAX)).unwrap();
+        let held = apply(&held, &lk(1, Read, 0, 4)).unwrap();
+        assert_eq!(held, vec![lk(1, Read, 0, u64::MAX)]);
+    }
+
+    #[test]
+    fn stored_form_round_trips() {
+        let l = Lock {
+            sid: 7,
+            owner: u64::MAX - 3,
+            pid: 42,
+            typ: LockType::Write,
+            start: 0,
+            end: u64::MAX,
+        };
+        assert_eq!(Lock::decode(&l.encode()), Some(l));
+        assert_eq!(Lock::decode("1,2,3,x,4,5"), None);
+        assert_eq!(Lock::decode("1,2"), None);
+    }
+}
