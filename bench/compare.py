@@ -112,6 +112,45 @@ class S3Server:
         self.proc.wait()
 
 
+class RedisServer:
+    """A redis-server on a free 127.0.0.1 port, without persistence, its files under `root`."""
+
+    def __init__(self, root):
+        import socket
+        os.makedirs(root)
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", root, "--logfile", "redis.log"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                break
+            except OSError:
+                if self.proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError("redis-server did not start")
+                time.sleep(0.05)
+
+    def url(self, db):
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait()
+
+
+def meta_url(args, tmp, name, db):
+    """The META_URL of volume `name`: an SQLite file in `tmp`, or database `db` of the round's
+    redis-server with `--meta redis`."""
+    if getattr(args, "redis", None) is not None:
+        return args.redis.url(db)
+    return f"sqlite3://{tmp}/{name}.db"
+
+
 def s3_ceiling(args, url):
     """(PUT, GET) MiB/s of 16 parallel 4 MiB objects, measured by tidefs objbench."""
     out = run([args.tidefs, "objbench", url, "--threads", "16", "--big-objects", "64",
@@ -146,7 +185,7 @@ class Tidefs:
 
     def __init__(self, tmp, args):
         self.bin = args.tidefs
-        self.url = f"sqlite3://{tmp}/tidefs.db"
+        self.url = meta_url(args, tmp, "tidefs", 1)
         self.path = os.path.join(tmp, "tidefs-mnt")
         self.cache = os.path.join(tmp, "tidefs-cache")
         self.args = args
@@ -197,7 +236,7 @@ class JuiceFS:
     name = "JuiceFS"
 
     def __init__(self, tmp, args):
-        self.url = f"sqlite3://{tmp}/jfs.db"
+        self.url = meta_url(args, tmp, "jfs", 2)
         self.path = os.path.join(tmp, "jfs-mnt")
         self.cache = os.path.join(tmp, "jfs-cache")
         self.log = os.path.join(tmp, "jfs.log")
@@ -337,8 +376,10 @@ def run_rounds(args, measure, prefix, on_server=None):
     for rnd in range(args.rounds):
         tmp = tempfile.mkdtemp(prefix=prefix)
         targets = []
-        args.round, args.s3 = rnd, None
+        args.round, args.s3, args.redis = rnd, None, None
         try:
+            if getattr(args, "meta", "sqlite") == "redis":
+                args.redis = RedisServer(os.path.join(tmp, "redis"))
             if args.storage == "s3":
                 args.s3 = S3Server(os.path.join(tmp, "s3"), args.s3s_fs)
                 if on_server is not None:
@@ -357,6 +398,8 @@ def run_rounds(args, measure, prefix, on_server=None):
                 t.stop()
             if args.s3 is not None:
                 args.s3.stop()
+            if args.redis is not None:
+                args.redis.stop()
             shutil.rmtree(tmp, ignore_errors=True)
     return results
 

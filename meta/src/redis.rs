@@ -15,6 +15,7 @@ use crate::lock::{self, Lock};
 use crate::types::*;
 use crate::{check_name, Meta, MetaError, Result};
 use redis::{Connection, RedisError, Value};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -38,7 +39,15 @@ pub struct RedisMeta {
     script: redis::Script,
     /// Whether the server knows WAITAOF (Redis 7.2+); cleared at the first refusal.
     waitaof: AtomicBool,
+    /// The inodes recent lookups and creations found under (directory, name): the likely
+    /// target of an unlink or a replacing rename, so the call can say at once whether it is
+    /// open and take one round trip, not two. A wrong guess only costs the second trip (the
+    /// script checks it).
+    named: Mutex<HashMap<(Ino, Vec<u8>), Ino>>,
 }
+
+/// Most (directory, name) guesses kept; the map is emptied when full.
+const NAMED_MAX: usize = 65_536;
 
 impl std::fmt::Debug for RedisMeta {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -269,6 +278,11 @@ impl RedisMeta {
     /// the server cannot be reached.
     pub fn open(url: &str) -> Result<Self> {
         let shown = hide_password(url);
+        if url.starts_with("rediss://") {
+            // TLS needs a process-wide crypto provider; the one the build already has (the
+            // S3 client's) unless another part of the process chose one first.
+            let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        }
         let client = redis::Client::open(url)
             .map_err(|e| MetaError::Engine(format!("invalid redis URL {shown}: {e}")))?;
         let script = SCRIPT.replace("@TRASH_INO@", &TRASH_INO.to_string());
@@ -278,6 +292,7 @@ impl RedisMeta {
             pool: Mutex::new(Vec::new()),
             script: redis::Script::new(&script),
             waitaof: AtomicBool::new(true),
+            named: Mutex::new(HashMap::new()),
         };
         let conn = meta.connect()?;
         meta.put_conn(conn);
@@ -385,10 +400,12 @@ impl RedisMeta {
     /// If the namespace changed in between, the script asks again.
     fn call_with_open(
         &self,
+        target: (Ino, &[u8]),
         make: impl Fn(Option<(Ino, bool)>) -> Call,
         is_open: &dyn Fn(Ino) -> bool,
     ) -> Result<()> {
-        let mut answer = None;
+        let guess = self.forget(target.0, target.1);
+        let mut answer = guess.map(|ino| (ino, is_open(ino)));
         for _ in 0..100 {
             match self.run(&make(answer))? {
                 Outcome::Done(_) => return Ok(()),
@@ -398,6 +415,25 @@ impl RedisMeta {
         Err(MetaError::Engine(
             "redis: the namespace kept changing during the operation".into(),
         ))
+    }
+}
+
+impl RedisMeta {
+    /// Remembers that `name` in `parent` is `ino`.
+    fn remember(&self, parent: Ino, name: &[u8], ino: Ino) {
+        let mut named = self.named.lock().unwrap_or_else(|e| e.into_inner());
+        if named.len() >= NAMED_MAX {
+            named.clear();
+        }
+        named.insert((parent, name.to_vec()), ino);
+    }
+
+    /// Forgets `name` in `parent`, returning the inode it was last known as.
+    fn forget(&self, parent: Ino, name: &[u8]) -> Option<Ino> {
+        self.named
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&(parent, name.to_vec()))
     }
 }
 
@@ -536,7 +572,11 @@ impl Meta for RedisMeta {
         if name.len() > NAME_MAX {
             return Err(MetaError::NameTooLong);
         }
-        attr_reply(self.call(Call::new("lookup").arg(parent).bin(name))?)
+        let a = attr_reply(self.call(Call::new("lookup").arg(parent).bin(name))?)?;
+        if name != b"." && name != b".." {
+            self.remember(parent, name, a.ino);
+        }
+        Ok(a)
     }
 
     fn getattr(&self, ino: Ino) -> Result<Attr> {
@@ -598,7 +638,7 @@ impl Meta for RedisMeta {
             return Err(MetaError::NameTooLong);
         }
         let groups: Vec<String> = node.groups.iter().map(|g| g.to_string()).collect();
-        attr_reply(
+        let a = attr_reply(
             self.call(
                 Call::new("mknod")
                     .arg(parent)
@@ -612,12 +652,16 @@ impl Meta for RedisMeta {
                     .bin(node.symlink.as_deref().unwrap_or_default())
                     .arg(groups.join(",")),
             )?,
-        )
+        )?;
+        self.remember(parent, name, a.ino);
+        Ok(a)
     }
 
     fn link(&self, ino: Ino, parent: Ino, name: &[u8]) -> Result<Attr> {
         check_name(name)?;
-        attr_reply(self.call(Call::new("link").arg(ino).arg(parent).bin(name))?)
+        let a = attr_reply(self.call(Call::new("link").arg(ino).arg(parent).bin(name))?)?;
+        self.remember(parent, name, a.ino);
+        Ok(a)
     }
 
     fn unlink(
@@ -631,6 +675,7 @@ impl Meta for RedisMeta {
             return Err(MetaError::NameTooLong);
         }
         self.call_with_open(
+            (parent, name),
             |answer| {
                 let mut c = Call::new("unlink");
                 c.arg(parent).bin(name).arg(sid);
@@ -648,6 +693,7 @@ impl Meta for RedisMeta {
             _ if name.len() > NAME_MAX => return Err(MetaError::NameTooLong),
             _ => {}
         }
+        self.forget(parent, name);
         self.call(Call::new("rmdir").arg(parent).bin(name))?;
         Ok(())
     }
@@ -669,7 +715,9 @@ impl Meta for RedisMeta {
         if flags.exchange && flags.noreplace {
             return Err(MetaError::Invalid);
         }
+        self.forget(parent, name);
         self.call_with_open(
+            (new_parent, new_name),
             |answer| {
                 let mut c = Call::new("rename");
                 c.arg(parent)

@@ -10,3 +10,38 @@ fn redis() -> (Box<dyn Meta>, RedisServer) {
 }
 
 tidefs_meta::meta_conformance_tests!(redis);
+
+#[test]
+fn unix_socket_urls_reach_their_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("redis.sock");
+    let server = RedisServer::start_with(&["--unixsocket", sock.to_str().unwrap()]);
+    let url = format!("unix://{}?db=4", sock.display());
+    let meta = tidefs_meta::open(&tidefs_meta::MetaUrl::parse(&url).unwrap(), true).unwrap();
+    meta.format(&tidefs_meta::conformance::sample_format(), 0, 0)
+        .unwrap();
+    let over_tcp = |db| RedisMeta::open(&server.url(db)).unwrap().load_format();
+    assert_eq!(over_tcp(4).unwrap().name, "conf");
+    assert!(matches!(
+        over_tcp(0),
+        Err(tidefs_meta::MetaError::NotFormatted)
+    ));
+}
+
+#[test]
+fn unreachable_servers_are_clear_errors_without_passwords() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    for url in [
+        format!("redis://127.0.0.1:{port}/1"),
+        format!("redis://user:secret@127.0.0.1:{port}/1"),
+        format!("rediss://127.0.0.1:{port}/1"),
+    ] {
+        let e = RedisMeta::open(&url).unwrap_err().to_string();
+        assert!(e.contains("cannot connect to"), "{e}");
+        assert!(!e.contains("secret"), "{e}");
+    }
+}
