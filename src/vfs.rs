@@ -87,6 +87,10 @@ pub struct TideVfs {
     writers: DashMap<Ino, Arc<FileWriter>>,
     /// (mtime, length) of files at their last open, to let the kernel keep cached pages.
     seen_versions: DashMap<Ino, (Timestamp, u64)>,
+    /// Directory entries fetched ahead for listings in progress: the kernel asks for about
+    /// a page of entries at a time, the engine hands out [`DIR_BATCH`] per call. Keyed by
+    /// directory: (the listing offset the batch starts after, its entries).
+    dir_batches: DashMap<Ino, (u64, Arc<Vec<ListEntry>>)>,
     /// (inode, lock owner) pairs that took POSIX locks here: their close releases them.
     lock_owners: DashMap<(Ino, u64), ()>,
     /// Bumped whenever this mount releases a lock, waking its lock waiters at once (waiters
@@ -138,6 +142,7 @@ impl TideVfs {
             writers: DashMap::new(),
             seen_versions: DashMap::new(),
             lock_owners: DashMap::new(),
+            dir_batches: DashMap::new(),
             lock_changed: (Mutex::new(0), std::sync::Condvar::new()),
             background: Mutex::new(None),
             destroyed: AtomicBool::new(false),
@@ -464,6 +469,12 @@ fn sleep_while_mounted(weak: &Weak<TideVfs>, period: Duration) -> Option<Arc<Tid
         std::thread::sleep(left.min(step));
     }
 }
+
+/// Entries asked of the engine at a time for a listing.
+const DIR_BATCH: usize = 1000;
+
+/// Directories with a listing batch kept; all are dropped when there are more.
+const MAX_DIR_BATCHES: usize = 256;
 
 /// Longest pause between two tries of a lock held by another mount.
 const MAX_LOCK_POLL: Duration = Duration::from_millis(100);
@@ -1006,15 +1017,39 @@ impl tidefs_fuse::Vfs for TideVfs {
                 next: 2,
             });
         }
-        let cookie = offset.saturating_sub(2);
-        for e in self.data.meta.readdir(ino, cookie, limit)? {
-            out.push(ListEntry {
-                ino: e.ino,
-                kind: e.kind,
-                name: e.name,
-                next: e.cookie + 2,
-            });
-        }
+        let start = offset.max(2);
+        // A listing in progress continues from its batch; a new one (offset < 2) always asks
+        // the engine, so it sees every change made before it began.
+        let batch = self
+            .dir_batches
+            .get(&ino)
+            .filter(|b| offset >= 2 && b.0 <= start && b.1.last().is_some_and(|l| l.next > start))
+            .map(|b| b.1.clone());
+        let batch = match batch {
+            Some(b) => b,
+            None => {
+                let entries: Vec<ListEntry> = self
+                    .data
+                    .meta
+                    .readdir(ino, start - 2, DIR_BATCH)?
+                    .into_iter()
+                    .map(|e| ListEntry {
+                        ino: e.ino,
+                        kind: e.kind,
+                        name: e.name,
+                        next: e.cookie + 2,
+                    })
+                    .collect();
+                let b = Arc::new(entries);
+                if self.dir_batches.len() >= MAX_DIR_BATCHES {
+                    self.dir_batches.clear();
+                }
+                self.dir_batches.insert(ino, (start, b.clone()));
+                b
+            }
+        };
+        let from = batch.partition_point(|e| e.next <= start);
+        out.extend(batch[from..].iter().take(limit).cloned());
         Ok(out)
     }
 

@@ -3,7 +3,8 @@
 -- Redis does not roll a script back, so every operation checks everything that can fail before
 -- it writes anything.
 --
--- Call: EVALSHA <sha> 0 <op> <now sec> <now nsec> <trash hour name> <op arguments...>
+-- Call: FCALL tidefs_<hash> 0 <op> <now sec> <now nsec> <trash hour name> <op arguments...>
+-- (or EVALSHA <sha> 0 ... on servers without functions, before Redis 7).
 -- Errors are replies whose message is an errno name ("ENOENT"); "retry <ino>" asks the caller
 -- whether inode <ino> is open and to call again with the answer.
 --
@@ -913,7 +914,13 @@ function ops.check_namespace(now, repair)
   return problems
 end
 
-local op = ops[ARGV[1]]
-if not op then fail('unknown operation ' .. tostring(ARGV[1])) end
-local now = { s = ARGV[2], n = ARGV[3], hour = ARGV[4] }
-return op(now, unpack(ARGV, 5))
+local function dispatch(argv)
+  local op = ops[argv[1]]
+  if not op then fail('unknown operation ' .. tostring(argv[1])) end
+  local now = { s = argv[2], n = argv[3], hour = argv[4] }
+  return op(now, unpack(argv, 5))
+end
+
+-- The engine puts the entry point here: a registered function (Redis 7+, where the code above
+-- runs once, at load) or a script's return (older servers, where it runs at every call).
+-- @ENTRY@

@@ -37,6 +37,10 @@ pub struct RedisMeta {
     shown: String,
     pool: Mutex<Vec<Connection>>,
     script: redis::Script,
+    /// The library of operations as Redis 7 functions (`FUNCTION LOAD`): its code runs once,
+    /// at load, where a script's runs at every call. Its function is `tidefs_<hash>`, so
+    /// mounts of different versions use their own. None on servers without functions.
+    library: Option<Library>,
     /// Whether the server knows WAITAOF (Redis 7.2+); cleared at the first refusal.
     waitaof: AtomicBool,
     /// The inodes recent lookups and creations found under (directory, name): the likely
@@ -232,6 +236,23 @@ fn slice_args(s: &Slice) -> [u64; 5] {
     ]
 }
 
+/// The operations as a Redis function library.
+struct Library {
+    name: String,
+    code: String,
+}
+
+impl Library {
+    fn load(&self, c: &mut Connection) -> redis::RedisResult<()> {
+        redis::cmd("FUNCTION")
+            .arg("LOAD")
+            .arg("REPLACE")
+            .arg(&self.code)
+            .query::<Value>(c)
+            .map(drop)
+    }
+}
+
 /// Arguments of one script call.
 struct Call {
     args: Vec<Vec<u8>>,
@@ -285,16 +306,38 @@ impl RedisMeta {
         }
         let client = redis::Client::open(url)
             .map_err(|e| MetaError::Engine(format!("invalid redis URL {shown}: {e}")))?;
-        let script = SCRIPT.replace("@TRASH_INO@", &TRASH_INO.to_string());
-        let meta = RedisMeta {
+        let code = SCRIPT.replace("@TRASH_INO@", &TRASH_INO.to_string());
+        let script = redis::Script::new(&code.replace("-- @ENTRY@", "return dispatch(ARGV)"));
+        let name = format!("tidefs_{}", &script.get_hash()[..16]);
+        let library = Library {
+            code: format!("#!lua name={name}\n")
+                + &code.replace(
+                    "-- @ENTRY@",
+                    &format!(
+                        "redis.register_function('{name}', function(_, args) \
+                         return dispatch(args) end)"
+                    ),
+                ),
+            name,
+        };
+        let mut meta = RedisMeta {
             client,
             shown,
             pool: Mutex::new(Vec::new()),
-            script: redis::Script::new(&script),
+            script,
+            library: None,
             waitaof: AtomicBool::new(true),
             named: Mutex::new(HashMap::new()),
         };
-        let conn = meta.connect()?;
+        let mut conn = meta.connect()?;
+        match library.load(&mut conn) {
+            Ok(()) => meta.library = Some(library),
+            Err(e) => tracing::info!(
+                url = %meta.shown,
+                error = %e,
+                "redis functions unavailable; running operations as scripts"
+            ),
+        }
         meta.put_conn(conn);
         Ok(meta)
     }
@@ -371,11 +414,30 @@ impl RedisMeta {
     }
 
     fn run(&self, call: &Call) -> Result<Outcome> {
-        let mut inv = self.script.prepare_invoke();
-        for a in &call.args {
-            inv.arg(a.as_slice());
-        }
-        let v: Value = self.with_conn(|c| inv.invoke(c))?;
+        let v: Value = match &self.library {
+            Some(lib) => self.with_conn(|c| {
+                let mut fcall = redis::cmd("FCALL");
+                fcall.arg(&lib.name).arg(0);
+                for a in &call.args {
+                    fcall.arg(a.as_slice());
+                }
+                match fcall.query(c) {
+                    // A server restarted without persistence forgot the library.
+                    Err(e) if e.to_string().contains("Function not found") => {
+                        lib.load(c)?;
+                        fcall.query(c)
+                    }
+                    r => r,
+                }
+            })?,
+            None => {
+                let mut inv = self.script.prepare_invoke();
+                for a in &call.args {
+                    inv.arg(a.as_slice());
+                }
+                self.with_conn(|c| inv.invoke(c))?
+            }
+        };
         if let Value::BulkString(b) = &v {
             if let Some(ino) = b.strip_prefix(b"retry ") {
                 let ino = std::str::from_utf8(ino)

@@ -45,3 +45,19 @@ fn unreachable_servers_are_clear_errors_without_passwords() {
         assert!(!e.contains("secret"), "{e}");
     }
 }
+
+#[test]
+fn a_server_that_forgot_the_functions_gets_them_again() {
+    let server = RedisServer::start();
+    let meta = RedisMeta::open(&server.url(0)).unwrap();
+    meta.format(&tidefs_meta::conformance::sample_format(), 0, 0)
+        .unwrap();
+    // As after a restart without persistence (the data would be gone too; here it stays).
+    let flushed = std::process::Command::new("redis-cli")
+        .args(["-p", &server.port().to_string(), "FUNCTION", "FLUSH"])
+        .output()
+        .expect("run redis-cli");
+    assert_eq!(String::from_utf8_lossy(&flushed.stdout).trim(), "OK");
+    let a = tidefs_meta::conformance::sample_file(&meta, tidefs_meta::ROOT_INO, "f");
+    assert_eq!(meta.lookup(tidefs_meta::ROOT_INO, b"f").unwrap(), a);
+}
