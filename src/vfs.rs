@@ -284,6 +284,16 @@ impl TideVfs {
         self.data.clone()
     }
 
+    /// Records `version` as what an open of `ino` found and says whether the previous open
+    /// found the same: then what the kernel cached of it (file pages, directory listings) is
+    /// still right. This is what makes caching close-to-open across mounts.
+    fn unchanged_since_last_open(&self, ino: Ino, version: (Timestamp, u64)) -> bool {
+        if self.seen_versions.len() >= MAX_SEEN_VERSIONS {
+            self.seen_versions.clear();
+        }
+        self.seen_versions.insert(ino, version) == Some(version)
+    }
+
     /// The engine's form of a kernel lock request of `owner` on `ino`.
     fn meta_lock(&self, ino: Ino, owner: u64, lock: PosixLock) -> Result<Lock> {
         if ino == CONTROL_INO {
@@ -765,11 +775,7 @@ impl tidefs_fuse::Vfs for TideVfs {
             ));
         }
         // Unchanged since the last open: the pages the kernel cached then are still right.
-        let version = (a.mtime, a.length);
-        if self.seen_versions.len() >= MAX_SEEN_VERSIONS {
-            self.seen_versions.clear();
-        }
-        let keep_cache = self.seen_versions.insert(ino, version) == Some(version);
+        let keep_cache = self.unchanged_since_last_open(ino, (a.mtime, a.length));
         Ok(Opened {
             fh: self.open_handle(ino),
             keep_cache,
@@ -993,6 +999,18 @@ impl tidefs_fuse::Vfs for TideVfs {
 
     fn fsyncdir(&self, _ino: Ino) -> Result<()> {
         Ok(self.data.meta.sync()?)
+    }
+
+    fn opendir(&self, ino: Ino) -> Result<Opened> {
+        let a = self.data.meta.getattr(ino)?;
+        if a.kind != FileKind::Dir {
+            return Err(FsError::refused(libc::ENOTDIR, "not a directory"));
+        }
+        Ok(Opened {
+            fh: 0,
+            keep_cache: self.unchanged_since_last_open(ino, (a.mtime, u64::from(a.nlink))),
+            direct_io: false,
+        })
     }
 
     fn readdir(&self, ino: Ino, offset: u64, limit: usize) -> Result<Vec<ListEntry>> {

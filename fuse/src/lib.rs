@@ -191,6 +191,9 @@ pub trait Vfs: Send + Sync + 'static {
     fn fsync(&self, ino: Ino, fh: u64, datasync: bool) -> Result<(), Self::Error>;
     /// Makes the directory's entries durable.
     fn fsyncdir(&self, ino: Ino) -> Result<(), Self::Error>;
+    /// Opens directory `ino` for listing; `keep_cache` says the listing the kernel cached at
+    /// an earlier open is still right (the directory has not changed since).
+    fn opendir(&self, ino: Ino) -> Result<Opened, Self::Error>;
     /// Entries of directory `ino` after `offset` (0: from the start), at most `limit`.
     fn readdir(&self, ino: Ino, offset: u64, limit: usize) -> Result<Vec<ListEntry>, Self::Error>;
     /// Space and inode statistics.
@@ -675,8 +678,20 @@ impl<V: Vfs> Filesystem for Adapter<V> {
         Self::empty(reply, self.vfs.fsync(ino.0, fh.0, datasync));
     }
 
-    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        reply.opened(FileHandle(0), FopenFlags::empty());
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let _s = tracing::debug_span!("opendir", ino = ino.0).entered();
+        match self.vfs.opendir(ino.0) {
+            Ok(o) => {
+                // The kernel keeps listings in its page cache; it drops them itself when
+                // this mount changes the directory, and at an open without KEEP_CACHE.
+                let mut flags = FopenFlags::FOPEN_CACHE_DIR;
+                if o.keep_cache {
+                    flags |= FopenFlags::FOPEN_KEEP_CACHE;
+                }
+                reply.opened(FileHandle(o.fh), flags);
+            }
+            Err(e) => reply.error(errno(e)),
+        }
     }
 
     fn readdir(
