@@ -156,7 +156,25 @@ def report(results, args):
         f"{n} {op}: " + "/".join(f"{v:,.0f}" for v in results[n][f"{op} ops"])
         for n in ("tidefs", "JuiceFS") for op in ("create", "one dir create")
         if f"{op} ops" in results[n])]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + NOTES
+
+
+NOTES = """
+## Reading the table
+
+* "one dir": every thread works in the same directory. The kernel takes the directory's lock
+  for each create, rename and unlink, so these run one at a time whatever the filesystem:
+  they measure the latency of one operation (about half the p50 shown, with 2 threads).
+  "spread": the same over 100 directories, where the threads do run in parallel.
+* readdir is one listing of a whole directory (10,000 entries in "one dir", 100 in "spread").
+  tidefs lets the kernel cache the listing of a directory while it is unchanged (checked at
+  each open); JuiceFS does that only with `--readdir-cache` (off by default, and then kept
+  for the attribute timeout, changed or not), which the benchmark leaves off.
+* Both filesystems are on the same engine: one redis-server started for the round (tidefs in
+  database 1, JuiceFS in 2, no persistence), or an SQLite file each.
+* The machine has 2 cores and is shared: figures move 10-30% between runs. Compare the
+  ratios of one run.
+"""
 
 
 def main():
