@@ -276,8 +276,9 @@ struct MountArgs {
     /// Number of FUSE request loops.
     #[arg(long, default_value_t = 16)]
     threads: usize,
-    /// Seconds between session heartbeats. A mount that misses 5 is taken for dead and its
-    /// session cleaned up by the others; give every mount of a volume the same value.
+    /// Seconds between session heartbeats. A mount on another host that misses 5 (one on
+    /// this host: whose process is gone) is taken for dead and its session cleaned up by the
+    /// others; give every mount of a volume the same value.
     #[arg(long, default_value_t = session::DEFAULT_HEARTBEAT)]
     heartbeat: u64,
     /// Mount read-only.

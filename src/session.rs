@@ -1,8 +1,8 @@
 //! Mount sessions: which are alive, and cleaning up after those that are not.
 //!
 //! Every mount registers a session and writes a heartbeat every `--heartbeat` seconds. A
-//! session is dead when its process is gone (for mounts on this host) or when it has not
-//! written a heartbeat for [`STALE_BEATS`] heartbeat intervals. Every mount cleans up dead
+//! session of this host is dead when its process is gone; one of another host when it has
+//! not written a heartbeat for [`STALE_BEATS`] heartbeat intervals. Every mount cleans up dead
 //! sessions at each heartbeat: closing one frees the files it kept open after their last
 //! unlink. All clients of a volume should use the same `--heartbeat`, as with JuiceFS.
 
@@ -32,11 +32,12 @@ pub fn pid_alive(pid: u32) -> bool {
 }
 
 /// Whether the mount of session `s` is running, for clients whose heartbeat interval is
-/// `heartbeat`: its process exists if it is on this host, and it wrote a heartbeat within
+/// `heartbeat`: on this host, whether its process exists (a mount that is only slow, or
+/// stopped, keeps its session); elsewhere, whether it wrote a heartbeat within
 /// [`STALE_BEATS`] intervals.
 pub fn is_alive(s: &SessionInfo, heartbeat: Duration) -> bool {
-    if s.host == hostname() && !pid_alive(s.pid) {
-        return false;
+    if s.host == hostname() {
+        return pid_alive(s.pid);
     }
     let stale_after = (heartbeat * STALE_BEATS).as_secs().max(1) as i64;
     Timestamp::now().sec - s.heartbeat <= stale_after
