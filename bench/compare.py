@@ -79,29 +79,36 @@ def wait_mounted(path, proc=None, timeout=30):
 S3_KEYS = ("bench-ak", "bench-sk")
 
 
+def start_server(command):
+    """Starts `command(port)` for a free 127.0.0.1 port and waits until it accepts
+    connections; returns (port, process)."""
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    argv = command(port)
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 20
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return port, proc
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise RuntimeError(f"{argv[0]} did not start")
+            time.sleep(0.05)
+
+
 class S3Server:
     """An s3s-fs server on a free 127.0.0.1 port, its data under `root`."""
 
     def __init__(self, root, binary):
-        import socket
         self.root = root
         os.makedirs(root)
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
-        self.proc = subprocess.Popen(
-            [binary, "--host", "127.0.0.1", "--port", str(self.port), "--access-key",
-             S3_KEYS[0], "--secret-key", S3_KEYS[1], root],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                break
-            except OSError:
-                if self.proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError("s3s-fs did not start")
-                time.sleep(0.05)
+        self.port, self.proc = start_server(
+            lambda port: [binary, "--host", "127.0.0.1", "--port", str(port), "--access-key",
+                          S3_KEYS[0], "--secret-key", S3_KEYS[1], root])
 
     def bucket(self, name):
         os.makedirs(os.path.join(self.root, name))
@@ -116,24 +123,10 @@ class RedisServer:
     """A redis-server on a free 127.0.0.1 port, without persistence, its files under `root`."""
 
     def __init__(self, root):
-        import socket
         os.makedirs(root)
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", root, "--logfile", "redis.log"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                break
-            except OSError:
-                if self.proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError("redis-server did not start")
-                time.sleep(0.05)
+        self.port, self.proc = start_server(
+            lambda port: ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save",
+                          "", "--appendonly", "no", "--dir", root, "--logfile", "redis.log"])
 
     def url(self, db):
         return f"redis://127.0.0.1:{self.port}/{db}"

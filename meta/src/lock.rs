@@ -81,20 +81,21 @@ impl Lock {
 
     /// Reads the stored form.
     pub fn decode(raw: &str) -> Option<Lock> {
-        let mut f = raw.split(',');
-        let mut n = || f.next()?.parse::<u64>().ok();
-        let (sid, owner, pid) = (n()?, n()?, n()?);
-        let typ = LockType::from_code(raw.split(',').nth(3)?.chars().next()?)?;
-        let mut f = raw.split(',').skip(4);
-        let start = f.next()?.parse().ok()?;
-        let end = f.next()?.parse().ok()?;
+        let f: Vec<&str> = raw.split(',').collect();
+        let [sid, owner, pid, typ, start, end] = f.as_slice() else {
+            return None;
+        };
+        let mut typ = typ.chars();
+        let (Some(code), None) = (typ.next(), typ.next()) else {
+            return None;
+        };
         Some(Lock {
-            sid,
-            owner,
-            pid: u32::try_from(pid).ok()?,
-            typ,
-            start,
-            end,
+            sid: sid.parse().ok()?,
+            owner: owner.parse().ok()?,
+            pid: pid.parse().ok()?,
+            typ: LockType::from_code(code)?,
+            start: start.parse().ok()?,
+            end: end.parse().ok()?,
         })
     }
 }
@@ -230,5 +231,7 @@ mod tests {
         assert_eq!(Lock::decode(&l.encode()), Some(l));
         assert_eq!(Lock::decode("1,2,3,x,4,5"), None);
         assert_eq!(Lock::decode("1,2"), None);
+        assert_eq!(Lock::decode("1,2,3,ww,4,5"), None);
+        assert_eq!(Lock::decode("1,2,3,w,4,5,6"), None);
     }
 }
