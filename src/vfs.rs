@@ -22,8 +22,8 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-use tidefs_fuse::{Ctx, ListEntry, Opened, PosixLock, StatFs};
-use tidefs_meta::lock::{Lock, LockType};
+use tidefs_fuse::{Ctx, FileLock, ListEntry, Opened, StatFs};
+use tidefs_meta::lock::{Lock, LockKind, LockType};
 use tidefs_meta::{
     parse_trash_hour, Attr, FallocMode, FileKind, Format, Ino, MetaError, NewNode, RenameFlags,
     SetAttr, Timestamp, XattrMode, TRASH_INO,
@@ -91,8 +91,9 @@ pub struct TideVfs {
     /// a page of entries at a time, the engine hands out [`DIR_BATCH`] per call. Keyed by
     /// directory: (the listing offset the batch starts after, its entries).
     dir_batches: DashMap<Ino, (u64, Arc<Vec<ListEntry>>)>,
-    /// (inode, lock owner) pairs that took POSIX locks here: their close releases them.
-    lock_owners: DashMap<(Ino, u64), ()>,
+    /// (inode, lock owner, kind) that took locks here: their close (fcntl) or the release of
+    /// their open file description (flock) releases them.
+    lock_owners: DashMap<(Ino, u64, LockKind), ()>,
     /// Bumped whenever this mount releases a lock, waking its lock waiters at once (waiters
     /// for locks of other mounts ask again after a growing pause).
     lock_changed: (Mutex<u64>, std::sync::Condvar),
@@ -295,7 +296,7 @@ impl TideVfs {
     }
 
     /// The engine's form of a kernel lock request of `owner` on `ino`.
-    fn meta_lock(&self, ino: Ino, owner: u64, lock: PosixLock) -> Result<Lock> {
+    fn meta_lock(&self, ino: Ino, owner: u64, lock: FileLock) -> Result<Lock> {
         if ino == CONTROL_INO {
             return Err(FsError::refused(
                 libc::ENOLCK,
@@ -315,6 +316,7 @@ impl TideVfs {
             typ,
             start: lock.start,
             end: lock.end,
+            kind: lock.kind,
         })
     }
 
@@ -884,9 +886,9 @@ impl tidefs_fuse::Vfs for TideVfs {
         self.flush_inode(ino, self.handle(fh).as_deref())
     }
 
-    fn getlk(&self, ino: Ino, _fh: u64, owner: u64, lock: PosixLock) -> Result<Option<PosixLock>> {
+    fn getlk(&self, ino: Ino, _fh: u64, owner: u64, lock: FileLock) -> Result<Option<FileLock>> {
         let req = self.meta_lock(ino, owner, lock)?;
-        Ok(self.data.meta.getlk(ino, &req)?.map(|l| PosixLock {
+        Ok(self.data.meta.getlk(ino, &req)?.map(|l| FileLock {
             start: l.start,
             end: l.end,
             typ: match l.typ {
@@ -894,14 +896,15 @@ impl tidefs_fuse::Vfs for TideVfs {
                 _ => libc::F_RDLCK,
             },
             pid: l.pid,
+            kind: l.kind,
         }))
     }
 
-    fn setlk(&self, ino: Ino, fh: u64, owner: u64, lock: PosixLock, wait: bool) -> Result<()> {
+    fn setlk(&self, ino: Ino, fh: u64, owner: u64, lock: FileLock, wait: bool) -> Result<()> {
         let req = self.meta_lock(ino, owner, lock)?;
         if req.typ != LockType::Unlock {
             // Before taking it: a close racing this request must find the owner.
-            self.lock_owners.insert((ino, owner), ());
+            self.lock_owners.insert((ino, owner, lock.kind), ());
         }
         let mut pause = Duration::from_millis(1);
         loop {
@@ -936,15 +939,16 @@ impl tidefs_fuse::Vfs for TideVfs {
         }
     }
 
-    fn release_locks(&self, ino: Ino, owner: u64) -> Result<()> {
-        if self.lock_owners.remove(&(ino, owner)).is_none() {
+    fn release_locks(&self, ino: Ino, owner: u64, kind: LockKind) -> Result<()> {
+        if self.lock_owners.remove(&(ino, owner, kind)).is_none() {
             return Ok(());
         }
-        let all = PosixLock {
+        let all = FileLock {
             start: 0,
             end: u64::MAX,
             typ: libc::F_UNLCK,
             pid: 0,
+            kind,
         };
         self.data
             .meta

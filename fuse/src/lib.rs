@@ -16,6 +16,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
+pub use tidefs_meta::lock::LockKind;
 use tidefs_meta::{Attr, FileKind, Ino, RenameFlags, SetAttr, Timestamp};
 
 /// Who makes a request.
@@ -80,10 +81,11 @@ pub struct StatFs {
 ///
 /// Permission checks on paths are done by the kernel (`default_permissions`); implementations
 /// apply the rules the kernel leaves to filesystems (setgid inheritance and such).
-/// A POSIX (fcntl) record lock as the kernel passes it: bytes `start..=end`, `typ` one of
-/// `F_RDLCK`, `F_WRLCK`, `F_UNLCK`, and the process it belongs to.
+/// A file lock as the kernel passes it: bytes `start..=end`, `typ` one of `F_RDLCK`,
+/// `F_WRLCK`, `F_UNLCK`, the process it belongs to, and whether it is a POSIX record lock
+/// (fcntl) or a flock(2) lock (always the whole file).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PosixLock {
+pub struct FileLock {
     /// First byte.
     pub start: u64,
     /// Last byte, inclusive.
@@ -92,6 +94,8 @@ pub struct PosixLock {
     pub typ: i32,
     /// The process holding or asking.
     pub pid: u32,
+    /// fcntl or flock.
+    pub kind: LockKind,
 }
 
 pub trait Vfs: Send + Sync + 'static {
@@ -173,8 +177,8 @@ pub trait Vfs: Send + Sync + 'static {
         ino: Ino,
         fh: u64,
         owner: u64,
-        lock: PosixLock,
-    ) -> Result<Option<PosixLock>, Self::Error>;
+        lock: FileLock,
+    ) -> Result<Option<FileLock>, Self::Error>;
     /// Takes or releases a lock for `owner` (F_SETLK); with `wait` (F_SETLKW) waits until it
     /// can be taken. Called on a thread of its own when waiting.
     fn setlk(
@@ -182,11 +186,12 @@ pub trait Vfs: Send + Sync + 'static {
         ino: Ino,
         fh: u64,
         owner: u64,
-        lock: PosixLock,
+        lock: FileLock,
         wait: bool,
     ) -> Result<(), Self::Error>;
-    /// A descriptor of `owner` was closed: POSIX locks of `owner` on `ino` go.
-    fn release_locks(&self, ino: Ino, owner: u64) -> Result<(), Self::Error>;
+    /// The locks of `kind` that `owner` holds on `ino` go: POSIX locks when a descriptor of
+    /// the owner is closed, flock locks when the open file description is released.
+    fn release_locks(&self, ino: Ino, owner: u64, kind: LockKind) -> Result<(), Self::Error>;
     /// Makes written data and metadata durable.
     fn fsync(&self, ino: Ino, fh: u64, datasync: bool) -> Result<(), Self::Error>;
     /// Makes the directory's entries durable.
@@ -338,6 +343,31 @@ impl<V: Vfs> Adapter<V> {
             Err(e) => reply.error(errno(e)),
         }
     }
+
+    /// Takes or releases `lock`; a request that may wait runs on a thread of its own, as a
+    /// wait may be long and must not hold a request loop.
+    fn set_lock(
+        &self,
+        ino: INodeNo,
+        fh: FileHandle,
+        owner: LockOwner,
+        lock: FileLock,
+        sleep: bool,
+        reply: ReplyEmpty,
+    ) {
+        if !sleep {
+            return Self::empty(reply, self.vfs.setlk(ino.0, fh.0, owner.0, lock, false));
+        }
+        let vfs = self.vfs.clone();
+        let waiter = std::thread::Builder::new()
+            .name("tidefs-lockwait".into())
+            .spawn(move || {
+                Self::empty(reply, vfs.setlk(ino.0, fh.0, owner.0, lock, true));
+            });
+        if let Err(e) = waiter {
+            tracing::warn!(error = %e, "cannot start a lock waiter");
+        }
+    }
 }
 
 impl<V: Vfs> Filesystem for Adapter<V> {
@@ -348,7 +378,8 @@ impl<V: Vfs> Filesystem for Adapter<V> {
         // POSIX locks go to the VFS so that they hold across every mount of a volume.
         let wanted = InitFlags::FUSE_PARALLEL_DIROPS
             | InitFlags::FUSE_ASYNC_READ
-            | InitFlags::FUSE_POSIX_LOCKS;
+            | InitFlags::FUSE_POSIX_LOCKS
+            | InitFlags::FUSE_FLOCK_LOCKS;
         config.add_capabilities(wanted & config.capabilities()).ok();
         Ok(())
     }
@@ -584,7 +615,7 @@ impl<V: Vfs> Filesystem for Adapter<V> {
     ) {
         let _s = tracing::debug_span!("flush", ino = ino.0).entered();
         let flushed = self.vfs.flush(ino.0, fh.0);
-        let unlocked = self.vfs.release_locks(ino.0, lock_owner.0);
+        let unlocked = self.vfs.release_locks(ino.0, lock_owner.0, LockKind::Posix);
         Self::empty(reply, flushed.and(unlocked));
     }
 
@@ -601,11 +632,12 @@ impl<V: Vfs> Filesystem for Adapter<V> {
         reply: ReplyLock,
     ) {
         let _s = tracing::debug_span!("getlk", ino = ino.0).entered();
-        let lock = PosixLock {
+        let lock = FileLock {
             start,
             end,
             typ,
             pid,
+            kind: LockKind::Posix,
         };
         match self.vfs.getlk(ino.0, fh.0, lock_owner.0, lock) {
             Ok(Some(l)) => reply.locked(l.start, l.end, l.typ, l.pid),
@@ -628,28 +660,36 @@ impl<V: Vfs> Filesystem for Adapter<V> {
         reply: ReplyEmpty,
     ) {
         let _s = tracing::debug_span!("setlk", ino = ino.0, sleep).entered();
-        let lock = PosixLock {
+        let lock = FileLock {
             start,
             end,
             typ,
             pid,
+            kind: LockKind::Posix,
         };
-        if !sleep {
-            return Self::empty(
-                reply,
-                self.vfs.setlk(ino.0, fh.0, lock_owner.0, lock, false),
-            );
-        }
-        // A wait may be long: it must not hold a request loop.
-        let vfs = self.vfs.clone();
-        let waiter = std::thread::Builder::new()
-            .name("tidefs-lockwait".into())
-            .spawn(move || {
-                Self::empty(reply, vfs.setlk(ino.0, fh.0, lock_owner.0, lock, true));
-            });
-        if let Err(e) = waiter {
-            tracing::warn!(error = %e, "cannot start a lock waiter");
-        }
+        self.set_lock(ino, fh, lock_owner, lock, sleep, reply);
+    }
+
+    fn flock(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        lock_owner: LockOwner,
+        typ: i32,
+        pid: u32,
+        sleep: bool,
+        reply: ReplyEmpty,
+    ) {
+        let _s = tracing::debug_span!("flock", ino = ino.0, sleep).entered();
+        let lock = FileLock {
+            start: 0,
+            end: u64::MAX,
+            typ,
+            pid,
+            kind: LockKind::Flock,
+        };
+        self.set_lock(ino, fh, lock_owner, lock, sleep, reply);
     }
 
     fn release(
@@ -658,12 +698,17 @@ impl<V: Vfs> Filesystem for Adapter<V> {
         ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
+        lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
         let _s = tracing::debug_span!("release", ino = ino.0).entered();
-        Self::empty(reply, self.vfs.release(ino.0, fh.0));
+        // The kernel names the owner only when the description held flock locks.
+        let unlocked = match lock_owner {
+            Some(owner) => self.vfs.release_locks(ino.0, owner.0, LockKind::Flock),
+            None => Ok(()),
+        };
+        Self::empty(reply, self.vfs.release(ino.0, fh.0).and(unlocked));
     }
 
     fn fsync(

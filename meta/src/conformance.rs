@@ -1123,9 +1123,10 @@ pub fn slices_apply_in_commit_order_and_compact_safely(m: &dyn Meta) {
 }
 
 /// POSIX locks conflict between owners, in one session or several; an owner's own locks
-/// split and merge; closing a session releases its locks.
+/// split and merge; flock locks conflict among themselves only; closing a session releases
+/// its locks of both kinds.
 pub fn posix_locks_conflict_across_sessions(m: &dyn Meta) {
-    use crate::lock::{Lock, LockType};
+    use crate::lock::{Lock, LockKind, LockType};
     formatted(m);
     let f = file(m, ROOT_INO, "f");
     let a = m.new_session(&sample_session()).unwrap();
@@ -1137,6 +1138,11 @@ pub fn posix_locks_conflict_across_sessions(m: &dyn Meta) {
         typ,
         start,
         end,
+        kind: LockKind::Posix,
+    };
+    let flock = |sid, owner, typ| Lock {
+        kind: LockKind::Flock,
+        ..lk(sid, owner, typ, 0, u64::MAX)
     };
     let held = lk(a, 1, LockType::Write, 0, 99);
     assert_eq!(m.setlk(f.ino, &held).unwrap(), None);
@@ -1165,8 +1171,25 @@ pub fn posix_locks_conflict_across_sessions(m: &dyn Meta) {
         m.getlk(f.ino, &lk(b, 1, LockType::Read, 50, 50)).unwrap(),
         Some(lk(a, 1, LockType::Write, 50, 99))
     );
+    // flock locks ignore the record locks; they conflict with each other across sessions.
+    let whole = flock(a, 1, LockType::Write);
+    assert_eq!(m.setlk(f.ino, &whole).unwrap(), None);
+    assert_eq!(
+        m.setlk(f.ino, &flock(b, 1, LockType::Read)).unwrap(),
+        Some(whole)
+    );
+    assert_eq!(
+        m.getlk(f.ino, &lk(b, 1, LockType::Read, 10, 20)).unwrap(),
+        None
+    );
     // Closing session a releases all of its locks; b's stay.
     m.close_session(a).unwrap();
+    let b_flock = flock(b, 2, LockType::Write);
+    assert_eq!(m.setlk(f.ino, &b_flock).unwrap(), None);
+    assert_eq!(
+        m.setlk(f.ino, &flock(b, 2, LockType::Unlock)).unwrap(),
+        None
+    );
     let c = m.new_session(&sample_session()).unwrap();
     assert_eq!(
         m.setlk(f.ino, &lk(c, 1, LockType::Write, 21, u64::MAX))

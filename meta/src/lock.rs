@@ -1,10 +1,12 @@
-//! POSIX record locks (fcntl) held in the metadata engine, so that they conflict across every
-//! mount of a volume.
+//! File locks held in the metadata engine, so that they conflict across every mount of a
+//! volume: POSIX record locks (fcntl) and flock(2) locks.
 //!
-//! A lock belongs to an owner: a session (mount) and the kernel's lock owner within it. The
-//! rules are those of fcntl(2): an owner's locks never conflict with each other, and a new
-//! lock replaces, splits or merges the owner's locks over its range; two owners conflict
-//! where their ranges overlap and one of them writes.
+//! A lock belongs to an owner: a session (mount) and the kernel's lock owner within it (a
+//! process's file table for fcntl, an open file description for flock). The rules are those
+//! of fcntl(2): an owner's locks never conflict with each other, and a new lock replaces,
+//! splits or merges the owner's locks over its range; two owners conflict where their ranges
+//! overlap and one of them writes. A flock lock is the same thing over the whole file. As on
+//! Linux, the two kinds never conflict with each other.
 
 use serde::{Deserialize, Serialize};
 
@@ -40,6 +42,16 @@ impl LockType {
     }
 }
 
+/// Which of the two independent lock families a lock belongs to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum LockKind {
+    /// A POSIX record lock (fcntl, lockf).
+    #[default]
+    Posix,
+    /// A whole-file flock(2) lock.
+    Flock,
+}
+
 /// A held lock, or a request for one: bytes `start..=end` of a file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lock {
@@ -55,34 +67,45 @@ pub struct Lock {
     pub start: u64,
     /// Last byte, inclusive (`u64::MAX`: to the end of any file).
     pub end: u64,
+    /// fcntl or flock.
+    pub kind: LockKind,
 }
 
 impl Lock {
     fn same_owner(&self, other: &Lock) -> bool {
-        self.sid == other.sid && self.owner == other.owner
+        self.sid == other.sid && self.owner == other.owner && self.kind == other.kind
     }
 
     fn overlaps(&self, other: &Lock) -> bool {
         self.start <= other.end && other.start <= self.end
     }
 
-    /// The stored form `sid,owner,pid,typ,start,end`.
+    /// The stored form `sid,owner,pid,typ,start,end`, with `,f` appended for a flock lock
+    /// (so that records written before flock locks existed read as POSIX locks).
     pub fn encode(&self) -> String {
         format!(
-            "{},{},{},{},{},{}",
+            "{},{},{},{},{},{}{}",
             self.sid,
             self.owner,
             self.pid,
             self.typ.code(),
             self.start,
-            self.end
+            self.end,
+            match self.kind {
+                LockKind::Posix => "",
+                LockKind::Flock => ",f",
+            }
         )
     }
 
     /// Reads the stored form.
     pub fn decode(raw: &str) -> Option<Lock> {
         let f: Vec<&str> = raw.split(',').collect();
-        let [sid, owner, pid, typ, start, end] = f.as_slice() else {
+        let (kind, f) = match f.as_slice() {
+            [rest @ .., "f"] => (LockKind::Flock, rest),
+            all => (LockKind::Posix, all),
+        };
+        let [sid, owner, pid, typ, start, end] = f else {
             return None;
         };
         let mut typ = typ.chars();
@@ -96,6 +119,7 @@ impl Lock {
             typ: LockType::from_code(code)?,
             start: start.parse().ok()?,
             end: end.parse().ok()?,
+            kind,
         })
     }
 }
@@ -107,7 +131,8 @@ pub fn conflict(held: &[Lock], req: &Lock) -> Option<Lock> {
     }
     held.iter()
         .find(|l| {
-            !l.same_owner(req)
+            l.kind == req.kind
+                && !l.same_owner(req)
                 && l.overlaps(req)
                 && (l.typ == LockType::Write || req.typ == LockType::Write)
         })
@@ -171,7 +196,35 @@ mod tests {
             typ,
             start,
             end,
+            kind: LockKind::Posix,
         }
+    }
+
+    fn flock(owner: u64, typ: LockType) -> Lock {
+        Lock {
+            kind: LockKind::Flock,
+            ..lk(owner, typ, 0, u64::MAX)
+        }
+    }
+
+    #[test]
+    fn flock_and_fcntl_locks_are_independent() {
+        use LockType::*;
+        let held = apply(&[], &lk(1, Write, 100, 199)).unwrap();
+        // Another owner's flock lock ignores the record lock, as on Linux.
+        let held = apply(&held, &flock(2, Write)).unwrap();
+        assert_eq!(held.len(), 2);
+        // flock locks of two owners conflict like whole-file record locks.
+        assert_eq!(conflict(&held, &flock(3, Read)), Some(flock(2, Write)));
+        // The same owner converts its lock, without touching its record locks.
+        let held = apply(&held, &lk(2, Read, 0, 9)).unwrap();
+        assert_eq!(held.len(), 3);
+        let held = apply(&held, &flock(2, Read)).unwrap();
+        assert!(held.contains(&flock(2, Read)) && !held.contains(&flock(2, Write)));
+        assert_eq!(conflict(&held, &flock(3, Read)), None);
+        // Unlocking the flock lock leaves the record locks.
+        let held = apply(&held, &flock(2, Unlock)).unwrap();
+        assert_eq!(held, vec![lk(2, Read, 0, 9), lk(1, Write, 100, 199)]);
     }
 
     #[test]
@@ -227,8 +280,16 @@ mod tests {
             typ: LockType::Write,
             start: 0,
             end: u64::MAX,
+            kind: LockKind::Posix,
         };
         assert_eq!(Lock::decode(&l.encode()), Some(l));
+        let f = Lock {
+            kind: LockKind::Flock,
+            ..l
+        };
+        assert_eq!(f.encode(), format!("{},f", l.encode()));
+        assert_eq!(Lock::decode(&f.encode()), Some(f));
+        assert_eq!(Lock::decode("1,2,3,w,4,5,f,f"), None);
         assert_eq!(Lock::decode("1,2,3,x,4,5"), None);
         assert_eq!(Lock::decode("1,2"), None);
         assert_eq!(Lock::decode("1,2,3,ww,4,5"), None);

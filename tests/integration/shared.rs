@@ -287,6 +287,20 @@ fn lock_child(path: &Path, start: u32, len: u32, wait: bool) -> std::process::Ch
         .unwrap()
 }
 
+/// Waits for a lock child and checks that it took its lock.
+fn assert_got_lock(mut child: std::process::Child) {
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    assert_eq!(out, "locked\n");
+}
+
 fn probe(path: &Path, start: u32) -> Option<i32> {
     lock_child(path, start, 10, false).wait().unwrap().code()
 }
@@ -325,16 +339,7 @@ fn fcntl_locks_hold_across_mounts() {
     );
     assert_eq!(set_lock(&held, libc::F_UNLCK, 0, 100), 0);
     let started = Instant::now();
-    let status = waiter.wait().unwrap();
-    assert!(status.success(), "{status}");
-    let mut out = String::new();
-    waiter
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
-    assert_eq!(out, "locked\n");
+    assert_got_lock(waiter);
     assert!(started.elapsed() < Duration::from_secs(5));
     // Closing a file releases its process's locks, as fcntl(2) says.
     assert_eq!(set_lock(&held, libc::F_WRLCK, 0, 0), 0);
@@ -354,5 +359,80 @@ fn fcntl_locks_hold_across_mounts() {
     eventually(20, "the dead mount's lock is released", || {
         probe(&b.p("f"), 0) == Some(0)
     });
+    b.unmount();
+}
+
+/// A python child that opens `path` and calls `flock(op)` (an expression over `fcntl.LOCK_*`):
+/// exits 3 when the lock is refused; otherwise prints "locked" and exits.
+fn flock_child(path: &Path, op: &str) -> std::process::Child {
+    std::process::Command::new("python3")
+        .args([
+            "-c",
+            &format!(
+                "import fcntl,sys\nf=open(sys.argv[1],'r')\ntry:\n fcntl.flock(f, {op})\nexcept OSError:\n sys.exit(3)\nprint('locked', flush=True)\n"
+            ),
+        ])
+        .arg(path)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn flock_probe(path: &Path, op: &str) -> Option<i32> {
+    flock_child(path, &format!("{op}|fcntl.LOCK_NB"))
+        .wait()
+        .unwrap()
+        .code()
+}
+
+fn flock(f: &std::fs::File, op: i32) -> i32 {
+    use std::os::fd::AsRawFd;
+    unsafe { libc::flock(f.as_raw_fd(), op) }
+}
+
+#[test]
+fn flock_locks_hold_across_mounts() {
+    let vol = Volume::shared(1024);
+    let (a, b) = mount_two(&vol, &[]);
+    std::fs::write(a.p("f"), b"whole file").unwrap();
+    eventually(5, "B sees the file", || b.p("f").exists());
+    let held = std::fs::File::open(a.p("f")).unwrap();
+    assert_eq!(flock(&held, libc::LOCK_EX), 0);
+    assert_eq!(flock_probe(&b.p("f"), "fcntl.LOCK_SH"), Some(3));
+    assert_eq!(flock_probe(&b.p("f"), "fcntl.LOCK_EX"), Some(3));
+    // flock and fcntl locks are independent, as on a local Linux filesystem.
+    assert_eq!(probe(&b.p("f"), 0), Some(0), "a record lock ignores flock");
+    // Downgraded, the lock is shared with readers on the other mount, not with writers.
+    assert_eq!(flock(&held, libc::LOCK_SH), 0);
+    assert_eq!(flock_probe(&b.p("f"), "fcntl.LOCK_SH"), Some(0));
+    assert_eq!(flock_probe(&b.p("f"), "fcntl.LOCK_EX"), Some(3));
+    // A waiter on B gets the lock once A unlocks.
+    let mut waiter = flock_child(&b.p("f"), "fcntl.LOCK_EX");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        waiter.try_wait().unwrap().is_none(),
+        "waited without the lock"
+    );
+    assert_eq!(flock(&held, libc::LOCK_UN), 0);
+    assert_got_lock(waiter);
+    // A lock belongs to the open file description: two opens on one mount conflict, and
+    // the lock lasts until the description's last descriptor is closed.
+    assert_eq!(flock(&held, libc::LOCK_EX), 0);
+    let other = std::fs::File::open(a.p("f")).unwrap();
+    assert_eq!(flock(&other, libc::LOCK_EX | libc::LOCK_NB), -1);
+    let dup = held.try_clone().unwrap();
+    drop(held);
+    assert_eq!(
+        flock_probe(&b.p("f"), "fcntl.LOCK_SH"),
+        Some(3),
+        "dup holds"
+    );
+    drop(dup);
+    eventually(5, "the last close releases the lock", || {
+        flock_probe(&b.p("f"), "fcntl.LOCK_EX") == Some(0)
+    });
+    assert_eq!(flock(&other, libc::LOCK_EX | libc::LOCK_NB), 0);
+    drop(other);
+    a.unmount();
     b.unmount();
 }
