@@ -569,6 +569,7 @@ fn mount(a: MountArgs) -> Result<()> {
         max_readahead: a.max_readahead << 20,
         read_only: a.read_only,
         heartbeat,
+        attr_ttl: Duration::from_secs_f64(a.attr_cache.max(0.0)),
         ..VfsOptions::default()
     };
     let vfs = TideVfs::new(data, format.clone(), sid, opts);

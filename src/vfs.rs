@@ -49,6 +49,10 @@ pub struct VfsOptions {
     /// The mount is read-only: no background work that writes (compaction, trash purge) and
     /// no control commands.
     pub read_only: bool,
+    /// How long the kernel may keep attributes (`--attr-cache`); a directory's attributes
+    /// that this mount's last creation in it left are answered for as long (see
+    /// [`TideVfs::getattr`]).
+    pub attr_ttl: Duration,
 }
 
 impl Default for VfsOptions {
@@ -61,6 +65,7 @@ impl Default for VfsOptions {
             commit_interval: Duration::from_secs(5),
             trash_purge_interval: Duration::from_secs(3600),
             read_only: false,
+            attr_ttl: Duration::from_secs(1),
         }
     }
 }
@@ -94,6 +99,10 @@ pub struct TideVfs {
     /// (inode, lock owner, kind) that took locks here: their close (fcntl) or the release of
     /// their open file description (flock) releases them.
     lock_owners: DashMap<(Ino, u64, LockKind), ()>,
+    /// Directories' attributes as this mount's last creation in each (or opendir) read them,
+    /// with when: they answer the getattr the kernel sends right after a creation (see
+    /// [`TideVfs::getattr`]) or the start of the listing after an opendir.
+    fresh_dirs: DashMap<Ino, (Attr, Instant)>,
     /// Bumped whenever this mount releases a lock, waking its lock waiters at once (waiters
     /// for locks of other mounts ask again after a growing pause).
     lock_changed: (Mutex<u64>, std::sync::Condvar),
@@ -123,6 +132,10 @@ type Result<T> = std::result::Result<T, FsError>;
 /// Files whose last-open version is remembered (about 50 bytes each).
 const MAX_SEEN_VERSIONS: usize = 100_000;
 
+/// Directories whose attributes after a creation are kept for the next getattr (about 100
+/// bytes each; the kernel asks within moments, so few are ever waiting).
+const MAX_FRESH_DIRS: usize = 10_000;
+
 impl TideVfs {
     /// The VFS of session `sid` of the volume with `format`.
     pub fn new(data: Arc<DataCtx>, format: Format, sid: u64, opts: VfsOptions) -> Arc<Self> {
@@ -143,6 +156,7 @@ impl TideVfs {
             writers: DashMap::new(),
             seen_versions: DashMap::new(),
             lock_owners: DashMap::new(),
+            fresh_dirs: DashMap::new(),
             dir_batches: DashMap::new(),
             lock_changed: (Mutex::new(0), std::sync::Condvar::new()),
             background: Mutex::new(None),
@@ -404,15 +418,45 @@ impl TideVfs {
         } else {
             vec![ctx.gid]
         };
-        Ok(self.data.meta.mknod(parent, name, &node)?)
+        let (a, dir) = self.data.meta.mknod_with_parent(parent, name, &node)?;
+        if let Some(dir) = dir {
+            self.note_dir(dir);
+        }
+        Ok(a)
+    }
+
+    /// Keeps a directory's current attributes for the next question about them.
+    fn note_dir(&self, dir: Attr) {
+        if self.opts.attr_ttl.is_zero() {
+            return;
+        }
+        if self.fresh_dirs.len() >= MAX_FRESH_DIRS {
+            self.fresh_dirs.clear();
+        }
+        self.fresh_dirs.insert(dir.ino, (dir, Instant::now()));
+    }
+
+    /// The attributes [`TideVfs::note_dir`] kept for `ino`, if they are recent enough; they
+    /// answer one question only.
+    fn take_fresh_dir(&self, ino: Ino) -> Option<Attr> {
+        let (_, (a, at)) = self.fresh_dirs.remove(&ino)?;
+        (at.elapsed() < self.opts.attr_ttl).then_some(a)
+    }
+
+    /// A change through this mount other than a creation touched directory `ino`.
+    fn dir_changed(&self, ino: Ino) {
+        self.fresh_dirs.remove(&ino);
     }
 
     /// Removes the non-directory `name` from `parent` as unlink(2) does (an open file stays
     /// until its last close here).
     pub fn unlink_entry(&self, parent: Ino, name: &[u8]) -> Result<()> {
-        self.data
+        let unlinked = self
+            .data
             .meta
-            .unlink(parent, name, self.sid, &|ino| self.keep_if_open(ino))?;
+            .unlink(parent, name, self.sid, &|ino| self.keep_if_open(ino));
+        self.dir_changed(parent);
+        unlinked?;
         self.wake_deleter();
         Ok(())
     }
@@ -642,9 +686,16 @@ impl tidefs_fuse::Vfs for TideVfs {
         }
     }
 
+    /// After a creation in a directory the kernel drops the directory's attributes and asks
+    /// for them at the next path walk through it: that question is answered, once, with the
+    /// attributes the creation left, which is what the engine would say unless another mount
+    /// changed the directory since (as stale as the kernel's own attribute cache may be).
     fn getattr(&self, ino: Ino) -> Result<Attr> {
         if ino == CONTROL_INO {
             return Ok(control::control_attr());
+        }
+        if let Some(a) = self.take_fresh_dir(ino) {
+            return Ok(a);
         }
         Ok(self.with_overlay(self.data.meta.getattr(ino)?))
     }
@@ -654,6 +705,7 @@ impl tidefs_fuse::Vfs for TideVfs {
             // Opening with O_TRUNC truncates; the control file has nothing to cut.
             return Ok(control::control_attr());
         }
+        self.dir_changed(ino);
         let meta = &self.data.meta;
         if size.is_some_and(|s| s > MAX_FILE_SIZE) {
             return Err(FsError::refused(libc::EFBIG, "file too large"));
@@ -726,7 +778,9 @@ impl tidefs_fuse::Vfs for TideVfs {
     }
 
     fn rmdir(&self, _ctx: Ctx, parent: Ino, name: &[u8]) -> Result<()> {
-        Ok(self.data.meta.rmdir(parent, name)?)
+        let removed = self.data.meta.rmdir(parent, name);
+        self.dir_changed(parent);
+        Ok(removed?)
     }
 
     fn rename(
@@ -738,7 +792,7 @@ impl tidefs_fuse::Vfs for TideVfs {
         new_name: &[u8],
         flags: RenameFlags,
     ) -> Result<()> {
-        self.data.meta.rename(
+        let renamed = self.data.meta.rename(
             parent,
             name,
             new_parent,
@@ -746,13 +800,18 @@ impl tidefs_fuse::Vfs for TideVfs {
             flags,
             self.sid,
             &|ino| self.keep_if_open(ino),
-        )?;
+        );
+        self.dir_changed(parent);
+        self.dir_changed(new_parent);
+        renamed?;
         self.wake_deleter();
         Ok(())
     }
 
     fn link(&self, _ctx: Ctx, ino: Ino, new_parent: Ino, name: &[u8]) -> Result<Attr> {
-        Ok(self.with_overlay(self.data.meta.link(ino, new_parent, name)?))
+        let linked = self.data.meta.link(ino, new_parent, name);
+        self.dir_changed(new_parent);
+        Ok(self.with_overlay(linked?))
     }
 
     fn open(&self, ctx: Ctx, ino: Ino, _flags: i32) -> Result<Opened> {
@@ -1010,9 +1069,12 @@ impl tidefs_fuse::Vfs for TideVfs {
         if a.kind != FileKind::Dir {
             return Err(FsError::refused(libc::ENOTDIR, "not a directory"));
         }
+        let keep_cache = self.unchanged_since_last_open(ino, (a.mtime, u64::from(a.nlink)));
+        // The listing that follows starts with `..`: it needs the parent read here.
+        self.note_dir(a);
         Ok(Opened {
             fh: 0,
-            keep_cache: self.unchanged_since_last_open(ino, (a.mtime, u64::from(a.nlink))),
+            keep_cache,
             direct_io: false,
         })
     }
@@ -1020,7 +1082,10 @@ impl tidefs_fuse::Vfs for TideVfs {
     fn readdir(&self, ino: Ino, offset: u64, limit: usize) -> Result<Vec<ListEntry>> {
         let mut out = Vec::new();
         if offset < 2 {
-            let dir = self.data.meta.getattr(ino)?;
+            let dir = match self.take_fresh_dir(ino) {
+                Some(dir) => dir,
+                None => self.data.meta.getattr(ino)?,
+            };
             if dir.kind != FileKind::Dir {
                 return Err(FsError::refused(libc::ENOTDIR, "not a directory"));
             }
@@ -1098,10 +1163,12 @@ impl tidefs_fuse::Vfs for TideVfs {
 
     fn setxattr(&self, ino: Ino, name: &[u8], value: &[u8], flags: i32) -> Result<()> {
         check_xattr_name(name)?;
-        Ok(self
+        let set = self
             .data
             .meta
-            .setxattr(ino, name, value, xattr_mode(flags)?)?)
+            .setxattr(ino, name, value, xattr_mode(flags)?);
+        self.dir_changed(ino);
+        Ok(set?)
     }
 
     fn getxattr(&self, ino: Ino, name: &[u8]) -> Result<Vec<u8>> {
@@ -1120,7 +1187,9 @@ impl tidefs_fuse::Vfs for TideVfs {
 
     fn removexattr(&self, ino: Ino, name: &[u8]) -> Result<()> {
         check_xattr_name(name)?;
-        Ok(self.data.meta.removexattr(ino, name)?)
+        let removed = self.data.meta.removexattr(ino, name);
+        self.dir_changed(ino);
+        Ok(removed?)
     }
 
     fn fallocate(&self, ino: Ino, _fh: u64, offset: u64, len: u64, mode: i32) -> Result<()> {

@@ -197,12 +197,25 @@ pub fn names_are_checked(m: &dyn Meta) {
     file(m, ROOT_INO, &"y".repeat(NAME_MAX));
 }
 
-/// Directories count their subdirectories in nlink and are removed only when empty.
+/// Directories count their subdirectories in nlink and are removed only when empty. The
+/// parent's attributes a creation gives back are those it stored.
 pub fn mkdir_rmdir_nlink(m: &dyn Meta) {
     formatted(m);
     let d = dir(m, ROOT_INO, "d");
     assert_eq!(d.nlink, 2);
     assert_eq!(m.getattr(ROOT_INO).unwrap().nlink, 3);
+    for (name, kind) in [("d2", FileKind::Dir), ("f2", FileKind::File)] {
+        let (a, parent) = m
+            .mknod_with_parent(d.ino, name.as_bytes(), &node(kind, 0o755))
+            .unwrap();
+        assert_eq!(a, m.lookup(d.ino, name.as_bytes()).unwrap());
+        if let Some(parent) = parent {
+            assert_eq!(parent, m.getattr(d.ino).unwrap());
+        }
+    }
+    assert_eq!(m.getattr(d.ino).unwrap().nlink, 3);
+    m.rmdir(d.ino, b"d2").unwrap();
+    m.unlink(d.ino, b"f2", 1, &closed).unwrap();
     dir(m, d.ino, "sub");
     file(m, d.ino, "f");
     assert_eq!(m.getattr(d.ino).unwrap().nlink, 3);

@@ -480,7 +480,7 @@ function ops.mknod(now, parent, name, kind, mode, uid, gid, rdev, has_target, ta
   if kind == DIR then dir.nlink = dir.nlink + 1 end
   touch(dir, now)
   bump('used_inodes', 1)
-  return attr_reply(a)
+  return { a.ino, encode(a), encode(dir) }
 end
 
 function ops.link(now, ino, parent, name)

@@ -137,6 +137,9 @@ fn items(v: Value) -> Result<Vec<Value>> {
     }
 }
 
+/// How often a lookup reads a name again when its inode vanished between the two reads.
+const LOOKUP_TRIES: usize = 3;
+
 fn corrupt(what: &str, raw: &str) -> MetaError {
     MetaError::Engine(format!("redis: corrupt {what} {raw:?}"))
 }
@@ -634,11 +637,55 @@ impl Meta for RedisMeta {
         if name.len() > NAME_MAX {
             return Err(MetaError::NameTooLong);
         }
-        let a = attr_reply(self.call(Call::new("lookup").arg(parent).bin(name))?)?;
-        if name != b"." && name != b".." {
-            self.remember(parent, name, a.ino);
+        if name == b"." || name == b".." || (parent == ROOT_INO && name == TRASH_NAME) {
+            return attr_reply(self.call(Call::new("lookup").arg(parent).bin(name))?);
         }
-        Ok(a)
+        // Two plain reads instead of a script: a missing name (the lookup before every
+        // create) costs one GET-sized trip, and a name this mount has seen is read with its
+        // inode in one pipelined trip. Each entry names an existing inode when read; an
+        // inode gone by the second read was unlinked in between, so the name is read again.
+        for _ in 0..LOOKUP_TRIES {
+            let guess = self
+                .named
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&(parent, name.to_vec()))
+                .copied();
+            let entry_key = format!("d{parent}");
+            let (entry, guessed): (Option<String>, Option<String>) = match guess {
+                Some(g) => self.with_conn(|c| {
+                    redis::pipe()
+                        .cmd("HGET")
+                        .arg(&entry_key)
+                        .arg(name)
+                        .cmd("GET")
+                        .arg(format!("i{g}"))
+                        .query(c)
+                })?,
+                None => (
+                    self.with_conn(|c| redis::cmd("HGET").arg(&entry_key).arg(name).query(c))?,
+                    None,
+                ),
+            };
+            let Some(entry) = entry else {
+                self.forget(parent, name);
+                return Err(MetaError::NotFound);
+            };
+            let ino: Ino = entry
+                .split(',')
+                .next()
+                .and_then(|i| i.parse().ok())
+                .ok_or_else(|| corrupt("entry", &entry))?;
+            let raw = match guessed {
+                Some(raw) if guess == Some(ino) => Some(raw),
+                _ => self.with_conn(|c| redis::cmd("GET").arg(format!("i{ino}")).query(c))?,
+            };
+            if let Some(raw) = raw {
+                self.remember(parent, name, ino);
+                return decode_attr(ino, &raw);
+            }
+        }
+        Err(MetaError::NotFound)
     }
 
     fn getattr(&self, ino: Ino) -> Result<Attr> {
@@ -695,12 +742,21 @@ impl Meta for RedisMeta {
     }
 
     fn mknod(&self, parent: Ino, name: &[u8], node: &NewNode) -> Result<Attr> {
+        Ok(self.mknod_with_parent(parent, name, node)?.0)
+    }
+
+    fn mknod_with_parent(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        node: &NewNode,
+    ) -> Result<(Attr, Option<Attr>)> {
         check_name(name)?;
         if node.symlink.as_ref().is_some_and(|t| t.len() > SYMLINK_MAX) {
             return Err(MetaError::NameTooLong);
         }
         let groups: Vec<String> = node.groups.iter().map(|g| g.to_string()).collect();
-        let a = attr_reply(
+        let reply = items(
             self.call(
                 Call::new("mknod")
                     .arg(parent)
@@ -715,8 +771,12 @@ impl Meta for RedisMeta {
                     .arg(groups.join(",")),
             )?,
         )?;
+        let [ino, raw, dir] = reply.as_slice() else {
+            return Err(MetaError::Engine("redis: malformed mknod reply".into()));
+        };
+        let a = decode_attr(number(ino)?, text(raw)?)?;
         self.remember(parent, name, a.ino);
-        Ok(a)
+        Ok((a, Some(decode_attr(parent, text(dir)?)?)))
     }
 
     fn link(&self, ino: Ino, parent: Ino, name: &[u8]) -> Result<Attr> {

@@ -191,3 +191,59 @@ fn large_directory_with_stable_offsets() {
     }
     mnt.unmount();
 }
+
+/// A directory's attributes seen right after each change made through the mount (the
+/// getattr after a creation is answered from what the creation left) are its current ones.
+#[test]
+fn directory_attributes_follow_each_change() {
+    let vol = Volume::new(64);
+    let mnt = vol.mount();
+    let d = mnt.p("d");
+    fs::create_dir(&d).unwrap();
+    let stat = |p: &std::path::Path| fs::metadata(p).unwrap();
+    let mut nlink = 2;
+    for i in 0..10 {
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let sub = d.join(format!("s{i}"));
+        let (changed, what) = match i % 5 {
+            0 => {
+                fs::create_dir(&sub).unwrap();
+                nlink += 1;
+                (stat(&sub).ctime_nsec(), "mkdir")
+            }
+            1 => {
+                drop(fs::File::create(&sub).unwrap());
+                (stat(&sub).ctime_nsec(), "create")
+            }
+            2 => {
+                fs::remove_file(d.join(format!("s{}", i - 1))).unwrap();
+                (-1, "unlink")
+            }
+            3 => {
+                fs::remove_dir(d.join(format!("s{}", i - 3))).unwrap();
+                nlink -= 1;
+                (-1, "rmdir")
+            }
+            _ => {
+                std::os::unix::fs::symlink("t", &sub).unwrap();
+                (fs::symlink_metadata(&sub).unwrap().ctime_nsec(), "symlink")
+            }
+        };
+        let a = stat(&d);
+        assert_eq!(a.nlink(), nlink, "after {what} {i}");
+        if changed >= 0 {
+            assert_eq!(a.mtime_nsec(), changed, "after {what} {i}");
+        }
+        if changed >= 0 {
+            // What the engine says once the kernel's copy expired agrees.
+            std::thread::sleep(std::time::Duration::from_millis(1100));
+            let later = stat(&d);
+            assert_eq!(
+                (later.nlink(), later.mtime_nsec()),
+                (a.nlink(), a.mtime_nsec()),
+                "{what}"
+            );
+        }
+    }
+    mnt.unmount();
+}
