@@ -70,6 +70,24 @@ impl Default for VfsOptions {
     }
 }
 
+/// Entries of a directory fetched from the engine in one call, kept for the rest of a listing.
+struct DirBatch {
+    /// The listing offset the batch starts after.
+    after: u64,
+    /// The entries, in listing order.
+    entries: Arc<Vec<ListEntry>>,
+    /// The engine had no more entries after these (when they were read).
+    last: bool,
+}
+
+impl DirBatch {
+    /// Whether the listing from offset `start` on begins in this batch (or, for the last
+    /// batch, is over).
+    fn covers(&self, start: u64) -> bool {
+        self.after <= start && (self.last || self.entries.last().is_some_and(|l| l.next > start))
+    }
+}
+
 /// One open(2) of a file.
 struct OpenHandle {
     /// Sequential detection and the readahead window.
@@ -94,8 +112,8 @@ pub struct TideVfs {
     seen_versions: DashMap<Ino, (Timestamp, u64)>,
     /// Directory entries fetched ahead for listings in progress: the kernel asks for about
     /// a page of entries at a time, the engine hands out [`DIR_BATCH`] per call. Keyed by
-    /// directory: (the listing offset the batch starts after, its entries).
-    dir_batches: DashMap<Ino, (u64, Arc<Vec<ListEntry>>)>,
+    /// directory.
+    dir_batches: DashMap<Ino, DirBatch>,
     /// (inode, lock owner, kind) that took locks here: their close (fcntl) or the release of
     /// their open file description (flock) releases them.
     lock_owners: DashMap<(Ino, u64, LockKind), ()>,
@@ -1110,8 +1128,8 @@ impl tidefs_fuse::Vfs for TideVfs {
         let batch = self
             .dir_batches
             .get(&ino)
-            .filter(|b| offset >= 2 && b.0 <= start && b.1.last().is_some_and(|l| l.next > start))
-            .map(|b| b.1.clone());
+            .filter(|b| offset >= 2 && b.covers(start))
+            .map(|b| b.entries.clone());
         let batch = match batch {
             Some(b) => b,
             None => {
@@ -1127,11 +1145,16 @@ impl tidefs_fuse::Vfs for TideVfs {
                         next: e.cookie + 2,
                     })
                     .collect();
-                let b = Arc::new(entries);
+                let batch = DirBatch {
+                    after: start,
+                    last: entries.len() < DIR_BATCH,
+                    entries: Arc::new(entries),
+                };
+                let b = batch.entries.clone();
                 if self.dir_batches.len() >= MAX_DIR_BATCHES {
                     self.dir_batches.clear();
                 }
-                self.dir_batches.insert(ino, (start, b.clone()));
+                self.dir_batches.insert(ino, batch);
                 b
             }
         };
