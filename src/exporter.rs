@@ -2,7 +2,7 @@
 //! `/stats` (what `tidefs status` shows), served over plain HTTP on a local address.
 
 use crate::data::DataCtx;
-use crate::object::StoreMetrics;
+use crate::object::{StoreMetrics, WritebackStore};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::{Request, Response, StatusCode};
@@ -18,6 +18,7 @@ pub struct MountMetrics {
     store: Arc<StoreMetrics>,
     data: Arc<DataCtx>,
     started: Instant,
+    writeback: Option<Arc<WritebackStore>>,
 }
 
 impl MountMetrics {
@@ -27,7 +28,14 @@ impl MountMetrics {
             store,
             data,
             started: Instant::now(),
+            writeback: None,
         }
+    }
+
+    /// Also reports the blocks `writeback` has staged and not uploaded yet.
+    pub fn with_writeback(mut self, writeback: Option<Arc<WritebackStore>>) -> Self {
+        self.writeback = writeback;
+        self
     }
 
     /// Everything in the Prometheus text exposition format.
@@ -61,6 +69,23 @@ impl MountMetrics {
                 self.started.elapsed().as_secs(),
             ),
         ];
+        if let Some(wb) = &self.writeback {
+            let (blocks, bytes) = wb.pending();
+            rows.extend([
+                (
+                    "tidefs_writeback_staged_blocks",
+                    gauge,
+                    "Blocks staged on local disk and not uploaded yet.",
+                    blocks,
+                ),
+                (
+                    "tidefs_writeback_staged_bytes",
+                    gauge,
+                    "Bytes of those blocks (0 for blocks left by an earlier mount).",
+                    bytes,
+                ),
+            ]);
+        }
         if let Some(disk) = self.data.cache.disk() {
             let s = disk.stats();
             rows.extend([
@@ -123,6 +148,10 @@ impl MountMetrics {
                 })),
             },
             "buffer_used_bytes": self.data.buffered.load(Ordering::Relaxed),
+            "writeback": self.writeback.as_ref().map(|wb| {
+                let (blocks, bytes) = wb.pending();
+                serde_json::json!({ "staged_blocks": blocks, "staged_bytes": bytes })
+            }),
         })
     }
 

@@ -4,13 +4,15 @@
 //!
 //! The bucket is listed before the slices are read, so a block found missing may belong to a
 //! slice committed after the listing; each such block is asked for again before it is
-//! reported. A missing block cannot be repaired: its data is gone.
+//! reported. A missing block cannot be repaired: its data is gone. A block not in the bucket
+//! but staged by a `--writeback` mount (in the staging directory given) is not missing: it is
+//! counted as staged, to be uploaded by that mount or the next one with the same cache.
 
 use crate::layout::Layout;
 use crate::object::{ObjectStore, StoreError};
 use crate::scan::{self, ScanError};
 use serde::Serialize;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use tidefs_meta::{Meta, Problem, SliceRef};
 
 /// What `fsck` found.
@@ -28,6 +30,8 @@ pub struct FsckReport {
     pub blocks: u64,
     /// Blocks missing from the bucket, with the file that needs each.
     pub missing: Vec<String>,
+    /// Blocks not in the bucket yet but staged on local disk by a `--writeback` mount.
+    pub staged: u64,
     /// Blocks present with the wrong size.
     pub wrong_size: Vec<String>,
 }
@@ -39,13 +43,15 @@ impl FsckReport {
     }
 }
 
-/// Checks the volume; with `repair`, fixes the namespace problems that lose nothing.
+/// Checks the volume; with `repair`, fixes the namespace problems that lose nothing. Blocks
+/// whose keys are in `staged` (a writeback staging directory) count as staged, not missing.
 /// `progress` sees the report as the scan goes.
 pub async fn fsck(
     meta: &dyn Meta,
     store: &dyn ObjectStore,
     layout: &Layout,
     repair: bool,
+    staged: &HashSet<String>,
     progress: &mut dyn FnMut(&FsckReport),
 ) -> Result<FsckReport, ScanError> {
     let mut report = FsckReport::default();
@@ -88,6 +94,9 @@ pub async fn fsck(
                         Ok(actual) => report
                             .wrong_size
                             .push(format!("{key}: {actual} bytes, expected {len}")),
+                        Err(StoreError::NotFound(_)) if staged.contains(&key) => {
+                            report.staged += 1;
+                        }
                         Err(StoreError::NotFound(_)) => {
                             if still_referenced(meta, id)? {
                                 report

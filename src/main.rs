@@ -128,6 +128,10 @@ struct FsckArgs {
     /// Fix the problems whose fix loses nothing.
     #[arg(long)]
     repair: bool,
+    /// The --cache-dir of a --writeback mount of this volume on this host: blocks staged
+    /// there and not uploaded yet are counted as staged, not missing.
+    #[arg(long)]
+    cache_dir: Option<String>,
     #[command(flatten)]
     store: StoreArgs,
 }
@@ -515,8 +519,7 @@ fn mount(a: MountArgs) -> Result<()> {
             let _ = meta.close_session(sid);
             bail!("--writeback stages blocks on a local disk: give --cache-dir DIR");
         }
-        let first = a.cache_dir.split(':').next().unwrap_or_default();
-        let dir = PathBuf::from(first).join(format!("{}-staging", format.uuid));
+        let dir = staging_dir(&a.cache_dir, &format);
         let staging = tidefs_cache::Staging::open(&dir).with_context(|| {
             let _ = meta.close_session(sid);
             format!(
@@ -557,10 +560,10 @@ fn mount(a: MountArgs) -> Result<()> {
         rt.handle().clone(),
     ));
     if let Some(listener) = metrics_listener {
-        let exported = Arc::new(tidefs::exporter::MountMetrics::new(
-            store_metrics,
-            data.clone(),
-        ));
+        let exported = Arc::new(
+            tidefs::exporter::MountMetrics::new(store_metrics, data.clone())
+                .with_writeback(writeback.clone()),
+        );
         rt.spawn(tidefs::exporter::serve(listener, exported));
         tracing::info!(address = %metrics_addr, "metrics at http://{metrics_addr}/metrics");
     }
@@ -828,9 +831,17 @@ fn spinner() -> indicatif::ProgressBar {
     bar
 }
 
+/// Where a `--writeback` mount with `cache_dir` (its `--cache-dir`) stages the blocks of
+/// volume `format`: in the first cache directory.
+fn staging_dir(cache_dir: &str, format: &tidefs_meta::Format) -> PathBuf {
+    let first = cache_dir.split(':').next().unwrap_or_default();
+    PathBuf::from(first).join(format!("{}-staging", format.uuid))
+}
+
 /// A volume opened for a scan of its metadata and bucket (gc, fsck), with a spinner.
 struct Scan {
     meta: Arc<dyn tidefs_meta::Meta>,
+    format: tidefs_meta::Format,
     store: Arc<dyn tidefs::object::ObjectStore>,
     layout: Layout,
     rt: tokio::runtime::Runtime,
@@ -849,6 +860,7 @@ fn open_scan(meta_url: Option<String>, store: &StoreArgs) -> Result<Scan> {
         meta,
         store,
         layout: Layout::of(&format),
+        format,
         rt,
         bar: spinner(),
     })
@@ -914,11 +926,27 @@ fn fsck(a: FsckArgs) -> Result<()> {
             r.missing.len()
         ))
     };
+    let staged: std::collections::HashSet<String> = match &a.cache_dir {
+        Some(cache_dir) => {
+            let dir = staging_dir(cache_dir, &s.format);
+            tidefs_cache::Staging::keys_in(&dir)
+                .with_context(|| format!("cannot list the staging directory {}", dir.display()))?
+                .into_iter()
+                .collect()
+        }
+        None => Default::default(),
+    };
     let report = s.rt.block_on(tidefs::fsck::fsck(
-        &*s.meta, &*s.store, &s.layout, a.repair, &mut show,
+        &*s.meta, &*s.store, &s.layout, a.repair, &staged, &mut show,
     ))?;
     s.bar.finish_and_clear();
     println!("{}", serde_json::to_string_pretty(&report)?);
+    if !report.missing.is_empty() && a.cache_dir.is_none() {
+        eprintln!(
+            "tidefs: blocks written by a --writeback mount stay on its cache disk until \
+             uploaded: if one may hold them, run fsck again with its --cache-dir"
+        );
+    }
     if report.is_broken() {
         bail!(
             "{} namespace problems left, {} blocks missing, {} blocks of the wrong size",

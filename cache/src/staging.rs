@@ -102,8 +102,19 @@ impl Staging {
 
     /// Every staged key.
     pub fn keys(&self) -> io::Result<Vec<String>> {
+        Self::keys_in(&self.dir)
+    }
+
+    /// Every key staged in directory `dir`, read without changing anything there (a mount
+    /// may be using it). A missing directory stages nothing.
+    pub fn keys_in(dir: &Path) -> io::Result<Vec<String>> {
+        let entries = match fs::read_dir(dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
         let mut keys = Vec::new();
-        for entry in fs::read_dir(&self.dir)? {
+        for entry in entries {
             if let Some(key) = key_of(&entry?.file_name().to_string_lossy()) {
                 keys.push(key);
             }

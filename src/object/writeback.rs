@@ -71,7 +71,8 @@ impl WritebackStore {
             );
         }
         for key in left {
-            store.pending.insert(key.clone(), (State::Staged, 0));
+            let size = store.staging.len(&key).ok().flatten().unwrap_or(0);
+            store.pending.insert(key.clone(), (State::Staged, size));
             let _ = store.queue.send(key);
         }
         let uploader = Arc::downgrade(&store);
@@ -86,8 +87,7 @@ impl WritebackStore {
         Ok(store)
     }
 
-    /// Blocks staged and not yet uploaded, and their bytes (blocks left by an earlier mount
-    /// count 0 bytes until uploaded).
+    /// Blocks staged and not yet uploaded, and their bytes.
     pub fn pending(&self) -> (u64, u64) {
         let bytes = self.pending.iter().map(|e| e.value().1).sum();
         (self.pending.len() as u64, bytes)

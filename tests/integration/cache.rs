@@ -215,9 +215,10 @@ fn staging_files(cache: &std::path::Path) -> usize {
 }
 
 /// `--writeback`: fsync returns once the blocks are durable in the staging directory, so it
-/// succeeds while the object store fails, and the data reads back; a kill -9 then loses
-/// nothing: the next mount with the same cache directory uploads it, and the volume holds
-/// exactly the file's blocks.
+/// succeeds while the object store fails, and the data reads back; `tidefs status` shows the
+/// staged blocks. A kill -9 then loses nothing: fsck given the cache directory counts the
+/// blocks as staged (without it, as missing, with a hint), the next mount with the same
+/// cache directory uploads them, and the volume holds exactly the file's blocks.
 #[test]
 fn writeback_survives_a_killed_mount_and_uploads_later() {
     use std::io::Write;
@@ -250,10 +251,31 @@ fn writeback_survives_a_killed_mount_and_uploads_later() {
         48,
         "3 MiB in 64 KiB blocks, all staged"
     );
+    let out = tidefs(&["status", &vol.url]);
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let staged = &status["sessions"][0]["stats"]["writeback"];
+    assert_eq!(staged["staged_blocks"].as_u64(), Some(48), "{status}");
+    assert_eq!(staged["staged_bytes"].as_u64(), Some(3 << 20), "{status}");
     mnt.kill9();
 
     std::fs::remove_file(&vol.bucket).unwrap();
     std::fs::rename(&away, &vol.bucket).unwrap();
+    let fsck = |extra: &[&str]| {
+        let out = tidefs(&[&["fsck", &vol.url][..], extra].concat());
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        (
+            out.status.success(),
+            report,
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (ok, report, err) = fsck(&[]);
+    assert!(!ok && err.contains("--cache-dir"), "{err}");
+    assert_eq!(report["missing"].as_array().unwrap().len(), 48);
+    let (ok, report, err) = fsck(&["--cache-dir", &cache_arg]);
+    assert!(ok, "{err}");
+    assert_eq!(report["staged"].as_u64(), Some(48), "{report}");
+    assert_eq!(report["missing"].as_array().unwrap().len(), 0);
     let mnt = vol.mount_with(&["--writeback", "--cache-dir", &cache_arg]);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while staging_files(&cache) > 0 {
@@ -265,6 +287,8 @@ fn writeback_survives_a_killed_mount_and_uploads_later() {
     }
     mnt.unmount();
     assert_eq!(vol.objects().len(), 48);
+    let (ok, report, err) = fsck(&[]);
+    assert!(ok && report["staged"].as_u64() == Some(0), "{err} {report}");
     // A mount without the cache reads it all from the store.
     let mnt = vol.mount();
     assert_eq!(std::fs::read(mnt.p("f")).unwrap(), body);
