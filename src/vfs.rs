@@ -15,6 +15,7 @@ use crate::error::FsError;
 use crate::layout::CHUNK_SIZE;
 use crate::perm;
 use crate::readahead::Readahead;
+use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -72,6 +73,8 @@ impl Default for VfsOptions {
 
 /// Entries of a directory fetched from the engine in one call, kept for the rest of a listing.
 struct DirBatch {
+    /// Orders batches by when their read began: an older read never replaces a newer one.
+    seq: u64,
     /// The listing offset the batch starts after.
     after: u64,
     /// The entries, in listing order.
@@ -114,6 +117,8 @@ pub struct TideVfs {
     /// a page of entries at a time, the engine hands out [`DIR_BATCH`] per call. Keyed by
     /// directory.
     dir_batches: DashMap<Ino, DirBatch>,
+    /// Hands out [`DirBatch::seq`].
+    dir_batch_seq: AtomicU64,
     /// (inode, lock owner, kind) that took locks here: their close (fcntl) or the release of
     /// their open file description (flock) releases them.
     lock_owners: DashMap<(Ino, u64, LockKind), ()>,
@@ -121,6 +126,9 @@ pub struct TideVfs {
     /// with when: they answer the getattr the kernel sends right after a creation (see
     /// [`TideVfs::getattr`]) or the start of the listing after an opendir.
     fresh_dirs: DashMap<Ino, (Attr, Instant)>,
+    /// Kernel requests whose caller got a signal (FUSE_INTERRUPT), with when: a lock wait
+    /// of one of them ends with EINTR.
+    interrupted: DashMap<u64, Instant>,
     /// Bumped whenever this mount releases a lock, waking its lock waiters at once (waiters
     /// for locks of other mounts ask again after a growing pause).
     lock_changed: (Mutex<u64>, std::sync::Condvar),
@@ -150,6 +158,14 @@ type Result<T> = std::result::Result<T, FsError>;
 /// Files whose last-open version is remembered (about 50 bytes each).
 const MAX_SEEN_VERSIONS: usize = 100_000;
 
+/// How long a directory's attributes kept after a creation (or opendir) may answer the
+/// question that follows; that question comes at once (the kernel asks at the next path walk
+/// through the directory), so this only bounds how late another mount's change may show.
+const FRESH_DIR_WINDOW: Duration = Duration::from_millis(100);
+
+/// Interrupts remembered before old ones are forgotten.
+const MAX_INTERRUPTS: usize = 1024;
+
 /// Directories whose attributes after a creation are kept for the next getattr (about 100
 /// bytes each; the kernel asks within moments, so few are ever waiting).
 const MAX_FRESH_DIRS: usize = 10_000;
@@ -175,7 +191,9 @@ impl TideVfs {
             seen_versions: DashMap::new(),
             lock_owners: DashMap::new(),
             fresh_dirs: DashMap::new(),
+            interrupted: DashMap::new(),
             dir_batches: DashMap::new(),
+            dir_batch_seq: AtomicU64::new(0),
             lock_changed: (Mutex::new(0), std::sync::Condvar::new()),
             background: Mutex::new(None),
             destroyed: AtomicBool::new(false),
@@ -436,14 +454,24 @@ impl TideVfs {
         } else {
             vec![ctx.gid]
         };
-        let (a, dir) = self.data.meta.mknod_with_parent(parent, name, &node)?;
-        if let Some(dir) = dir {
-            self.note_dir(dir);
+        match self.data.meta.mknod_with_parent(parent, name, &node) {
+            Ok((a, Some(dir))) => {
+                self.note_dir(dir);
+                Ok(a)
+            }
+            Ok((a, None)) => {
+                self.dir_changed(parent);
+                Ok(a)
+            }
+            Err(e) => {
+                self.dir_changed(parent);
+                Err(e.into())
+            }
         }
-        Ok(a)
     }
 
-    /// Keeps a directory's current attributes for the next question about them.
+    /// Keeps a directory's current attributes for the next question about them, unless
+    /// attributes read after them (by ctime) are kept already.
     fn note_dir(&self, dir: Attr) {
         if self.opts.attr_ttl.is_zero() {
             return;
@@ -451,14 +479,22 @@ impl TideVfs {
         if self.fresh_dirs.len() >= MAX_FRESH_DIRS {
             self.fresh_dirs.clear();
         }
-        self.fresh_dirs.insert(dir.ino, (dir, Instant::now()));
+        match self.fresh_dirs.entry(dir.ino) {
+            Entry::Occupied(kept) if kept.get().0.ctime > dir.ctime => {}
+            Entry::Occupied(mut kept) => {
+                kept.insert((dir, Instant::now()));
+            }
+            Entry::Vacant(v) => {
+                v.insert((dir, Instant::now()));
+            }
+        }
     }
 
-    /// The attributes [`TideVfs::note_dir`] kept for `ino`, if they are recent enough; they
-    /// answer one question only.
+    /// The attributes [`TideVfs::note_dir`] kept for `ino`, if they are recent enough (see
+    /// [`FRESH_DIR_WINDOW`]); they answer one question only.
     fn take_fresh_dir(&self, ino: Ino) -> Option<Attr> {
         let (_, (a, at)) = self.fresh_dirs.remove(&ino)?;
-        (at.elapsed() < self.opts.attr_ttl).then_some(a)
+        (at.elapsed() < self.opts.attr_ttl.min(FRESH_DIR_WINDOW)).then_some(a)
     }
 
     /// A change through this mount other than a creation touched directory `ino`.
@@ -752,7 +788,12 @@ impl tidefs_fuse::Vfs for TideVfs {
         if anything || attr.is_none() {
             attr = Some(meta.setattr(ino, &rest)?);
         }
-        Ok(self.with_overlay(attr.expect("set above")))
+        let attr = attr.expect("set above");
+        if attr.kind == FileKind::Dir {
+            // Newer (by ctime) than whatever a creation racing this call may keep.
+            self.note_dir(attr.clone());
+        }
+        Ok(self.with_overlay(attr))
     }
 
     fn readlink(&self, ino: Ino) -> Result<Vec<u8>> {
@@ -819,8 +860,8 @@ impl tidefs_fuse::Vfs for TideVfs {
             self.sid,
             &|ino| self.keep_if_open(ino),
         );
-        self.dir_changed(parent);
-        self.dir_changed(new_parent);
+        // A moved directory changed too (its parent and ctime); it is not named here.
+        self.fresh_dirs.clear();
         renamed?;
         self.wake_deleter();
         Ok(())
@@ -977,35 +1018,66 @@ impl tidefs_fuse::Vfs for TideVfs {
         }))
     }
 
-    fn setlk(&self, ino: Ino, fh: u64, owner: u64, lock: FileLock, wait: bool) -> Result<()> {
+    fn setlk(
+        &self,
+        ino: Ino,
+        fh: u64,
+        owner: u64,
+        lock: FileLock,
+        wait: bool,
+        request: u64,
+    ) -> Result<()> {
         let req = self.meta_lock(ino, owner, lock)?;
         if req.typ != LockType::Unlock {
             // Before taking it: a close racing this request must find the owner.
             self.lock_owners.insert((ino, owner, lock.kind), ());
         }
         let mut pause = Duration::from_millis(1);
-        loop {
+        let mut converting = req.kind == LockKind::Flock && req.typ != LockType::Unlock;
+        let outcome = loop {
             let seen = *self
                 .lock_changed
                 .0
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
-            if self.data.meta.setlk(ino, &req)?.is_none() {
+            let conflict = match self.data.meta.setlk(ino, &req) {
+                Ok(conflict) => conflict,
+                Err(e) => break Err(e.into()),
+            };
+            if conflict.is_none() {
                 if req.typ == LockType::Unlock {
                     self.locks_released();
                 }
-                return Ok(());
+                break Ok(());
+            }
+            if converting {
+                // flock(2) converts by dropping the lock held first, as Linux does (even when
+                // the new one is then refused): two holders of a shared lock both asking
+                // for it exclusive must not wait on each other. Then it tries again.
+                converting = false;
+                let drop = Lock {
+                    typ: LockType::Unlock,
+                    ..req
+                };
+                if let Err(e) = self.data.meta.setlk(ino, &drop) {
+                    break Err(e.into());
+                }
+                self.locks_released();
+                continue;
             }
             if !wait {
-                return Err(FsError::refused(
+                break Err(FsError::refused(
                     libc::EAGAIN,
                     "the range is locked by another owner",
                 ));
             }
-            // Stop waiting once nobody can receive the lock: the file was closed (its waiter
-            // was interrupted) or the mount is ending.
+            // Stop waiting once nobody can receive the lock: the caller got a signal, the
+            // file was closed or the mount is ending.
+            if self.interrupted.remove(&request).is_some() {
+                break Err(FsError::refused(libc::EINTR, "lock wait interrupted"));
+            }
             if !self.handles.contains_key(&fh) || self.destroyed.load(Ordering::SeqCst) {
-                return Err(FsError::refused(libc::EINTR, "lock wait abandoned"));
+                break Err(FsError::refused(libc::EINTR, "lock wait abandoned"));
             }
             let (count, changed) = &self.lock_changed;
             let guard = count.lock().unwrap_or_else(|e| e.into_inner());
@@ -1013,7 +1085,19 @@ impl tidefs_fuse::Vfs for TideVfs {
                 .wait_timeout_while(guard, pause, |n| *n == seen)
                 .unwrap_or_else(|e| e.into_inner());
             pause = (pause * 2).min(MAX_LOCK_POLL);
+        };
+        self.interrupted.remove(&request);
+        outcome
+    }
+
+    fn interrupt(&self, request: u64) {
+        // Interrupts of requests that never wait (most) are forgotten after a while.
+        if self.interrupted.len() >= MAX_INTERRUPTS {
+            self.interrupted
+                .retain(|_, at| at.elapsed() < Duration::from_secs(60));
         }
+        self.interrupted.insert(request, Instant::now());
+        self.locks_released();
     }
 
     fn release_locks(&self, ino: Ino, owner: u64, kind: LockKind) -> Result<()> {
@@ -1133,6 +1217,7 @@ impl tidefs_fuse::Vfs for TideVfs {
         let batch = match batch {
             Some(b) => b,
             None => {
+                let seq = self.dir_batch_seq.fetch_add(1, Ordering::Relaxed);
                 let entries: Vec<ListEntry> = self
                     .data
                     .meta
@@ -1146,6 +1231,7 @@ impl tidefs_fuse::Vfs for TideVfs {
                     })
                     .collect();
                 let batch = DirBatch {
+                    seq,
                     after: start,
                     last: entries.len() < DIR_BATCH,
                     entries: Arc::new(entries),
@@ -1154,7 +1240,15 @@ impl tidefs_fuse::Vfs for TideVfs {
                 if self.dir_batches.len() >= MAX_DIR_BATCHES {
                     self.dir_batches.clear();
                 }
-                self.dir_batches.insert(ino, batch);
+                match self.dir_batches.entry(ino) {
+                    Entry::Occupied(kept) if kept.get().seq > seq => {}
+                    Entry::Occupied(mut kept) => {
+                        kept.insert(batch);
+                    }
+                    Entry::Vacant(v) => {
+                        v.insert(batch);
+                    }
+                }
                 b
             }
         };

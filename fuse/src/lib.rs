@@ -180,7 +180,8 @@ pub trait Vfs: Send + Sync + 'static {
         lock: FileLock,
     ) -> Result<Option<FileLock>, Self::Error>;
     /// Takes or releases a lock for `owner` (F_SETLK); with `wait` (F_SETLKW) waits until it
-    /// can be taken. Called on a thread of its own when waiting.
+    /// can be taken, or until [`Vfs::interrupt`] names `request` (then fails with EINTR).
+    /// Called on a thread of its own when waiting.
     fn setlk(
         &self,
         ino: Ino,
@@ -188,7 +189,11 @@ pub trait Vfs: Send + Sync + 'static {
         owner: u64,
         lock: FileLock,
         wait: bool,
+        request: u64,
     ) -> Result<(), Self::Error>;
+    /// The caller of kernel request `request` got a signal: if that request is waiting for
+    /// a lock, it should end with EINTR. May come before the request starts waiting.
+    fn interrupt(&self, request: u64);
     /// The locks of `kind` that `owner` holds on `ino` go: POSIX locks when a descriptor of
     /// the owner is closed, flock locks when the open file description is released.
     fn release_locks(&self, ino: Ino, owner: u64, kind: LockKind) -> Result<(), Self::Error>;
@@ -346,8 +351,10 @@ impl<V: Vfs> Adapter<V> {
 
     /// Takes or releases `lock`; a request that may wait runs on a thread of its own, as a
     /// wait may be long and must not hold a request loop.
+    #[allow(clippy::too_many_arguments)]
     fn set_lock(
         &self,
+        request: u64,
         ino: INodeNo,
         fh: FileHandle,
         owner: LockOwner,
@@ -356,13 +363,14 @@ impl<V: Vfs> Adapter<V> {
         reply: ReplyEmpty,
     ) {
         if !sleep {
-            return Self::empty(reply, self.vfs.setlk(ino.0, fh.0, owner.0, lock, false));
+            let taken = self.vfs.setlk(ino.0, fh.0, owner.0, lock, false, request);
+            return Self::empty(reply, taken);
         }
         let vfs = self.vfs.clone();
         let waiter = std::thread::Builder::new()
             .name("tidefs-lockwait".into())
             .spawn(move || {
-                Self::empty(reply, vfs.setlk(ino.0, fh.0, owner.0, lock, true));
+                Self::empty(reply, vfs.setlk(ino.0, fh.0, owner.0, lock, true, request));
             });
         if let Err(e) = waiter {
             tracing::warn!(error = %e, "cannot start a lock waiter");
@@ -648,7 +656,7 @@ impl<V: Vfs> Filesystem for Adapter<V> {
 
     fn setlk(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         lock_owner: LockOwner,
@@ -660,6 +668,7 @@ impl<V: Vfs> Filesystem for Adapter<V> {
         reply: ReplyEmpty,
     ) {
         let _s = tracing::debug_span!("setlk", ino = ino.0, sleep).entered();
+        let req = req.unique().0;
         let lock = FileLock {
             start,
             end,
@@ -667,12 +676,16 @@ impl<V: Vfs> Filesystem for Adapter<V> {
             pid,
             kind: LockKind::Posix,
         };
-        self.set_lock(ino, fh, lock_owner, lock, sleep, reply);
+        self.set_lock(req, ino, fh, lock_owner, lock, sleep, reply);
+    }
+
+    fn interrupt(&self, _req: &Request, unique: fuser::RequestId) {
+        self.vfs.interrupt(unique.0);
     }
 
     fn flock(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         lock_owner: LockOwner,
@@ -682,6 +695,7 @@ impl<V: Vfs> Filesystem for Adapter<V> {
         reply: ReplyEmpty,
     ) {
         let _s = tracing::debug_span!("flock", ino = ino.0, sleep).entered();
+        let req = req.unique().0;
         let lock = FileLock {
             start: 0,
             end: u64::MAX,
@@ -689,7 +703,7 @@ impl<V: Vfs> Filesystem for Adapter<V> {
             pid,
             kind: LockKind::Flock,
         };
-        self.set_lock(ino, fh, lock_owner, lock, sleep, reply);
+        self.set_lock(req, ino, fh, lock_owner, lock, sleep, reply);
     }
 
     fn release(

@@ -433,6 +433,39 @@ fn flock_locks_hold_across_mounts() {
     });
     assert_eq!(flock(&other, libc::LOCK_EX | libc::LOCK_NB), 0);
     drop(other);
+
+    // Two holders of a shared lock both converting to exclusive: each drops its shared lock
+    // first (as Linux does), so one gets it and the other follows, no deadlock.
+    let held = std::fs::File::open(a.p("f")).unwrap();
+    assert_eq!(flock(&held, libc::LOCK_SH), 0);
+    let mut converting = flock_child(
+        &b.p("f"),
+        "fcntl.LOCK_SH)\n print('shared', flush=True)\n fcntl.flock(f, fcntl.LOCK_EX",
+    );
+    let mut line = String::new();
+    let mut out = std::io::BufReader::new(converting.stdout.take().unwrap());
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert_eq!(line, "shared\n");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let upgrader = held.try_clone().unwrap();
+    std::thread::spawn(move || tx.send(flock(&upgrader, libc::LOCK_EX)).unwrap());
+    let got = rx.recv_timeout(Duration::from_secs(20));
+    assert_eq!(got, Ok(0), "A's conversion deadlocked");
+    drop(held);
+    let status = converting.wait().unwrap();
+    assert!(status.success(), "{status}");
+
+    // A signal ends a blocked flock: the kernel's interrupt reaches the waiter.
+    let held = std::fs::File::open(a.p("f")).unwrap();
+    assert_eq!(flock(&held, libc::LOCK_EX), 0);
+    let mut waiter = flock_child(&b.p("f"), "fcntl.LOCK_EX");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(waiter.try_wait().unwrap().is_none(), "waits");
+    unsafe { libc::kill(waiter.id() as i32, libc::SIGTERM) };
+    eventually(5, "the signalled waiter exits", || {
+        waiter.try_wait().unwrap().is_some()
+    });
+    drop(held);
     a.unmount();
     b.unmount();
 }

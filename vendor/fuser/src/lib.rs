@@ -902,6 +902,12 @@ pub trait Filesystem: Send + Sync + 'static {
         reply.error(Errno::ENOSYS);
     }
 
+    /// The kernel asks that request `unique`, still in progress, be interrupted (its caller
+    /// got a signal). A filesystem that can stop the request replies to it with `EINTR`;
+    /// otherwise the request completes as usual. There is no reply to this call. The
+    /// default ignores it.
+    fn interrupt(&self, _req: &Request, _unique: RequestId) {}
+
     /// Acquire, change or release a flock(2) lock (whole file, owned by the open file
     /// description `lock_owner`). Only called when the filesystem asked for
     /// `FUSE_FLOCK_LOCKS` at init; otherwise the kernel keeps flock locks itself. A release
