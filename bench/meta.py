@@ -5,7 +5,9 @@ Each round mounts fresh volumes with metadata in SQLite (`--meta sqlite`) or in 
 redis-server started for the round (`--meta redis`: tidefs in database 1, JuiceFS in 2), and
 runs, with `--threads` client threads (as mdtest ranks):
 
-* mkdir: each thread makes its share of `--dirs` x 10 directories;
+* mkdir: each thread makes its share of `--files` directories, all in one directory (as
+  mdtest's directory phase: a phase of a few seconds, which one hiccup of the machine does
+  not decide);
 * then for `--files` files, in one directory ("one dir") and spread over `--dirs`
   directories ("spread"): create (open O_CREAT|O_EXCL, close), stat, readdir (each thread
   lists the directories in turn), rename (within the directory), unlink.
@@ -106,7 +108,7 @@ def measure(target, args):
     out = {}
     mk = os.path.join(base, "mk")
     os.makedirs(mk)
-    per = args.dirs * 10 // args.threads
+    per = args.files // args.threads
 
     def mkdirs(t, lat):
         for i in range(per):
