@@ -455,12 +455,8 @@ impl TideVfs {
             vec![ctx.gid]
         };
         match self.data.meta.mknod_with_parent(parent, name, &node) {
-            Ok((a, Some(dir))) => {
+            Ok((a, dir)) => {
                 self.note_dir(dir);
-                Ok(a)
-            }
-            Ok((a, None)) => {
-                self.dir_changed(parent);
                 Ok(a)
             }
             Err(e) => {
@@ -1095,6 +1091,11 @@ impl tidefs_fuse::Vfs for TideVfs {
         if self.interrupted.len() >= MAX_INTERRUPTS {
             self.interrupted
                 .retain(|_, at| at.elapsed() < Duration::from_secs(60));
+        }
+        if self.interrupted.len() >= MAX_INTERRUPTS {
+            // A storm of recent interrupts: the oldest waiter may miss one (it still ends
+            // when its file closes).
+            self.interrupted.clear();
         }
         self.interrupted.insert(request, Instant::now());
         self.locks_released();

@@ -209,9 +209,7 @@ pub fn mkdir_rmdir_nlink(m: &dyn Meta) {
             .mknod_with_parent(d.ino, name.as_bytes(), &node(kind, 0o755))
             .unwrap();
         assert_eq!(a, m.lookup(d.ino, name.as_bytes()).unwrap());
-        if let Some(parent) = parent {
-            assert_eq!(parent, m.getattr(d.ino).unwrap());
-        }
+        assert_eq!(parent, m.getattr(d.ino).unwrap());
     }
     assert_eq!(m.getattr(d.ino).unwrap().nlink, 3);
     m.rmdir(d.ino, b"d2").unwrap();

@@ -71,17 +71,12 @@ pub trait Meta: Send + Sync {
     ) -> Result<Attr>;
 
     /// Creates a file, directory, symlink or special node `name` in `parent`.
-    fn mknod(&self, parent: Ino, name: &[u8], node: &NewNode) -> Result<Attr>;
-    /// As [`Meta::mknod`], also giving the parent's attributes as the creation left them,
-    /// where the engine has them at no extra cost (None otherwise).
-    fn mknod_with_parent(
-        &self,
-        parent: Ino,
-        name: &[u8],
-        node: &NewNode,
-    ) -> Result<(Attr, Option<Attr>)> {
-        Ok((self.mknod(parent, name, node)?, None))
+    fn mknod(&self, parent: Ino, name: &[u8], node: &NewNode) -> Result<Attr> {
+        Ok(self.mknod_with_parent(parent, name, node)?.0)
     }
+    /// As [`Meta::mknod`], also giving the parent's attributes as the same transaction left
+    /// them.
+    fn mknod_with_parent(&self, parent: Ino, name: &[u8], node: &NewNode) -> Result<(Attr, Attr)>;
     /// Adds the name `name` in `parent` for the existing non-directory `ino`.
     fn link(&self, ino: Ino, parent: Ino, name: &[u8]) -> Result<Attr>;
     /// Removes the non-directory `name` from `parent`. An inode left with no name is freed,

@@ -493,6 +493,15 @@ impl RedisMeta {
         named.insert((parent, name.to_vec()), ino);
     }
 
+    /// The inode `name` in `parent` was last known as.
+    fn known(&self, parent: Ino, name: &[u8]) -> Option<Ino> {
+        self.named
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&(parent, name.to_vec()))
+            .copied()
+    }
+
     /// Forgets `name` in `parent`, returning the inode it was last known as.
     fn forget(&self, parent: Ino, name: &[u8]) -> Option<Ino> {
         self.named
@@ -645,12 +654,7 @@ impl Meta for RedisMeta {
         // inode in one pipelined trip. Each entry names an existing inode when read; an
         // inode gone by the second read was unlinked in between, so the name is read again.
         for _ in 0..LOOKUP_TRIES {
-            let guess = self
-                .named
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(&(parent, name.to_vec()))
-                .copied();
+            let guess = self.known(parent, name);
             let entry_key = format!("d{parent}");
             let (entry, guessed): (Option<String>, Option<String>) = match guess {
                 Some(g) => self.with_conn(|c| {
@@ -676,13 +680,17 @@ impl Meta for RedisMeta {
                 .next()
                 .and_then(|i| i.parse().ok())
                 .ok_or_else(|| corrupt("entry", &entry))?;
-            let raw = match guessed {
-                Some(raw) if guess == Some(ino) => Some(raw),
-                _ => self.with_conn(|c| redis::cmd("GET").arg(format!("i{ino}")).query(c))?,
+            let found = match guessed {
+                Some(raw) if guess == Some(ino) => decode_attr(ino, &raw),
+                _ => self.getattr(ino),
             };
-            if let Some(raw) = raw {
-                self.remember(parent, name, ino);
-                return decode_attr(ino, &raw);
+            match found {
+                Ok(a) => {
+                    self.remember(parent, name, ino);
+                    return Ok(a);
+                }
+                Err(MetaError::NotFound) => {}
+                Err(e) => return Err(e),
             }
         }
         Err(MetaError::NotFound)
@@ -741,16 +749,7 @@ impl Meta for RedisMeta {
         attr_reply(self.call(&call)?)
     }
 
-    fn mknod(&self, parent: Ino, name: &[u8], node: &NewNode) -> Result<Attr> {
-        Ok(self.mknod_with_parent(parent, name, node)?.0)
-    }
-
-    fn mknod_with_parent(
-        &self,
-        parent: Ino,
-        name: &[u8],
-        node: &NewNode,
-    ) -> Result<(Attr, Option<Attr>)> {
+    fn mknod_with_parent(&self, parent: Ino, name: &[u8], node: &NewNode) -> Result<(Attr, Attr)> {
         check_name(name)?;
         if node.symlink.as_ref().is_some_and(|t| t.len() > SYMLINK_MAX) {
             return Err(MetaError::NameTooLong);
@@ -776,7 +775,7 @@ impl Meta for RedisMeta {
         };
         let a = decode_attr(number(ino)?, text(raw)?)?;
         self.remember(parent, name, a.ino);
-        Ok((a, Some(decode_attr(parent, text(dir)?)?)))
+        Ok((a, decode_attr(parent, text(dir)?)?))
     }
 
     fn link(&self, ino: Ino, parent: Ino, name: &[u8]) -> Result<Attr> {

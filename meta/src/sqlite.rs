@@ -1167,16 +1167,7 @@ impl Meta for SqliteMeta {
         })
     }
 
-    fn mknod(&self, parent: Ino, name: &[u8], node: &NewNode) -> Result<Attr> {
-        Ok(self.mknod_with_parent(parent, name, node)?.0)
-    }
-
-    fn mknod_with_parent(
-        &self,
-        parent: Ino,
-        name: &[u8],
-        node: &NewNode,
-    ) -> Result<(Attr, Option<Attr>)> {
+    fn mknod_with_parent(&self, parent: Ino, name: &[u8], node: &NewNode) -> Result<(Attr, Attr)> {
         check_name(name)?;
         if let Some(target) = &node.symlink {
             if target.len() > SYMLINK_MAX {
@@ -1250,7 +1241,7 @@ impl Meta for SqliteMeta {
             }
             touch_dir(tx, &mut dir, now)?;
             bump_counter(tx, "used_inodes", 1)?;
-            Ok((attr, Some(dir)))
+            Ok((attr, dir))
         })
     }
 

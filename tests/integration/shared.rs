@@ -434,6 +434,20 @@ fn flock_locks_hold_across_mounts() {
     assert_eq!(flock(&other, libc::LOCK_EX | libc::LOCK_NB), 0);
     drop(other);
 
+    // A refused non-blocking conversion leaves no lock: the held one went first, as on Linux.
+    let (x, y) = (
+        std::fs::File::open(a.p("f")).unwrap(),
+        std::fs::File::open(a.p("f")).unwrap(),
+    );
+    assert_eq!(flock(&x, libc::LOCK_SH), 0);
+    assert_eq!(flock(&y, libc::LOCK_SH), 0);
+    assert_eq!(flock(&y, libc::LOCK_EX | libc::LOCK_NB), -1);
+    drop(x);
+    eventually(5, "the refused conversion dropped the shared lock", || {
+        flock_probe(&b.p("f"), "fcntl.LOCK_EX") == Some(0)
+    });
+    drop(y);
+
     // Two holders of a shared lock both converting to exclusive: each drops its shared lock
     // first (as Linux does), so one gets it and the other follows, no deadlock.
     let held = std::fs::File::open(a.p("f")).unwrap();
