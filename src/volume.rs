@@ -364,7 +364,6 @@ async fn open_instrumented(
         "s3" => {
             let location = S3Location::parse(&format.bucket).map_err(VolumeError::Invalid)?;
             let opts = S3Options {
-                sign_payload: !location.is_tls(),
                 location,
                 region: access.region.clone(),
                 credentials: effective_credentials(format, access)?,

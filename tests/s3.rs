@@ -42,7 +42,6 @@ async fn store_for(bucket_url: &str) -> S3Store {
         max_uploads: 8,
         max_downloads: 8,
         max_deletes: 2,
-        sign_payload: true,
         timeout: Duration::from_secs(30),
     })
     .await
@@ -402,26 +401,89 @@ fn stored_secret_is_sealed_hidden_and_used() {
     );
 }
 
-/// Uploads without payload signing (what tidefs does over HTTPS, where TLS guarantees
-/// integrity) are accepted by a real server and read back whole.
+/// Uploads go out with `UNSIGNED-PAYLOAD` (no SHA-256 of every block, on either end) and a
+/// CRC32 of the body in `x-amz-checksum-crc32`, as a plain header that servers which do not
+/// know it ignore.
 #[test]
-fn unsigned_uploads_round_trip() {
+fn uploads_carry_a_crc32_instead_of_a_payload_signature() {
+    use std::io::Write;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let (head, body) = read_request(&mut conn);
+        write!(
+            conn,
+            "HTTP/1.1 200 OK\r\nETag: \"x\"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        (head, body)
+    });
+    let block: Bytes = (0..1000u32).map(|i| (i % 251) as u8).collect();
+    runtime().block_on(async {
+        let s = store_for(&format!("http://127.0.0.1:{port}/crc-check")).await;
+        s.put("blocks/1", block.clone()).await.unwrap();
+    });
+    let (head, body) = server.join().unwrap();
+    assert!(head.starts_with("put /crc-check/blocks/1"), "{head}");
+    assert_eq!(body, block);
+    let header = |name: &str| {
+        head.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or_else(|| panic!("no {name} header in {head}"))
+            .trim()
+            .to_string()
+    };
+    assert_eq!(header("x-amz-content-sha256:"), "unsigned-payload");
+    let crc = aws_smithy_types::base64::encode(crc32fast::hash(&block).to_be_bytes());
+    assert_eq!(header("x-amz-checksum-crc32:"), crc.to_lowercase());
+}
+
+/// A real server accepts those uploads and returns them whole, and refuses a body that does
+/// not match its CRC32 (BadDigest): the header is an integrity check, not decoration.
+#[test]
+fn unsigned_uploads_round_trip_and_bad_checksums_are_refused() {
     let rt = runtime();
     let (url, _) = harness::s3_server().new_bucket();
     rt.block_on(async {
-        let s = S3Store::new(&S3Options {
-            sign_payload: false,
-            location: S3Location::parse(&url).unwrap(),
-            region: None,
-            credentials: access().credentials,
-            max_uploads: 4,
-            max_downloads: 4,
-            max_deletes: 1,
-            timeout: Duration::from_secs(30),
-        })
-        .await;
+        let s = store_for(&url).await;
         let block: Bytes = (0..(4u32 << 20)).map(|i| (i % 253) as u8).collect();
         s.put("blocks/1", block.clone()).await.unwrap();
         assert_eq!(s.get("blocks/1", None).await.unwrap(), block);
+
+        let loc = S3Location::parse(&url).unwrap();
+        let conf = aws_sdk_s3::Config::builder()
+            .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
+            .endpoint_url(loc.endpoint.clone().unwrap())
+            .force_path_style(true)
+            .region(aws_sdk_s3::config::Region::new("us-east-1"))
+            .credentials_provider(aws_sdk_s3::config::Credentials::new(
+                harness::S3_KEYS.0,
+                harness::S3_KEYS.1,
+                None,
+                None,
+                "test",
+            ))
+            .request_checksum_calculation(
+                aws_sdk_s3::config::RequestChecksumCalculation::WhenRequired,
+            )
+            .build();
+        let wrong = aws_smithy_types::base64::encode((crc32fast::hash(&block) ^ 1).to_be_bytes());
+        let sent = aws_sdk_s3::Client::from_conf(conf)
+            .put_object()
+            .bucket(&loc.bucket)
+            .key("blocks/2")
+            .checksum_crc32(wrong)
+            .body(block.clone().into())
+            .customize()
+            .disable_payload_signing()
+            .send()
+            .await;
+        let refused = sent.expect_err("a body with a wrong CRC32 was accepted");
+        assert_eq!(
+            refused.as_service_error().and_then(|e| e.meta().code()),
+            Some("BadDigest"),
+            "{refused:?}"
+        );
     });
 }
