@@ -86,6 +86,8 @@ pub struct DataCtx {
     compact_queued: DashMap<ChunkRef, ()>,
     /// Blocks a random read fetched in part (see [`ReadPattern::Random`]).
     touched: DashMap<String, ()>,
+    /// Whether full blocks of written data go to the disk cache (short ones always do).
+    cache_large_writes: bool,
 }
 
 /// Read-side metadata of one file, cached between changes.
@@ -139,7 +141,18 @@ impl DataCtx {
             compact_rx,
             compact_queued: DashMap::new(),
             touched: DashMap::new(),
+            cache_large_writes: false,
         }
+    }
+
+    /// Whether full blocks a mount uploads are also kept in its disk cache (JuiceFS's
+    /// `--cache-large-write`). Without it only short blocks (small files, the ends of files)
+    /// are: a large write would otherwise evict the cache's hot blocks for data that is
+    /// rarely read back on the node that wrote it, and write every byte to the cache disk
+    /// as well as to the store.
+    pub fn with_large_write_caching(mut self, yes: bool) -> Self {
+        self.cache_large_writes = yes;
+        self
     }
 
     /// Notes that chunk `chunk` of `ino` may have many slices (it was just written, or read
@@ -259,9 +272,11 @@ impl DataCtx {
     }
 
     /// Starts uploading a block; its bytes stop counting as buffered once the upload ends.
-    /// An uploaded block goes to the disk cache, if any, but not to memory: large writes
-    /// would only flush the hottest blocks.
+    /// An uploaded block goes to the disk cache, if any, when it is short or with
+    /// [`DataCtx::with_large_write_caching`], but never to memory: large writes would only
+    /// flush the hottest blocks.
     pub(crate) fn upload(&self, key: String, data: Bytes) -> JoinHandle<Result<(), StoreError>> {
+        let keep = self.cache_large_writes || data.len() < self.layout.block_size() as usize;
         let (store, buffered, cache, uploading) = (
             self.store.clone(),
             self.buffered.clone(),
@@ -275,7 +290,7 @@ impl DataCtx {
             buffered.fetch_sub(len, Ordering::SeqCst);
             uploading.0.fetch_sub(len, Ordering::SeqCst);
             uploading.2.notify_all();
-            if result.is_ok() {
+            if result.is_ok() && keep {
                 cache.keep_written(&key, data);
             }
             result

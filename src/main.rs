@@ -257,6 +257,10 @@ struct MountArgs {
     /// Memory in MiB for the hottest blocks in front of a disk cache.
     #[arg(long, default_value_t = 64)]
     mem_cache_size: u64,
+    /// Keep the full blocks of written files in the disk cache too (as JuiceFS's option of
+    /// the same name); by default only short blocks, small files and the ends of files, are.
+    #[arg(long)]
+    cache_large_write: bool,
     /// Stop adding blocks to a cache disk with less than this share of it free.
     #[arg(long, default_value_t = 0.1)]
     free_space_ratio: f64,
@@ -552,13 +556,10 @@ fn mount(a: MountArgs) -> Result<()> {
         tracing::info!(dirs = %a.cache_dir, used = disk.used(), "disk cache opened");
         BlockCache::with_disk(a.mem_cache_size << 20, disk)
     };
-    let data = Arc::new(DataCtx::new(
-        meta.clone(),
-        store,
-        cache,
-        layout,
-        rt.handle().clone(),
-    ));
+    let data = Arc::new(
+        DataCtx::new(meta.clone(), store, cache, layout, rt.handle().clone())
+            .with_large_write_caching(a.cache_large_write),
+    );
     if let Some(listener) = metrics_listener {
         let exported = Arc::new(
             tidefs::exporter::MountMetrics::new(store_metrics, data.clone())

@@ -123,13 +123,17 @@ fn bad_cache_dir_is_a_clear_error() {
     assert!(!is_mounted(&path));
 }
 
-/// Blocks written through a mount with a disk cache land in it, so reading them back needs
-/// no fetch; `tidefs warmup` fills an empty cache from the store.
+/// Blocks written through a mount with a disk cache and `--cache-large-write` land in it, so
+/// reading them back needs no fetch; `tidefs warmup` fills an empty cache from the store.
 #[test]
 fn written_blocks_are_cached_and_warmup_fills_the_cache() {
     let vol = Volume::local(64);
     let cache = vol.dir.path().join("cache");
-    let opts = ["--cache-dir", cache.to_str().unwrap()];
+    let opts = [
+        "--cache-dir",
+        cache.to_str().unwrap(),
+        "--cache-large-write",
+    ];
     let mut a = vec![0u8; 640 << 10];
     rand::thread_rng().fill_bytes(&mut a);
     let b = vec![7u8; 100_000];
@@ -183,6 +187,27 @@ fn written_blocks_are_cached_and_warmup_fills_the_cache() {
     let out = tidefs(&["warmup", vol.dir.path().to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not on a tidefs mount"));
+}
+
+/// Without `--cache-large-write`, only the short blocks of what a mount writes reach its
+/// disk cache; with it, every block does.
+#[test]
+fn only_short_written_blocks_are_cached_by_default() {
+    let vol = Volume::local(64);
+    let cache = vol.dir.path().join("cache");
+    let data = vec![5u8; (640 << 10) + 1000];
+    let dir = ["--cache-dir", cache.to_str().unwrap()];
+    let mnt = vol.mount_with(&dir);
+    std::fs::write(mnt.p("f"), &data).unwrap();
+    wait_for_files(&cache, 1);
+    mnt.unmount();
+    assert_eq!(cache_files(&cache).len(), 1, "only the last, short block");
+
+    let mnt = vol.mount_with(&[dir[0], dir[1], "--cache-large-write"]);
+    std::fs::write(mnt.p("g"), &data).unwrap();
+    wait_for_files(&cache, 1 + 11);
+    mnt.unmount();
+    assert_eq!(cache_files(&cache).len(), 12);
 }
 
 /// Volumes sharing a cache directory never see each other's blocks, though their block keys
