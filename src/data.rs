@@ -416,17 +416,17 @@ impl DataCtx {
         end: u64,
         pattern: ReadPattern,
     ) -> Result<Vec<u8>, ReadError> {
-        let mut out = vec![0u8; (end - off) as usize];
         // Each piece's bytes: from a cache layer if one holds them (the disk layer reads just
-        // the piece), else from the whole block, fetched once for every reader; or, for a
-        // random read of a block not read before, just the piece.
-        let fetched = self.rt.block_on(async {
+        // the piece, on this thread: `block_on` runs here, never on a runtime worker), else
+        // from the whole block, fetched once for every reader; or, for a random read of a
+        // block not read before, just the piece.
+        let mut fetched = self.rt.block_on(async {
             let fetches = pieces.iter().map(|p| async move {
                 let Some((key, len, in_block)) = &p.block else {
                     return Ok(None);
                 };
                 let range = *in_block..*in_block + p.len;
-                if let Some(bytes) = self.cache.get_range(key, range.clone()).await {
+                if let Some(bytes) = self.cache.get_range_inline(key, range.clone()).await {
                     return Ok(Some(bytes));
                 }
                 if pattern == ReadPattern::Random && p.len < *len && self.first_touch(key) {
@@ -437,6 +437,14 @@ impl DataCtx {
             });
             futures::future::try_join_all(fetches).await
         })?;
+        if let [Some(data)] = &mut fetched[..] {
+            if data.len() as u64 == end - off {
+                // One piece is the whole read (the usual case): hand its buffer on, without
+                // a copy when nothing else holds it.
+                return Ok(Vec::from(std::mem::take(data)));
+            }
+        }
+        let mut out = vec![0u8; (end - off) as usize];
         for (p, data) in pieces.iter().zip(fetched) {
             if let Some(data) = data {
                 let dst = (p.file_off - off) as usize;
@@ -473,7 +481,8 @@ impl DataCtx {
         }
     }
 
-    /// Starts fetching the blocks behind `[off, end)` of file `ino` into the cache.
+    /// Starts fetching the blocks behind `[off, end)` of file `ino` into the cache (blocks a
+    /// cache layer holds already are only readied, see [`BlockCache::ready`]).
     pub fn prefetch(&self, ino: Ino, off: u64, end: u64) {
         let Ok(pieces) = self.plan(ino, off, end) else {
             return;
@@ -484,6 +493,9 @@ impl DataCtx {
             .filter_map(|p| p.block.map(|(key, len, _)| (key, len)))
             .collect();
         for (key, len) in blocks {
+            if self.cache.ready(&key, &self.rt) {
+                continue;
+            }
             let (store, cache) = (self.store.clone(), self.cache.clone());
             self.rt.spawn(async move {
                 let _ = fetch_block(store, &cache, &key, len).await;

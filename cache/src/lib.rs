@@ -100,11 +100,8 @@ impl BlockCache {
     /// Bytes `range` of block `key` if the memory or the disk layer holds it, without
     /// fetching; the disk layer reads only the segments the range falls in.
     pub async fn get_range(&self, key: &str, range: std::ops::Range<u32>) -> Option<Bytes> {
-        if let Some(c) = &self.inner {
-            if let Some(b) = c.get(key).await {
-                let r = range.start as usize..range.end as usize;
-                return (r.start <= r.end && r.end <= b.len()).then(|| b.slice(r));
-            }
+        if let Some(b) = self.get(key).await {
+            return slice_of(&b, range);
         }
         let disk = self.disk.clone().filter(|d| d.contains(key))?;
         let key = key.to_string();
@@ -112,6 +109,34 @@ impl BlockCache {
             .await
             .ok()
             .flatten()
+    }
+
+    /// Readies block `key` for a read soon without fetching it from the store: true if a
+    /// cache layer holds it. A block on disk is not copied into memory; the kernel is asked to
+    /// read its file ahead instead (on `rt`'s blocking pool), so the reads that follow are
+    /// served from the page cache with a single copy.
+    pub fn ready(&self, key: &str, rt: &tokio::runtime::Handle) -> bool {
+        if self.inner.as_ref().is_some_and(|c| c.contains_key(key)) {
+            return true;
+        }
+        match &self.disk {
+            Some(disk) if disk.contains(key) => {
+                let (disk, key) = (disk.clone(), key.to_string());
+                rt.spawn_blocking(move || disk.will_need(&key));
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// As [`BlockCache::get_range`], but a disk read blocks the calling thread instead of
+    /// going to the blocking pool: for threads that are not runtime workers (the FUSE request
+    /// loops, inside `Runtime::block_on`), which save the hand-off to another thread and back.
+    pub async fn get_range_inline(&self, key: &str, range: std::ops::Range<u32>) -> Option<Bytes> {
+        if let Some(b) = self.get(key).await {
+            return slice_of(&b, range);
+        }
+        self.disk.as_ref()?.get_range(key, Some(range))
     }
 
     /// Caches `data` as block `key`.
@@ -204,10 +229,42 @@ impl BlockCache {
     }
 }
 
+/// Bytes `range` of `block`, if it has them.
+fn slice_of(block: &Bytes, range: std::ops::Range<u32>) -> Option<Bytes> {
+    let r = range.start as usize..range.end as usize;
+    (r.start <= r.end && r.end <= block.len()).then(|| block.slice(r))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// `ready` says which blocks a layer holds, and leaves a block on disk there (the kernel
+    /// reads its file ahead) instead of copying it into memory; inline reads then serve it.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn ready_blocks_on_disk_stay_out_of_memory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let disk = DiskCache::open(&crate::DiskCacheConfig {
+            dirs: vec![tmp.path().to_path_buf()],
+            capacity: 1 << 20,
+            free_ratio: 0.0,
+        })
+        .unwrap();
+        disk.insert("on-disk", &[3u8; 5000]);
+        let cache = BlockCache::with_disk(1 << 20, disk);
+        let rt = tokio::runtime::Handle::current();
+        assert!(cache.ready("on-disk", &rt));
+        assert!(!cache.ready("nowhere", &rt));
+        assert!(cache.get("on-disk").await.is_none(), "copied into memory");
+        assert_eq!(
+            cache.get_range_inline("on-disk", 10..20).await.unwrap(),
+            Bytes::from(vec![3u8; 10])
+        );
+        assert!(cache.get_range_inline("nowhere", 0..1).await.is_none());
+        cache.insert("in-memory", Bytes::from_static(b"x")).await;
+        assert!(cache.ready("in-memory", &rt));
+    }
 
     #[tokio::test]
     async fn concurrent_misses_share_one_fetch() {
