@@ -88,6 +88,8 @@ pub struct DataCtx {
     touched: DashMap<String, ()>,
     /// Whether full blocks of written data go to the disk cache (short ones always do).
     cache_large_writes: bool,
+    /// Blocks that readahead may be fetching at once, over all open files.
+    prefetches: Arc<tokio::sync::Semaphore>,
 }
 
 /// Read-side metadata of one file, cached between changes.
@@ -115,6 +117,9 @@ impl std::fmt::Debug for DataCtx {
     }
 }
 
+/// Bytes readahead may fetch at once over all files, unless set otherwise.
+const DEFAULT_PREFETCH_BYTES: u64 = 64 << 20;
+
 impl DataCtx {
     /// The shared state of a mount's data path.
     pub fn new(
@@ -125,6 +130,7 @@ impl DataCtx {
         rt: Handle,
     ) -> Self {
         let buffers = BufferPool::new(layout.block_size() as usize, WRITE_BUFFERS_KEPT);
+        let prefetches = Self::blocks_in(&layout, DEFAULT_PREFETCH_BYTES);
         let (compact_tx, compact_rx) = crossbeam_channel::unbounded();
         DataCtx {
             meta,
@@ -142,7 +148,24 @@ impl DataCtx {
             compact_queued: DashMap::new(),
             touched: DashMap::new(),
             cache_large_writes: false,
+            prefetches: Arc::new(tokio::sync::Semaphore::new(prefetches)),
         }
+    }
+
+    fn blocks_in(layout: &Layout, bytes: u64) -> usize {
+        (bytes / layout.block_size() as u64).max(4) as usize
+    }
+
+    /// Bounds the bytes readahead fetches at once over all open files (64 MiB by default;
+    /// at least 4 blocks). Each file's window is bounded on its own, but without this four
+    /// sequential readers had four windows in flight, and the memory they held with them.
+    /// Blocks past the bound wait their turn; they are not dropped.
+    pub fn with_prefetch_limit(mut self, bytes: u64) -> Self {
+        self.prefetches = Arc::new(tokio::sync::Semaphore::new(Self::blocks_in(
+            &self.layout,
+            bytes,
+        )));
+        self
     }
 
     /// Whether full blocks a mount uploads are also kept in its disk cache (JuiceFS's
@@ -497,7 +520,9 @@ impl DataCtx {
                 continue;
             }
             let (store, cache) = (self.store.clone(), self.cache.clone());
+            let turn = self.prefetches.clone().acquire_owned();
             self.rt.spawn(async move {
+                let Ok(_turn) = turn.await else { return };
                 let _ = fetch_block(store, &cache, &key, len).await;
             });
         }

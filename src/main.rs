@@ -269,7 +269,8 @@ struct MountArgs {
     #[arg(long, default_value_t = 128)]
     buffer_size: u64,
     /// Most MiB a sequential reader fetches ahead (the window grows to it from one block;
-    /// it is also held to half of --cache-size).
+    /// it is also held to half of --cache-size), and most MiB all readers together have
+    /// being fetched ahead at once.
     #[arg(long, default_value_t = 64)]
     max_readahead: u64,
     /// Kernel attribute cache timeout in seconds.
@@ -563,7 +564,8 @@ fn mount(a: MountArgs) -> Result<()> {
     };
     let data = Arc::new(
         DataCtx::new(meta.clone(), store, cache, layout, rt.handle().clone())
-            .with_large_write_caching(a.cache_large_write),
+            .with_large_write_caching(a.cache_large_write)
+            .with_prefetch_limit(a.max_readahead << 20),
     );
     if let Some(listener) = metrics_listener {
         let exported = Arc::new(

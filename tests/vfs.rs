@@ -33,6 +33,15 @@ fn fixture_with_cache(block_size: u32, cache_bytes: u64) -> Fixture {
 }
 
 fn fixture_with(block_size: u32, cache_bytes: u64, opts: VfsOptions) -> Fixture {
+    fixture_prefetching(block_size, cache_bytes, opts, 64 << 20)
+}
+
+fn fixture_prefetching(
+    block_size: u32,
+    cache_bytes: u64,
+    opts: VfsOptions,
+    prefetch_limit: u64,
+) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let meta = SqliteMeta::open(&dir.path().join("meta.db"), true).unwrap();
     let mut format = tidefs_meta::conformance::sample_format();
@@ -50,13 +59,16 @@ fn fixture_with(block_size: u32, cache_bytes: u64, opts: VfsOptions) -> Fixture 
     let sid = meta
         .new_session(&tidefs_meta::conformance::sample_session())
         .unwrap();
-    let data = Arc::new(DataCtx::new(
-        meta,
-        store.clone(),
-        BlockCache::new(cache_bytes),
-        Layout::new(&format.name, block_size),
-        rt.handle().clone(),
-    ));
+    let data = Arc::new(
+        DataCtx::new(
+            meta,
+            store.clone(),
+            BlockCache::new(cache_bytes),
+            Layout::new(&format.name, block_size),
+            rt.handle().clone(),
+        )
+        .with_prefetch_limit(prefetch_limit),
+    );
     let vfs = TideVfs::new(data, format, sid, opts);
     Fixture {
         vfs,
@@ -215,6 +227,41 @@ fn reads_of_different_files_do_not_serialize() {
         elapsed < Duration::from_millis(1800),
         "8 slow reads took {elapsed:?}: serialized?"
     );
+}
+
+/// Readahead over many files at once stays within the mount's prefetch limit (here 4 blocks),
+/// however large each file's window: the memory held by fetches under way is bounded.
+#[test]
+fn readahead_over_many_files_stays_within_the_limit() {
+    let f = fixture_prefetching(64 << 10, 64 << 20, VfsOptions::default(), 4 * (64 << 10));
+    let mut files = Vec::new();
+    for i in 0..4u8 {
+        let (a, fh) = f
+            .vfs
+            .create(CTX, ROOT_INO, format!("f{i}").as_bytes(), 0o644, 0)
+            .unwrap();
+        f.vfs.write(a.ino, fh, 0, &vec![i; 2 << 20]).unwrap();
+        f.vfs.release(a.ino, fh).unwrap();
+        files.push(a.ino);
+    }
+    f.store.delay_gets(Duration::from_millis(20));
+    std::thread::scope(|s| {
+        for (i, ino) in files.iter().enumerate() {
+            let vfs = &f.vfs;
+            s.spawn(move || {
+                let fh = vfs.open(CTX, *ino, libc::O_RDONLY).unwrap().fh;
+                for off in (0..2u64 << 20).step_by(128 << 10) {
+                    let data = vfs.read(*ino, fh, off, 128 << 10).unwrap();
+                    assert!(data.len() == 128 << 10 && data.iter().all(|b| *b == i as u8));
+                }
+                vfs.release(*ino, fh).unwrap();
+            });
+        }
+    });
+    // 4 blocks ahead, and the two blocks each reader's own 128 KiB read may wait for
+    // (without the limit: 64).
+    let most = f.store.most_gets_at_once();
+    assert!(most <= 4 + 4 * 2, "{most} gets at once");
 }
 
 /// Reads served from cached metadata follow every change made through any handle: writes,

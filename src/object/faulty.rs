@@ -19,6 +19,8 @@ pub struct FaultyStore {
     put_delay_ms: AtomicU64,
     failing_deletes: std::sync::Mutex<Option<String>>,
     got_bytes: AtomicU64,
+    /// Gets under way now, and the most there ever were at once.
+    gets_in_flight: (AtomicU64, AtomicU64),
 }
 
 fn injected(key: &str) -> StoreError {
@@ -45,12 +47,18 @@ impl FaultyStore {
             put_delay_ms: AtomicU64::new(0),
             failing_deletes: std::sync::Mutex::new(None),
             got_bytes: AtomicU64::new(0),
+            gets_in_flight: (AtomicU64::new(0), AtomicU64::new(0)),
         }
     }
 
     /// Bytes returned by successful gets so far.
     pub fn got_bytes(&self) -> u64 {
         self.got_bytes.load(Ordering::SeqCst)
+    }
+
+    /// The most gets that were under way at once so far.
+    pub fn most_gets_at_once(&self) -> u64 {
+        self.gets_in_flight.1.load(Ordering::SeqCst)
     }
 
     /// The next `n` puts fail.
@@ -102,10 +110,13 @@ impl ObjectStore for FaultyStore {
     }
 
     async fn get(&self, key: &str, range: Option<Range<u64>>) -> Result<Bytes, StoreError> {
+        let (now, most) = &self.gets_in_flight;
+        most.fetch_max(now.fetch_add(1, Ordering::SeqCst) + 1, Ordering::SeqCst);
         let delay = self.get_delay_ms.load(Ordering::SeqCst);
         if delay > 0 {
             tokio::time::sleep(Duration::from_millis(delay)).await;
         }
+        now.fetch_sub(1, Ordering::SeqCst);
         if take(&self.failing_gets) {
             return Err(injected(key));
         }
