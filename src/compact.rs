@@ -90,7 +90,7 @@ fn upload_slice(data: &DataCtx, s: Slice, bytes: Bytes) -> Result<(), FsError> {
                 .block_key(s.id, index as u32, block.len() as u32);
             data.buffered
                 .fetch_add(block.len() as u64, Ordering::Relaxed);
-            data.upload(key, block)
+            data.upload_cached(key, block)
         })
         .collect();
     data.wait_uploads(uploads)

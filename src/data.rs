@@ -300,6 +300,25 @@ impl DataCtx {
     /// flush the hottest blocks.
     pub(crate) fn upload(&self, key: String, data: Bytes) -> JoinHandle<Result<(), StoreError>> {
         let keep = self.cache_large_writes || data.len() < self.layout.block_size() as usize;
+        self.upload_with(key, data, keep)
+    }
+
+    /// As [`DataCtx::upload`], but the block always goes to the disk cache: for rewrites of
+    /// data that was read (compaction), whose old blocks were cached.
+    pub(crate) fn upload_cached(
+        &self,
+        key: String,
+        data: Bytes,
+    ) -> JoinHandle<Result<(), StoreError>> {
+        self.upload_with(key, data, true)
+    }
+
+    fn upload_with(
+        &self,
+        key: String,
+        data: Bytes,
+        keep: bool,
+    ) -> JoinHandle<Result<(), StoreError>> {
         let (store, buffered, cache, uploading) = (
             self.store.clone(),
             self.buffered.clone(),
@@ -521,9 +540,13 @@ impl DataCtx {
             }
             let (store, cache) = (self.store.clone(), self.cache.clone());
             let turn = self.prefetches.clone().acquire_owned();
+            let rt = self.rt.clone();
             self.rt.spawn(async move {
                 let Ok(_turn) = turn.await else { return };
-                let _ = fetch_block(store, &cache, &key, len).await;
+                // A demand read may have fetched it while this waited.
+                if !cache.ready(&key, &rt) {
+                    let _ = fetch_block(store, &cache, &key, len).await;
+                }
             });
         }
     }

@@ -564,7 +564,9 @@ fn mount(a: MountArgs) -> Result<()> {
     };
     let data = Arc::new(
         DataCtx::new(meta.clone(), store, cache, layout, rt.handle().clone())
-            .with_large_write_caching(a.cache_large_write)
+            // A writeback mount deletes staged blocks once uploaded: keep them all cached,
+            // as they were staged, so data just written reads back from the disk.
+            .with_large_write_caching(a.cache_large_write || a.writeback)
             .with_prefetch_limit(a.max_readahead << 20),
     );
     if let Some(listener) = metrics_listener {

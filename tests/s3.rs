@@ -439,6 +439,48 @@ fn uploads_carry_a_crc32_instead_of_a_payload_signature() {
     assert_eq!(header("x-amz-checksum-crc32:"), crc.to_lowercase());
 }
 
+/// A body refused for its checksum (damaged on the way) is a transient failure, retried like
+/// a timeout; another 4xx is a refusal.
+#[test]
+fn checksum_mismatches_are_transient() {
+    use std::io::Write;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        for code in ["BadDigest", "AccessDenied"] {
+            let (mut conn, _) = listener.accept().unwrap();
+            read_request(&mut conn);
+            let body = format!(
+                "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>{code}</Code>\
+                 <Message>refused</Message></Error>"
+            );
+            let status = if code == "BadDigest" {
+                "400 Bad Request"
+            } else {
+                "403 Forbidden"
+            };
+            write!(
+                conn,
+                "HTTP/1.1 {status}\r\nContent-Type: application/xml\r\nContent-Length: {}\r\n\
+                 Connection: close\r\n\r\n{body}",
+                body.len()
+            )
+            .unwrap();
+        }
+    });
+    runtime().block_on(async {
+        let s = store_for(&format!("http://127.0.0.1:{port}/crc-check")).await;
+        let damaged = s.put("blocks/1", Bytes::from_static(b"data")).await;
+        assert!(matches!(damaged, Err(StoreError::Io { .. })), "{damaged:?}");
+        let denied = s.put("blocks/1", Bytes::from_static(b"data")).await;
+        assert!(
+            matches!(denied, Err(StoreError::Refused { .. })),
+            "{denied:?}"
+        );
+    });
+    server.join().unwrap();
+}
+
 /// A real server accepts those uploads and returns them whole, and refuses a body that does
 /// not match its CRC32 (BadDigest): the header is an integrity check, not decoration.
 #[test]

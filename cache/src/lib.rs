@@ -136,7 +136,10 @@ impl BlockCache {
         if let Some(b) = self.get(key).await {
             return slice_of(&b, range);
         }
-        self.disk.as_ref()?.get_range(key, Some(range))
+        self.disk
+            .as_ref()
+            .filter(|d| d.contains(key))?
+            .get_range(key, Some(range))
     }
 
     /// Caches `data` as block `key`.

@@ -112,11 +112,18 @@ impl ObjectStore for FaultyStore {
     async fn get(&self, key: &str, range: Option<Range<u64>>) -> Result<Bytes, StoreError> {
         let (now, most) = &self.gets_in_flight;
         most.fetch_max(now.fetch_add(1, Ordering::SeqCst) + 1, Ordering::SeqCst);
+        // Counted out however the get ends, cancelled during its delay included.
+        struct Out<'a>(&'a AtomicU64);
+        impl Drop for Out<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        let _out = Out(now);
         let delay = self.get_delay_ms.load(Ordering::SeqCst);
         if delay > 0 {
             tokio::time::sleep(Duration::from_millis(delay)).await;
         }
-        now.fetch_sub(1, Ordering::SeqCst);
         if take(&self.failing_gets) {
             return Err(injected(key));
         }

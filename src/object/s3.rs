@@ -139,20 +139,29 @@ fn io(key: &str, e: impl std::fmt::Display) -> StoreError {
     }
 }
 
-/// An SDK error as a store error: a 4xx answer other than 408 (timeout) and 429 (throttled) is
-/// a refusal that retrying cannot fix; everything else (5xx, SlowDown, timeouts, connection
-/// errors) is transient.
+/// An SDK error as a store error: a 4xx answer other than 408 (timeout), 429 (throttled) and a
+/// checksum mismatch (a body damaged in transit) is a refusal that retrying cannot fix;
+/// everything else (5xx, SlowDown, timeouts, connection errors) is transient.
 fn sdk_error<E>(key: &str, e: SdkError<E>) -> StoreError
 where
-    E: std::error::Error + Send + Sync + 'static,
+    E: std::error::Error + aws_sdk_s3::error::ProvideErrorMetadata + Send + Sync + 'static,
 {
     let status = e.raw_response().map(|r| r.status().as_u16());
     let cause = aws_sdk_s3::error::DisplayErrorContext(&e).to_string();
+    // A body that did not match its checksum was damaged on the way: sending it again fixes it.
+    let damaged = e
+        .as_service_error()
+        .and_then(|s| s.meta().code())
+        .is_some_and(|c| {
+            c == "BadDigest" || c == "XAmzContentChecksumMismatch" || c == "InvalidDigest"
+        });
     match status {
-        Some(s) if (400..500).contains(&s) && s != 408 && s != 429 => StoreError::Refused {
-            key: key.to_string(),
-            cause,
-        },
+        Some(s) if (400..500).contains(&s) && s != 408 && s != 429 && !damaged => {
+            StoreError::Refused {
+                key: key.to_string(),
+                cause,
+            }
+        }
         _ => io(key, cause),
     }
 }
@@ -176,8 +185,8 @@ impl S3Store {
             .behavior_version(BehaviorVersion::latest())
             // Retries are tidefs's (see `Retrying`); one attempt per call here.
             .retry_config(aws_sdk_s3::config::retry::RetryConfig::disabled())
-            // Checksums only where S3 requires them: many S3-compatible stores reject the
-            // newer checksum headers, and block keys already carry their length.
+            // No SDK-computed checksums: it would send them as aws-chunked trailers, which
+            // several S3-compatible stores reject. Uploads carry a CRC32 header of our own.
             .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
             .response_checksum_validation(ResponseChecksumValidation::WhenRequired);
         let custom = opts.location.endpoint.is_some();
