@@ -379,7 +379,11 @@ def run_rounds(args, measure, prefix, on_server=None):
                     on_server(rnd)
             for cls in (Local, Tidefs, JuiceFS):
                 targets.append(cls(tmp, args))
-            for t in targets:
+            # Each round starts with another target, so none always runs right after the
+            # local disk's writes are flushed; and each starts on a settled disk.
+            for t in targets[rnd % 3:] + targets[:rnd % 3]:
+                os.sync()
+                time.sleep(2)
                 print(f"round {rnd + 1}/{args.rounds}: {t.name}", file=sys.stderr, flush=True)
                 r = results.setdefault(t.name, {})
                 for k, v in measure(t).items():
@@ -557,7 +561,8 @@ NOTES = """## Reading the table
 * "local disk" random reads go to the SSD (page cache dropped by fio). The filesystems serve
   them from their caches, which is why a ratio above 1 can appear there.
 * The machine has 2 cores and is shared, so figures vary between runs by 10-30%. Compare
-  ratios within one run.
+  ratios within one run. Each round runs the three targets in a rotated order, each after
+  a sync and a pause, so none is always the one measured while earlier writes flush.
 """
 
 
