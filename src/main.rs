@@ -266,7 +266,7 @@ struct MountArgs {
     free_space_ratio: f64,
     /// Write buffer size in MiB: written data held in memory (buffered or uploading); past
     /// it writers wait for uploads.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 96)]
     buffer_size: u64,
     /// Most MiB a sequential reader fetches ahead (the window grows to it from one block;
     /// it is also held to half of --cache-size), and most MiB all readers together have

@@ -59,7 +59,7 @@ pub struct VfsOptions {
 impl Default for VfsOptions {
     fn default() -> Self {
         VfsOptions {
-            buffer_size: 128 << 20,
+            buffer_size: 96 << 20,
             heartbeat: Duration::from_secs(crate::session::DEFAULT_HEARTBEAT),
             delete_interval: Duration::from_secs(1),
             max_readahead: 64 << 20,

@@ -302,8 +302,15 @@ impl ObjectStore for S3Store {
                     sdk_error(key, e)
                 }
             })?;
-            let body = resp.body.collect().await.map_err(|e| io(key, e))?;
-            Ok(body.into_bytes())
+            // Filled chunk by chunk into one buffer of the announced size: collecting the chunks
+            // first and joining them after held every block twice while it arrived.
+            let announced = resp.content_length().unwrap_or(0).clamp(0, 64 << 20) as usize;
+            let mut body = resp.body;
+            let mut data = bytes::BytesMut::with_capacity(announced);
+            while let Some(chunk) = body.try_next().await.map_err(|e| io(key, e))? {
+                data.extend_from_slice(&chunk);
+            }
+            Ok(data.freeze())
         })
         .await
     }
