@@ -2,8 +2,8 @@
 # Sequential write (with fsync) and cold sequential read of a 1 GiB file on tidefs over an
 # s3s-fs server on 127.0.0.1, three runs each, with dd; extra arguments go to `tidefs mount`
 # (e.g. --max-readahead 12, --buffer-size 300 --cache-dir DIR). Prints the mount's peak RSS
-# after the writes. The quick check behind the readahead, payload-signing and write-buffer
-# figures in docs/design.md. Needs root (drop_caches), s3s-fs (scripts/install-deps.sh) and a built
+# after the writes. The quick check behind the readahead and write-buffer figures in
+# docs/design.md. Needs root (drop_caches), s3s-fs (scripts/install-deps.sh) and a built
 # target/release/tidefs. Everything is in a temporary directory removed at the end; the
 # server is stopped by PID.
 set -euo pipefail

@@ -120,6 +120,12 @@ impl std::fmt::Debug for DataCtx {
 /// Bytes readahead may fetch at once over all files, unless set otherwise.
 const DEFAULT_PREFETCH_BYTES: u64 = 64 << 20;
 
+/// Turns for readahead fetches: one per block in `bytes`, and at least 4.
+fn prefetch_turns(layout: &Layout, bytes: u64) -> Arc<tokio::sync::Semaphore> {
+    let blocks = (bytes / layout.block_size() as u64).max(4) as usize;
+    Arc::new(tokio::sync::Semaphore::new(blocks))
+}
+
 impl DataCtx {
     /// The shared state of a mount's data path.
     pub fn new(
@@ -130,7 +136,7 @@ impl DataCtx {
         rt: Handle,
     ) -> Self {
         let buffers = BufferPool::new(layout.block_size() as usize, WRITE_BUFFERS_KEPT);
-        let prefetches = Self::blocks_in(&layout, DEFAULT_PREFETCH_BYTES);
+        let prefetches = prefetch_turns(&layout, DEFAULT_PREFETCH_BYTES);
         let (compact_tx, compact_rx) = crossbeam_channel::unbounded();
         DataCtx {
             meta,
@@ -148,12 +154,8 @@ impl DataCtx {
             compact_queued: DashMap::new(),
             touched: DashMap::new(),
             cache_large_writes: false,
-            prefetches: Arc::new(tokio::sync::Semaphore::new(prefetches)),
+            prefetches,
         }
-    }
-
-    fn blocks_in(layout: &Layout, bytes: u64) -> usize {
-        (bytes / layout.block_size() as u64).max(4) as usize
     }
 
     /// Bounds the bytes readahead fetches at once over all open files (64 MiB by default;
@@ -161,10 +163,7 @@ impl DataCtx {
     /// sequential readers had four windows in flight, and the memory they held with them.
     /// Blocks past the bound wait their turn; they are not dropped.
     pub fn with_prefetch_limit(mut self, bytes: u64) -> Self {
-        self.prefetches = Arc::new(tokio::sync::Semaphore::new(Self::blocks_in(
-            &self.layout,
-            bytes,
-        )));
+        self.prefetches = prefetch_turns(&self.layout, bytes);
         self
     }
 
@@ -468,7 +467,7 @@ impl DataCtx {
                     return Ok(None);
                 };
                 let range = *in_block..*in_block + p.len;
-                if let Some(bytes) = self.cache.get_range_inline(key, range.clone()).await {
+                if let Some(bytes) = self.cache.get_range(key, range.clone()).await {
                     return Ok(Some(bytes));
                 }
                 if pattern == ReadPattern::Random && p.len < *len && self.first_touch(key) {

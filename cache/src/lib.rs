@@ -97,20 +97,6 @@ impl BlockCache {
         self.inner.as_ref()?.get(key).await
     }
 
-    /// Bytes `range` of block `key` if the memory or the disk layer holds it, without
-    /// fetching; the disk layer reads only the segments the range falls in.
-    pub async fn get_range(&self, key: &str, range: std::ops::Range<u32>) -> Option<Bytes> {
-        if let Some(b) = self.get(key).await {
-            return slice_of(&b, range);
-        }
-        let disk = self.disk.clone().filter(|d| d.contains(key))?;
-        let key = key.to_string();
-        tokio::task::spawn_blocking(move || disk.get_range(&key, Some(range)))
-            .await
-            .ok()
-            .flatten()
-    }
-
     /// Readies block `key` for a read soon without fetching it from the store: true if a
     /// cache layer holds it. A block on disk is not copied into memory; the kernel is asked to
     /// read its file ahead instead (on `rt`'s blocking pool), so the reads that follow are
@@ -129,10 +115,12 @@ impl BlockCache {
         }
     }
 
-    /// As [`BlockCache::get_range`], but a disk read blocks the calling thread instead of
-    /// going to the blocking pool: for threads that are not runtime workers (the FUSE request
-    /// loops, inside `Runtime::block_on`), which save the hand-off to another thread and back.
-    pub async fn get_range_inline(&self, key: &str, range: std::ops::Range<u32>) -> Option<Bytes> {
+    /// Bytes `range` of block `key` if the memory or the disk layer holds it, without
+    /// fetching; the disk layer reads only the segments the range falls in. A disk read
+    /// blocks the calling thread (no hand-off to the blocking pool and back): call it from
+    /// threads that are not runtime workers, such as the FUSE request loops inside
+    /// `Runtime::block_on`.
+    pub async fn get_range(&self, key: &str, range: std::ops::Range<u32>) -> Option<Bytes> {
         if let Some(b) = self.get(key).await {
             return slice_of(&b, range);
         }
@@ -244,7 +232,7 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     /// `ready` says which blocks a layer holds, and leaves a block on disk there (the kernel
-    /// reads its file ahead) instead of copying it into memory; inline reads then serve it.
+    /// reads its file ahead) instead of copying it into memory; range reads then serve it.
     #[tokio::test(flavor = "multi_thread")]
     async fn ready_blocks_on_disk_stay_out_of_memory() {
         let tmp = tempfile::tempdir().unwrap();
@@ -261,10 +249,10 @@ mod tests {
         assert!(!cache.ready("nowhere", &rt));
         assert!(cache.get("on-disk").await.is_none(), "copied into memory");
         assert_eq!(
-            cache.get_range_inline("on-disk", 10..20).await.unwrap(),
+            cache.get_range("on-disk", 10..20).await.unwrap(),
             Bytes::from(vec![3u8; 10])
         );
-        assert!(cache.get_range_inline("nowhere", 0..1).await.is_none());
+        assert!(cache.get_range("nowhere", 0..1).await.is_none());
         cache.insert("in-memory", Bytes::from_static(b"x")).await;
         assert!(cache.ready("in-memory", &rt));
     }
