@@ -6,6 +6,7 @@
 
 use crate::buffers::BufferPool;
 use crate::error::FsError;
+use crate::inflight::InFlight;
 use crate::layout::{Layout, CHUNK_SIZE};
 use crate::object::{ObjectStore, StoreError};
 use crate::slices::{resolve, Source};
@@ -90,6 +91,8 @@ pub struct DataCtx {
     cache_large_writes: bool,
     /// Blocks that readahead may be fetching at once, over all open files.
     prefetches: Arc<tokio::sync::Semaphore>,
+    /// File reads under way (the FUSE requests the kernel has in flight for reads).
+    pub reads: InFlight,
 }
 
 /// Read-side metadata of one file, cached between changes.
@@ -155,6 +158,7 @@ impl DataCtx {
             touched: DashMap::new(),
             cache_large_writes: false,
             prefetches,
+            reads: InFlight::default(),
         }
     }
 

@@ -63,6 +63,18 @@ impl MountMetrics {
                 self.data.buffered.load(Ordering::Relaxed),
             ),
             (
+                "tidefs_reads_in_flight",
+                gauge,
+                "File reads under way.",
+                self.data.reads.now(),
+            ),
+            (
+                "tidefs_reads_in_flight_max",
+                gauge,
+                "The most file reads under way at once since the mount started.",
+                self.data.reads.most(),
+            ),
+            (
                 "tidefs_uptime_seconds",
                 gauge,
                 "Seconds since the mount started.",
@@ -148,6 +160,10 @@ impl MountMetrics {
                 })),
             },
             "buffer_used_bytes": self.data.buffered.load(Ordering::Relaxed),
+            "reads": {
+                "in_flight": self.data.reads.now(),
+                "most_at_once": self.data.reads.most(),
+            },
             "writeback": self.writeback.as_ref().map(|wb| {
                 let (blocks, bytes) = wb.pending();
                 serde_json::json!({ "staged_blocks": blocks, "staged_bytes": bytes })

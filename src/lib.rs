@@ -17,6 +17,7 @@ pub mod error;
 pub mod exporter;
 pub mod fsck;
 pub mod gc;
+pub mod inflight;
 pub mod layout;
 pub mod objbench;
 pub mod object;

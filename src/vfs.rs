@@ -916,6 +916,7 @@ impl tidefs_fuse::Vfs for TideVfs {
         if ino == CONTROL_INO {
             return Ok(self.control(fh)?.read(size));
         }
+        let _reading = self.data.reads.enter();
         let writer = self.writers.get(&ino).map(|w| w.clone());
         let pending = writer.map_or(PendingRead::Nothing, |w| {
             w.pending_read(offset, offset + size as u64)

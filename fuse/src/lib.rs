@@ -384,8 +384,11 @@ impl<V: Vfs> Filesystem for Adapter<V> {
             config.set_max_write(max).ok();
         }
         // POSIX locks go to the VFS so that they hold across every mount of a volume.
+        // Asynchronous direct I/O lets the kernel send an application's queued O_DIRECT
+        // requests (and the pieces of a large one) at once instead of one after another.
         let wanted = InitFlags::FUSE_PARALLEL_DIROPS
             | InitFlags::FUSE_ASYNC_READ
+            | InitFlags::FUSE_ASYNC_DIO
             | InitFlags::FUSE_POSIX_LOCKS
             | InitFlags::FUSE_FLOCK_LOCKS;
         config.add_capabilities(wanted & config.capabilities()).ok();

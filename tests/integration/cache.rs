@@ -278,8 +278,7 @@ fn writeback_survives_a_killed_mount_and_uploads_later() {
         48,
         "3 MiB in 64 KiB blocks, all staged"
     );
-    let out = tidefs(&["status", &vol.url]);
-    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let status = status(&vol.url);
     let staged = &status["sessions"][0]["stats"]["writeback"];
     assert_eq!(staged["staged_blocks"].as_u64(), Some(48), "{status}");
     assert_eq!(staged["staged_bytes"].as_u64(), Some(3 << 20), "{status}");

@@ -251,13 +251,7 @@ fn status_shows_live_store_metrics() {
     std::fs::write(mnt.p("f"), &data).unwrap();
     assert_eq!(std::fs::read(mnt.p("f")).unwrap(), data);
 
-    let out = tidefs(&["status", &vol.url]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let status = status(&vol.url);
     let session = &status["sessions"][0];
     let addr = session["metrics"].as_str().unwrap().to_string();
     assert!(

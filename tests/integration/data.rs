@@ -5,7 +5,7 @@ use crate::harness::*;
 use rand::{Rng, RngCore, SeedableRng};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 
 fn read_all(path: &std::path::Path) -> Vec<u8> {
     let mut v = Vec::new();
@@ -318,4 +318,53 @@ fn concurrent_files() {
         t.join().unwrap();
     }
     mnt.unmount();
+}
+
+/// An O_DIRECT read or write larger than one FUSE request reaches the mount as several
+/// requests at once (asynchronous direct I/O), as an application's queued asynchronous reads
+/// do: one request at a time would hold random-read IOPS to a single round trip's rate.
+#[test]
+fn direct_io_reaches_the_mount_in_parallel() {
+    const LEN: usize = 16 << 20;
+    let vol = Volume::new(1024);
+    let mnt = vol.mount_with(&["--metrics", "127.0.0.1:0"]);
+    let layout = std::alloc::Layout::from_size_align(LEN, 4096).unwrap();
+    // SAFETY: the layout has a non-zero size; the buffer is freed below with the same layout.
+    let buf = unsafe { std::alloc::alloc_zeroed(layout) };
+    assert!(!buf.is_null());
+    // SAFETY: `buf` points at LEN writable bytes that nothing else uses.
+    let got = unsafe { std::slice::from_raw_parts_mut(buf, LEN) };
+    let mut want = vec![0u8; LEN];
+    rand::rngs::StdRng::seed_from_u64(0xd10).fill_bytes(&mut want);
+    // Direct writes go out in pieces at once too, and must land as one write would.
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(mnt.p("f"))
+        .unwrap();
+    got.copy_from_slice(&want);
+    assert_eq!(f.write_at(got, 0).unwrap(), LEN);
+    want[LEN / 2..].reverse();
+    got.copy_from_slice(&want);
+    assert_eq!(
+        f.write_at(&got[LEN / 2..], LEN as u64 / 2).unwrap(),
+        LEN / 2
+    );
+    f.sync_all().unwrap();
+    for _ in 0..4 {
+        got.fill(0);
+        assert_eq!(f.read_at(got, 0).unwrap(), LEN);
+        assert_same(got, &want, "direct read");
+    }
+    // SAFETY: allocated above with this layout; `got` is not used past here.
+    unsafe { std::alloc::dealloc(buf, layout) };
+
+    let status = status(&vol.url);
+    let reads = &status["sessions"][0]["stats"]["reads"];
+    let most = reads["most_at_once"].as_u64().unwrap();
+    assert!(most >= 2, "direct reads came one at a time: {reads}");
+    assert_eq!(reads["in_flight"].as_u64(), Some(0), "{reads}");
 }

@@ -18,6 +18,17 @@ pub fn tidefs(args: &[&str]) -> Output {
         .expect("run tidefs")
 }
 
+/// What `tidefs status URL` reports, as JSON; panics if it fails.
+pub fn status(url: &str) -> serde_json::Value {
+    let out = tidefs(&["status", url]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("status prints JSON")
+}
+
 /// A formatted volume: SQLite metadata in a temp dir, or in a redis-server of its own when
 /// `TIDEFS_TEST_META=redis`; objects in a local directory, or in a bucket of the test S3
 /// server when `TIDEFS_TEST_STORAGE=s3`.
