@@ -1,9 +1,12 @@
 //! A block cache on local disks: one file per block, checksummed, found again after a restart.
 //!
 //! Each cached block is a file `<dir>/<xx>/<hash>-<unique>` holding a header (magic, the block's key,
-//! its length, and a CRC32 for each 64 KiB segment) and then the block. A read checks the key,
-//! the length and the CRC of every segment it touches, so a truncated, corrupt or misplaced
-//! file is dropped and reported as a miss, never served; a small read touches one segment. Files are
+//! its length, and a checksum for each 4 KiB segment) and then the block. A segment's checksum
+//! is a CRC32 seeded with the block's key and the segment's place, so a read that checks the
+//! segments it touches (reading their checksums from the file too) finds a truncated, corrupt
+//! or misplaced file, which is dropped and reported as a miss, never served. A small read
+//! touches one segment: it reads and checks 4 KiB, not the block. (Files of the previous
+//! format, with plain CRC32s of 64 KiB segments, are still read.) Files are
 //! written under a temporary name and renamed, without fsync: after a crash a damaged file is
 //! dropped like any other. Opening a cache reads every file's header to rebuild the index,
 //! oldest first, so the least recently written blocks are evicted first. A directory whose
@@ -18,9 +21,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-const MAGIC: &[u8; 4] = b"TDC2";
+const MAGIC: &[u8; 4] = b"TDC3";
+/// Files written before segment checksums were seeded and segments were 4 KiB.
+const MAGIC_V2: &[u8; 4] = b"TDC2";
 /// Bytes covered by one checksum.
-const SEGMENT: usize = 64 << 10;
+const SEGMENT: usize = 4 << 10;
+const SEGMENT_V2: usize = 64 << 10;
 /// How long a directory that failed a write is left alone.
 const FAILURE_PAUSE: Duration = Duration::from_secs(30);
 /// How often a directory's free space is measured.
@@ -104,8 +110,40 @@ struct Entry {
     len: u32,
     /// Bytes before the block in the file.
     header: u32,
-    /// The CRC32 of each segment, kept here so that a read costs one pread.
-    crcs: Arc<[u32]>,
+    /// Where the segment checksums start in the file.
+    crcs_at: u32,
+    format: Format,
+}
+
+/// How a cache file checksums its block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Format {
+    /// 4 KiB segments; CRC32s seeded with the key and the segment's index.
+    Seeded,
+    /// 64 KiB segments; plain CRC32s.
+    V2,
+}
+
+impl Format {
+    fn segment(self) -> usize {
+        match self {
+            Format::Seeded => SEGMENT,
+            Format::V2 => SEGMENT_V2,
+        }
+    }
+
+    /// The checksum of segment `index` of block `key`, whose name hash is `name`.
+    fn checksum(self, name: u64, index: usize, data: &[u8]) -> u32 {
+        match self {
+            Format::Seeded => {
+                let seed = (name ^ (name >> 32)) as u32 ^ index as u32;
+                let mut h = crc32fast::Hasher::new_with_initial(seed);
+                h.update(data);
+                h.finalize()
+            }
+            Format::V2 => crc32fast::hash(data),
+        }
+    }
 }
 
 /// Counters of a disk cache.
@@ -164,25 +202,29 @@ fn new_unique() -> u64 {
     .fetch_add(1, Ordering::Relaxed)
 }
 
-/// A header as written before a block of `len` bytes with segment checksums `crcs`.
-fn header(key: &str, len: usize, crcs: &[u32]) -> Vec<u8> {
-    let mut h = Vec::with_capacity(14 + key.len() + 4 * crcs.len());
+/// The header written before block `data` of `key`, with its segment checksums.
+fn header(key: &str, data: &[u8]) -> Vec<u8> {
+    let segments = data.len().div_ceil(SEGMENT);
+    let mut h = Vec::with_capacity(14 + key.len() + 4 * segments);
     h.extend_from_slice(MAGIC);
     h.extend_from_slice(&(key.len() as u16).to_le_bytes());
     h.extend_from_slice(key.as_bytes());
-    h.extend_from_slice(&(len as u32).to_le_bytes());
-    h.extend_from_slice(&(crcs.len() as u32).to_le_bytes());
-    for crc in crcs {
-        h.extend_from_slice(&crc.to_le_bytes());
+    h.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    h.extend_from_slice(&(segments as u32).to_le_bytes());
+    let name = name_of(key);
+    for (i, seg) in data.chunks(SEGMENT).enumerate() {
+        h.extend_from_slice(&Format::Seeded.checksum(name, i, seg).to_le_bytes());
     }
     h
 }
 
-/// What a file's header records.
+/// What a file's header records, but the checksums (reads check them).
 struct Header {
     key: String,
     len: u32,
-    crcs: Vec<u32>,
+    format: Format,
+    /// Where the checksums start.
+    crcs_at: u32,
     /// Bytes before the block.
     size: u64,
 }
@@ -191,9 +233,11 @@ fn read_header(r: &mut impl Read) -> std::io::Result<Header> {
     let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "bad cache header");
     let mut fixed = [0u8; 6];
     r.read_exact(&mut fixed)?;
-    if &fixed[..4] != MAGIC {
-        return Err(bad());
-    }
+    let format = match &fixed[..4] {
+        m if m == MAGIC => Format::Seeded,
+        m if m == MAGIC_V2 => Format::V2,
+        _ => return Err(bad()),
+    };
     let key_len = u16::from_le_bytes([fixed[4], fixed[5]]) as usize;
     let mut key = vec![0u8; key_len];
     r.read_exact(&mut key)?;
@@ -201,21 +245,17 @@ fn read_header(r: &mut impl Read) -> std::io::Result<Header> {
     r.read_exact(&mut tail)?;
     let len = u32::from_le_bytes([tail[0], tail[1], tail[2], tail[3]]);
     let segments = u32::from_le_bytes([tail[4], tail[5], tail[6], tail[7]]) as usize;
-    if segments != (len as usize).div_ceil(SEGMENT) {
+    if segments != (len as usize).div_ceil(format.segment()) {
         return Err(bad());
     }
-    let mut raw = vec![0u8; 4 * segments];
-    r.read_exact(&mut raw)?;
-    let crcs = raw
-        .chunks(4)
-        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
     let key = String::from_utf8(key).map_err(|_| bad())?;
+    let crcs_at = 6 + key_len + 8;
     Ok(Header {
         key,
         len,
-        crcs,
-        size: (6 + key_len + 8 + 4 * segments) as u64,
+        format,
+        crcs_at: crcs_at as u32,
+        size: (crcs_at + 4 * segments) as u64,
     })
 }
 
@@ -291,7 +331,8 @@ impl DiskCache {
                                 unique,
                                 len: h.len,
                                 header: h.size as u32,
-                                crcs: Arc::from(h.crcs),
+                                crcs_at: h.crcs_at,
+                                format: h.format,
                             };
                             found.push((modified, h.key, entry));
                         }
@@ -337,7 +378,7 @@ impl DiskCache {
         if range.start > range.end || range.end > e.len {
             return None;
         }
-        match Self::read_range(&path, &e, range) {
+        match Self::read_range(&path, key, &e, range) {
             Some(data) => {
                 self.stats.hits.fetch_add(1, Ordering::Relaxed);
                 Some(data)
@@ -359,19 +400,27 @@ impl DiskCache {
         }
     }
 
-    /// The segments holding `range`, checked against the checksums indexed when the file was
-    /// written or found: a file replaced, damaged or cut short since fails the check.
-    fn read_range(path: &Path, e: &Entry, range: Range<u32>) -> Option<Bytes> {
+    /// The segments of block `key` holding `range`, checked against their checksums: a file
+    /// damaged, cut short or holding another block fails the check.
+    fn read_range(path: &Path, key: &str, e: &Entry, range: Range<u32>) -> Option<Bytes> {
         let f = std::fs::File::open(path).ok()?;
-        let first = range.start as usize / SEGMENT;
-        let last = (range.end as usize).div_ceil(SEGMENT).max(first + 1);
-        let start = first * SEGMENT;
-        let end = (last * SEGMENT).min(e.len as usize);
+        let segment = e.format.segment();
+        let first = range.start as usize / segment;
+        let last = (range.end as usize).div_ceil(segment).max(first + 1);
+        let start = (first * segment).min(e.len as usize);
+        let end = (last * segment).min(e.len as usize);
         let data = read_exact_at(&f, end - start, e.header as u64 + start as u64)?;
+        let segments = (end - start).div_ceil(segment);
+        let crcs = read_exact_at(&f, 4 * segments, e.crcs_at as u64 + 4 * first as u64)?;
+        let name = name_of(key);
         let intact = data
-            .chunks(SEGMENT)
-            .zip(&e.crcs[first..])
-            .all(|(seg, crc)| crc32fast::hash(seg) == *crc);
+            .chunks(segment)
+            .zip(crcs.chunks_exact(4))
+            .enumerate()
+            .all(|(i, (seg, crc))| {
+                e.format.checksum(name, first + i, seg)
+                    == u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]])
+            });
         if !intact {
             return None;
         }
@@ -409,8 +458,7 @@ impl DiskCache {
         let path = path_of(&dir.root, name, unique);
         let parent = path.parent().expect("cache files are in a subdirectory");
         let tmp = parent.join(format!(".tmp-{name:016x}-{unique:x}"));
-        let crcs: Arc<[u32]> = data.chunks(SEGMENT).map(crc32fast::hash).collect();
-        let head = header(key, data.len(), &crcs);
+        let head = header(key, data);
         let written = std::fs::create_dir_all(parent)
             .and_then(|_| std::fs::File::create(&tmp))
             .and_then(|mut f| {
@@ -426,7 +474,8 @@ impl DiskCache {
                     unique,
                     len: data.len() as u32,
                     header: head.len() as u32,
-                    crcs,
+                    crcs_at: (head.len() - 4 * data.len().div_ceil(SEGMENT)) as u32,
+                    format: Format::Seeded,
                 };
                 self.index.insert(Arc::from(key), entry);
                 self.index.run_pending_tasks();
@@ -630,6 +679,76 @@ mod tests {
         assert!(c.get_range("k", Some(299_000..299_100)).is_none());
         assert!(!path.exists());
         assert!(c.get("k").is_none());
+    }
+
+    /// A cache file as the previous format wrote it: plain CRC32s of 64 KiB segments.
+    fn write_v2_file(dir: &Path, key: &str, data: &[u8]) -> PathBuf {
+        let crcs: Vec<u32> = data.chunks(SEGMENT_V2).map(crc32fast::hash).collect();
+        let mut bytes = MAGIC_V2.to_vec();
+        bytes.extend_from_slice(&(key.len() as u16).to_le_bytes());
+        bytes.extend_from_slice(key.as_bytes());
+        bytes.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(&(crcs.len() as u32).to_le_bytes());
+        for crc in crcs {
+            bytes.extend_from_slice(&crc.to_le_bytes());
+        }
+        bytes.extend_from_slice(data);
+        let name = name_of(key);
+        let root = dir.join(["a", "b"][(name % 2) as usize]);
+        let path = path_of(&root, name, 1);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, bytes).unwrap();
+        path
+    }
+
+    #[test]
+    fn files_of_the_previous_format_are_still_read_and_checked() {
+        let tmp = tempfile::tempdir().unwrap();
+        let block: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8).collect();
+        let path = write_v2_file(tmp.path(), "old", &block);
+        let damaged = write_v2_file(tmp.path(), "old2", &block);
+        let mut bytes = std::fs::read(&damaged).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        std::fs::write(&damaged, bytes).unwrap();
+        let c = DiskCache::open(&config(tmp.path(), 1 << 20)).unwrap();
+        assert_eq!(c.used(), 400_000);
+        assert_eq!(c.get("old").unwrap(), block);
+        for r in [0..1, 65_530..65_550, 199_999..200_000] {
+            let got = c.get_range("old", Some(r.clone())).unwrap();
+            assert_eq!(got, block[r.start as usize..r.end as usize], "{r:?}");
+        }
+        assert!(c.get_range("old2", Some(0..100)).is_some());
+        assert!(c.get_range("old2", Some(199_000..199_100)).is_none());
+        assert!(path.exists() && !damaged.exists());
+    }
+
+    #[test]
+    fn a_segment_of_another_block_or_place_fails_its_check() {
+        let tmp = tempfile::tempdir().unwrap();
+        let c = DiskCache::open(&config(tmp.path(), 1 << 20)).unwrap();
+        // Same bytes in every segment, so only the seed tells them apart.
+        c.insert("k", &[9u8; 3 * SEGMENT]);
+        c.insert("other", &[9u8; 3 * SEGMENT]);
+        let path = file_of(tmp.path(), "k").unwrap();
+        let mut bytes = std::fs::read(&path).unwrap();
+        let h = read_header(&mut &bytes[..]).unwrap();
+        // Swap the checksums of segments 0 and 1: each now sits at the other's place.
+        let at = h.crcs_at as usize;
+        let (a, b) = bytes[at..at + 8].split_at_mut(4);
+        a.swap_with_slice(b);
+        std::fs::write(&path, &bytes).unwrap();
+        assert_eq!(
+            c.get_range("k", Some(2 * SEGMENT as u32..3 * SEGMENT as u32)),
+            Some(Bytes::from(vec![9u8; SEGMENT]))
+        );
+        assert!(c.get_range("k", Some(0..10)).is_none());
+        // The file of "other" copied over a fresh "k": checksums seeded with another key.
+        c.insert("k", &[9u8; 3 * SEGMENT]);
+        let path = file_of(tmp.path(), "k").unwrap();
+        std::fs::copy(file_of(tmp.path(), "other").unwrap(), &path).unwrap();
+        assert!(c.get_range("k", Some(0..10)).is_none());
+        assert!(c.get("other").is_some());
     }
 
     #[test]
