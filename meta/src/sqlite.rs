@@ -17,6 +17,35 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
+/// Statements each pooled connection keeps prepared: more than the engine has.
+const STATEMENT_CACHE: usize = 128;
+
+/// Runs SQL through the connection's statement cache. Parsing and planning each statement
+/// anew took as much CPU as running it (a few percent of a busy machine under dbench).
+trait CachedSql {
+    /// As [`Connection::execute`].
+    fn exec<P: rusqlite::Params>(&self, sql: &str, params: P) -> rusqlite::Result<usize>;
+    /// As [`Connection::query_row`].
+    fn row<T, P, F>(&self, sql: &str, params: P, f: F) -> rusqlite::Result<T>
+    where
+        P: rusqlite::Params,
+        F: FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>;
+}
+
+impl CachedSql for Connection {
+    fn exec<P: rusqlite::Params>(&self, sql: &str, params: P) -> rusqlite::Result<usize> {
+        self.prepare_cached(sql)?.execute(params)
+    }
+
+    fn row<T, P, F>(&self, sql: &str, params: P, f: F) -> rusqlite::Result<T>
+    where
+        P: rusqlite::Params,
+        F: FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    {
+        self.prepare_cached(sql)?.query_row(params, f)
+    }
+}
+
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS setting (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS counter (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -125,7 +154,7 @@ fn row_to_attr(row: &rusqlite::Row<'_>) -> rusqlite::Result<Attr> {
 }
 
 fn get_node(tx: &Connection, ino: Ino) -> Result<Attr> {
-    tx.query_row(
+    tx.row(
         &format!("SELECT {NODE_COLUMNS} FROM node WHERE ino = ?1"),
         [ino as i64],
         row_to_attr,
@@ -135,7 +164,7 @@ fn get_node(tx: &Connection, ino: Ino) -> Result<Attr> {
 }
 
 fn put_node(tx: &Connection, a: &Attr) -> Result<()> {
-    tx.execute(
+    tx.exec(
         &format!("INSERT OR REPLACE INTO node ({NODE_COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12)"),
         params![
             a.ino as i64,
@@ -165,7 +194,7 @@ fn get_dir(tx: &Connection, ino: Ino) -> Result<Attr> {
 
 fn find_edge(tx: &Connection, parent: Ino, name: &[u8]) -> Result<Option<(Ino, FileKind)>> {
     Ok(tx
-        .query_row(
+        .row(
             "SELECT ino, kind FROM edge WHERE parent = ?1 AND name = ?2",
             params![parent as i64, name],
             |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, u8>(1)?)),
@@ -175,7 +204,7 @@ fn find_edge(tx: &Connection, parent: Ino, name: &[u8]) -> Result<Option<(Ino, F
 }
 
 fn add_edge(tx: &Connection, parent: Ino, name: &[u8], ino: Ino, kind: FileKind) -> Result<()> {
-    tx.execute(
+    tx.exec(
         "INSERT INTO edge (parent, name, ino, kind) VALUES (?1, ?2, ?3, ?4)",
         params![parent as i64, name, ino as i64, kind.code()],
     )?;
@@ -183,7 +212,7 @@ fn add_edge(tx: &Connection, parent: Ino, name: &[u8], ino: Ino, kind: FileKind)
 }
 
 fn remove_edge(tx: &Connection, parent: Ino, name: &[u8]) -> Result<()> {
-    tx.execute(
+    tx.exec(
         "DELETE FROM edge WHERE parent = ?1 AND name = ?2",
         params![parent as i64, name],
     )?;
@@ -191,13 +220,13 @@ fn remove_edge(tx: &Connection, parent: Ino, name: &[u8]) -> Result<()> {
 }
 
 fn bump_counter(tx: &Connection, name: &str, delta: i64) -> Result<i64> {
-    tx.execute(
+    tx.exec(
         "INSERT INTO counter (name, value) VALUES (?1, ?2)
          ON CONFLICT (name) DO UPDATE SET value = value + ?2",
         params![name, delta],
     )?;
     Ok(
-        tx.query_row("SELECT value FROM counter WHERE name = ?1", [name], |r| {
+        tx.row("SELECT value FROM counter WHERE name = ?1", [name], |r| {
             r.get(0)
         })?,
     )
@@ -205,7 +234,7 @@ fn bump_counter(tx: &Connection, name: &str, delta: i64) -> Result<i64> {
 
 fn counter(tx: &Connection, name: &str) -> Result<i64> {
     Ok(tx
-        .query_row("SELECT value FROM counter WHERE name = ?1", [name], |r| {
+        .row("SELECT value FROM counter WHERE name = ?1", [name], |r| {
             r.get(0)
         })
         .optional()?
@@ -221,7 +250,7 @@ fn next_seq(tx: &Connection, n: usize) -> Result<i64> {
 
 fn dir_is_empty(tx: &Connection, ino: Ino) -> Result<bool> {
     Ok(tx
-        .query_row(
+        .row(
             "SELECT 1 FROM edge WHERE parent = ?1 LIMIT 1",
             [ino as i64],
             |_| Ok(()),
@@ -235,8 +264,9 @@ fn dir_is_empty(tx: &Connection, ino: Ino) -> Result<bool> {
 fn drop_slices_past(tx: &Connection, ino: Ino, length: u64) -> Result<()> {
     let first_chunk = (length / CHUNK_SIZE) as i64;
     let cut = (length % CHUNK_SIZE) as i64;
-    let mut stmt =
-        tx.prepare("SELECT chunk, id, size, pos, len FROM slice WHERE ino = ?1 AND chunk >= ?2")?;
+    let mut stmt = tx.prepare_cached(
+        "SELECT chunk, id, size, pos, len FROM slice WHERE ino = ?1 AND chunk >= ?2",
+    )?;
     let rows: Vec<(i64, i64, i64, i64, i64)> = stmt
         .query_map(params![ino as i64, first_chunk], |r| {
             Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
@@ -246,7 +276,7 @@ fn drop_slices_past(tx: &Connection, ino: Ino, length: u64) -> Result<()> {
         if chunk > first_chunk || pos >= cut {
             drop_slice(tx, ino, chunk as u32, id, size)?;
         } else if pos + len > cut {
-            tx.execute(
+            tx.exec(
                 "UPDATE slice SET len = ?4 WHERE ino = ?1 AND chunk = ?2 AND id = ?3",
                 params![ino as i64, chunk, id, cut - pos],
             )?;
@@ -258,7 +288,7 @@ fn drop_slices_past(tx: &Connection, ino: Ino, length: u64) -> Result<()> {
 /// Adds slice `s` to chunk `chunk` of `ino` at commit position `seq` (replacing one with its
 /// id there).
 fn insert_slice(tx: &Connection, ino: Ino, chunk: u32, s: &Slice, seq: i64) -> Result<()> {
-    tx.execute(
+    tx.exec(
         "INSERT OR REPLACE INTO slice (ino, chunk, id, size, off, len, pos, seq)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
         params![
@@ -278,12 +308,12 @@ fn insert_slice(tx: &Connection, ino: Ino, chunk: u32, s: &Slice, seq: i64) -> R
 /// Removes slice `id` from chunk `chunk` of `ino` and queues its objects (if it has any) for
 /// deletion: one slice has one reference, so dropping it frees it.
 fn drop_slice(tx: &Connection, ino: Ino, chunk: u32, id: i64, size: i64) -> Result<()> {
-    tx.execute(
+    tx.exec(
         "DELETE FROM slice WHERE ino = ?1 AND chunk = ?2 AND id = ?3",
         params![ino as i64, chunk, id],
     )?;
     if size > 0 {
-        tx.execute(
+        tx.exec(
             "INSERT OR IGNORE INTO deleted_slice (id, size) VALUES (?1, ?2)",
             params![id, size],
         )?;
@@ -330,16 +360,16 @@ fn drop_hidden_slices(tx: &Connection, ino: Ino, chunk: u32) -> Result<()> {
 /// Deletes inode `ino` and everything it owns; its slices go to the deletion queue.
 fn free_inode(tx: &Connection, a: &Attr) -> Result<()> {
     let ino = a.ino as i64;
-    tx.execute(
+    tx.exec(
         "INSERT OR IGNORE INTO deleted_slice (id, size)
          SELECT id, size FROM slice WHERE ino = ?1 AND size > 0",
         [ino],
     )?;
-    tx.execute("DELETE FROM slice WHERE ino = ?1", [ino])?;
-    tx.execute("DELETE FROM xattr WHERE ino = ?1", [ino])?;
-    tx.execute("DELETE FROM symlink WHERE ino = ?1", [ino])?;
-    tx.execute("DELETE FROM plock WHERE ino = ?1", [ino])?;
-    tx.execute("DELETE FROM node WHERE ino = ?1", [ino])?;
+    tx.exec("DELETE FROM slice WHERE ino = ?1", [ino])?;
+    tx.exec("DELETE FROM xattr WHERE ino = ?1", [ino])?;
+    tx.exec("DELETE FROM symlink WHERE ino = ?1", [ino])?;
+    tx.exec("DELETE FROM plock WHERE ino = ?1", [ino])?;
+    tx.exec("DELETE FROM node WHERE ino = ?1", [ino])?;
     if a.kind == FileKind::File {
         bump_counter(tx, "used_space", -round_space(a.length))?;
     }
@@ -368,7 +398,7 @@ fn unlink_inode(
     }
     if is_open(target.ino) {
         put_node(tx, &target)?;
-        tx.execute(
+        tx.exec(
             "INSERT OR IGNORE INTO sustained (sid, ino) VALUES (?1, ?2)",
             params![sid as i64, target.ino as i64],
         )?;
@@ -383,7 +413,7 @@ fn free_if_orphan(tx: &Connection, ino: Ino) -> Result<()> {
         return Ok(());
     };
     let held: bool = tx
-        .query_row(
+        .row(
             "SELECT 1 FROM sustained WHERE ino = ?1
              UNION ALL SELECT 1 FROM edge WHERE ino = ?1 LIMIT 1",
             [ino as i64],
@@ -497,7 +527,7 @@ fn upgrade(conn: &Connection) -> Result<()> {
 fn upgrade_in_transaction(conn: &Connection) -> Result<()> {
     let columns = |table: &str| -> Result<Vec<String>> {
         Ok(conn
-            .prepare("SELECT name FROM pragma_table_info(?1)")?
+            .prepare_cached("SELECT name FROM pragma_table_info(?1)")?
             .query_map([table], |r| r.get(0))?
             .collect::<rusqlite::Result<_>>()?)
     };
@@ -506,7 +536,7 @@ fn upgrade_in_transaction(conn: &Connection) -> Result<()> {
         conn.execute_batch("ALTER TABLE session ADD COLUMN metrics TEXT NOT NULL DEFAULT ''")?;
     }
     let has_slices: bool = conn
-        .query_row(
+        .row(
             "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'slice'",
             [],
             |_| Ok(()),
@@ -558,7 +588,7 @@ fn check_namespace(tx: &Connection, repair: bool) -> Result<Vec<Problem>> {
 
     // Entries naming no inode.
     let dangling: Vec<(i64, Vec<u8>, i64)> = tx
-        .prepare(
+        .prepare_cached(
             "SELECT e.parent, e.name, e.ino FROM edge e LEFT JOIN node n ON n.ino = e.ino
              WHERE n.ino IS NULL",
         )?
@@ -576,7 +606,7 @@ fn check_namespace(tx: &Connection, repair: bool) -> Result<Vec<Problem>> {
     }
     // Entries in something that is not a directory: the child is reported, not moved.
     let misplaced: Vec<(i64, Vec<u8>)> = tx
-        .prepare(
+        .prepare_cached(
             "SELECT e.parent, e.name FROM edge e LEFT JOIN node p ON p.ino = e.parent
              WHERE p.ino IS NULL OR p.kind != ?1",
         )?
@@ -592,7 +622,7 @@ fn check_namespace(tx: &Connection, repair: bool) -> Result<Vec<Problem>> {
     // Link counts of everything but directories: one per entry outside the trash; 0 only
     // while held open or in the trash.
     let counts: Vec<(i64, i64, i64, bool)> = tx
-        .prepare(
+        .prepare_cached(
             "SELECT n.ino, n.nlink,
                     (SELECT COUNT(*) FROM edge e WHERE e.ino = n.ino AND e.parent NOT IN
                         (SELECT t.ino FROM node t WHERE t.parent = ?2 AND t.kind = ?1)),
@@ -626,7 +656,7 @@ fn check_namespace(tx: &Connection, repair: bool) -> Result<Vec<Problem>> {
             continue;
         }
         if repair {
-            tx.execute("UPDATE node SET nlink = ?2 WHERE ino = ?1", [ino, names])?;
+            tx.exec("UPDATE node SET nlink = ?2 WHERE ino = ?1", [ino, names])?;
         }
         note(
             format!("inode {ino} has link count {nlink}, but {names} entries name it"),
@@ -638,7 +668,7 @@ fn check_namespace(tx: &Connection, repair: bool) -> Result<Vec<Problem>> {
     /// ino, nlink, parent, length, names, first directory naming it, subdirectories.
     type DirRow = (i64, i64, i64, i64, i64, Option<i64>, i64);
     let dirs: Vec<DirRow> = tx
-        .prepare(
+        .prepare_cached(
             "SELECT n.ino, n.nlink, n.parent, n.length,
                     (SELECT COUNT(*) FROM edge e WHERE e.ino = n.ino),
                     (SELECT MIN(e.parent) FROM edge e WHERE e.ino = n.ino),
@@ -673,7 +703,7 @@ fn check_namespace(tx: &Connection, repair: bool) -> Result<Vec<Problem>> {
         }
         if let Some(p) = expected_parent.filter(|&p| p != parent) {
             if repair {
-                tx.execute("UPDATE node SET parent = ?2 WHERE ino = ?1", [ino, p])?;
+                tx.exec("UPDATE node SET parent = ?2 WHERE ino = ?1", [ino, p])?;
             }
             note(
                 format!("directory {ino} records parent {parent} but is in {p}"),
@@ -682,7 +712,7 @@ fn check_namespace(tx: &Connection, repair: bool) -> Result<Vec<Problem>> {
         }
         if nlink != 2 + subdirs {
             if repair {
-                tx.execute(
+                tx.exec(
                     "UPDATE node SET nlink = ?2 WHERE ino = ?1",
                     [ino, 2 + subdirs],
                 )?;
@@ -697,7 +727,7 @@ fn check_namespace(tx: &Connection, repair: bool) -> Result<Vec<Problem>> {
         }
         if length != 4096 {
             if repair {
-                tx.execute("UPDATE node SET length = 4096 WHERE ino = ?1", [ino])?;
+                tx.exec("UPDATE node SET length = 4096 WHERE ino = ?1", [ino])?;
             }
             note(
                 format!("directory {ino} has size {length}, expected 4096"),
@@ -707,7 +737,7 @@ fn check_namespace(tx: &Connection, repair: bool) -> Result<Vec<Problem>> {
     }
     // Inodes held open by sessions that no longer exist.
     let stale: Vec<(i64, i64)> = tx
-        .prepare(
+        .prepare_cached(
             "SELECT s.sid, s.ino FROM sustained s LEFT JOIN session x ON x.sid = s.sid
              WHERE x.sid IS NULL",
         )?
@@ -715,7 +745,7 @@ fn check_namespace(tx: &Connection, repair: bool) -> Result<Vec<Problem>> {
         .collect::<rusqlite::Result<_>>()?;
     for (sid, ino) in stale {
         if repair {
-            tx.execute(
+            tx.exec(
                 "DELETE FROM sustained WHERE sid = ?1 AND ino = ?2",
                 [sid, ino],
             )?;
@@ -728,7 +758,7 @@ fn check_namespace(tx: &Connection, repair: bool) -> Result<Vec<Problem>> {
     }
     // Usage counters.
     let file = FileKind::File.code() as i64;
-    let (inodes, space): (i64, i64) = tx.query_row(
+    let (inodes, space): (i64, i64) = tx.row(
         "SELECT COUNT(*), COALESCE(SUM(CASE WHEN kind = ?1 THEN (length + 4095) / 4096 * 4096
                                             ELSE 0 END), 0) FROM node",
         [file],
@@ -747,12 +777,12 @@ fn check_namespace(tx: &Connection, repair: bool) -> Result<Vec<Problem>> {
         }
     }
     // Id counters must stay above every id in use, or ids would be handed out twice.
-    let max_ino: i64 = tx.query_row(
+    let max_ino: i64 = tx.row(
         "SELECT COALESCE(MAX(ino), 0) FROM node WHERE ino != ?1",
         [TRASH_INO as i64],
         |r| r.get(0),
     )?;
-    let max_slice: i64 = tx.query_row(
+    let max_slice: i64 = tx.row(
         "SELECT MAX(COALESCE((SELECT MAX(MAX(id), MAX(seq)) FROM slice), 0),
                     COALESCE((SELECT MAX(id) FROM deleted_slice), 0))",
         [],
@@ -802,6 +832,7 @@ impl SqliteMeta {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "OFF")?;
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         Ok(conn)
     }
 
@@ -828,7 +859,7 @@ impl SqliteMeta {
             }
         }
         let json: Option<String> = tx
-            .query_row("SELECT value FROM setting WHERE name = 'format'", [], |r| {
+            .row("SELECT value FROM setting WHERE name = 'format'", [], |r| {
                 r.get(0)
             })
             .optional()?;
@@ -894,7 +925,7 @@ impl Meta for SqliteMeta {
         self.write(|tx| {
             tx.execute_batch(SCHEMA)?;
             let existing: Option<String> = tx
-                .query_row("SELECT value FROM setting WHERE name = 'format'", [], |r| {
+                .row("SELECT value FROM setting WHERE name = 'format'", [], |r| {
                     r.get(0)
                 })
                 .optional()?;
@@ -903,14 +934,14 @@ impl Meta for SqliteMeta {
                     .map_err(|e| MetaError::Engine(format!("corrupt format record: {e}")))?;
                 let updated = old.updated_with(format)?;
                 let json = serde_json::to_string(&updated).expect("format serializes");
-                tx.execute(
+                tx.exec(
                     "UPDATE setting SET value = ?1 WHERE name = 'format'",
                     [json],
                 )?;
                 return Ok(());
             }
             let json = serde_json::to_string(format).expect("format serializes");
-            tx.execute(
+            tx.exec(
                 "INSERT INTO setting (name, value) VALUES ('format', ?1)",
                 [json],
             )?;
@@ -935,7 +966,7 @@ impl Meta for SqliteMeta {
     fn load_format(&self) -> Result<Format> {
         self.read(|tx| {
             let has_table: bool = tx
-                .query_row(
+                .row(
                     "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'setting'",
                     [],
                     |_| Ok(()),
@@ -946,7 +977,7 @@ impl Meta for SqliteMeta {
                 return Err(MetaError::NotFormatted);
             }
             let json: String = tx
-                .query_row("SELECT value FROM setting WHERE name = 'format'", [], |r| {
+                .row("SELECT value FROM setting WHERE name = 'format'", [], |r| {
                     r.get(0)
                 })
                 .optional()?
@@ -959,7 +990,7 @@ impl Meta for SqliteMeta {
     fn new_session(&self, info: &SessionInfo) -> Result<u64> {
         self.write(|tx| {
             let now = unix_now();
-            tx.execute(
+            tx.exec(
                 "INSERT INTO session (host, pid, mountpoint, version, started, heartbeat, metrics)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6)",
                 params![
@@ -977,7 +1008,7 @@ impl Meta for SqliteMeta {
 
     fn heartbeat(&self, sid: u64) -> Result<()> {
         self.write(|tx| {
-            tx.execute(
+            tx.exec(
                 "UPDATE session SET heartbeat = ?2 WHERE sid = ?1",
                 params![sid as i64, unix_now()],
             )?;
@@ -988,22 +1019,22 @@ impl Meta for SqliteMeta {
     fn close_session(&self, sid: u64) -> Result<()> {
         self.write(|tx| {
             let inos: Vec<i64> = tx
-                .prepare("SELECT ino FROM sustained WHERE sid = ?1")?
+                .prepare_cached("SELECT ino FROM sustained WHERE sid = ?1")?
                 .query_map([sid as i64], |r| r.get(0))?
                 .collect::<rusqlite::Result<_>>()?;
-            tx.execute("DELETE FROM sustained WHERE sid = ?1", [sid as i64])?;
-            tx.execute("DELETE FROM plock WHERE sid = ?1", [sid as i64])?;
+            tx.exec("DELETE FROM sustained WHERE sid = ?1", [sid as i64])?;
+            tx.exec("DELETE FROM plock WHERE sid = ?1", [sid as i64])?;
             for ino in inos {
                 free_if_orphan(tx, ino as u64)?;
             }
-            tx.execute("DELETE FROM session WHERE sid = ?1", [sid as i64])?;
+            tx.exec("DELETE FROM session WHERE sid = ?1", [sid as i64])?;
             Ok(())
         })
     }
 
     fn sessions(&self) -> Result<Vec<SessionInfo>> {
         self.read(|tx| {
-            let mut stmt = tx.prepare(
+            let mut stmt = tx.prepare_cached(
                 "SELECT sid, host, pid, mountpoint, version, started, heartbeat, metrics
                  FROM session ORDER BY sid",
             )?;
@@ -1145,7 +1176,7 @@ impl Meta for SqliteMeta {
                     let n = (CHUNK_SIZE - pos).min(zero_end - at);
                     let id = *ids.next().ok_or(MetaError::Invalid)? as i64;
                     let seq = next_seq(tx, 1)?;
-                    tx.execute(
+                    tx.exec(
                         "INSERT INTO slice (ino, chunk, id, size, off, len, pos, seq)
                          VALUES (?1, ?2, ?3, 0, 0, ?4, ?5, ?6)",
                         params![ino as i64, chunk as i64, id, n as i64, pos as i64, seq],
@@ -1230,7 +1261,7 @@ impl Meta for SqliteMeta {
             };
             put_node(tx, &attr)?;
             if let Some(target) = &node.symlink {
-                tx.execute(
+                tx.exec(
                     "INSERT INTO symlink (ino, target) VALUES (?1, ?2)",
                     params![ino as i64, target],
                 )?;
@@ -1401,11 +1432,11 @@ impl Meta for SqliteMeta {
             if flags.exchange {
                 let (dst_ino, dst_kind) = dst.ok_or(MetaError::NotFound)?;
                 let mut other = get_node(tx, dst_ino)?;
-                tx.execute(
+                tx.exec(
                     "UPDATE edge SET ino = ?3, kind = ?4 WHERE parent = ?1 AND name = ?2",
                     params![parent as i64, name, dst_ino as i64, dst_kind.code()],
                 )?;
-                tx.execute(
+                tx.exec(
                     "UPDATE edge SET ino = ?3, kind = ?4 WHERE parent = ?1 AND name = ?2",
                     params![new_parent as i64, new_name, ino as i64, kind.code()],
                 )?;
@@ -1492,7 +1523,7 @@ impl Meta for SqliteMeta {
             if a.kind != FileKind::Symlink {
                 return Err(MetaError::Invalid);
             }
-            tx.query_row(
+            tx.row(
                 "SELECT target FROM symlink WHERE ino = ?1",
                 [ino as i64],
                 |r| r.get(0),
@@ -1526,7 +1557,7 @@ impl Meta for SqliteMeta {
     fn getxattr(&self, ino: Ino, name: &[u8]) -> Result<Vec<u8>> {
         self.read(|tx| {
             get_node(tx, ino)?;
-            tx.query_row(
+            tx.row(
                 "SELECT value FROM xattr WHERE ino = ?1 AND name = ?2",
                 params![ino as i64, name],
                 |r| r.get(0),
@@ -1549,7 +1580,7 @@ impl Meta for SqliteMeta {
         self.write(|tx| {
             let mut a = get_node(tx, ino)?;
             let exists = tx
-                .query_row(
+                .row(
                     "SELECT 1 FROM xattr WHERE ino = ?1 AND name = ?2",
                     params![ino as i64, name],
                     |_| Ok(()),
@@ -1561,7 +1592,7 @@ impl Meta for SqliteMeta {
                 (XattrMode::Replace, false) => return Err(MetaError::NoData),
                 _ => {}
             }
-            tx.execute(
+            tx.exec(
                 "INSERT OR REPLACE INTO xattr (ino, name, value) VALUES (?1, ?2, ?3)",
                 params![ino as i64, name, value],
             )?;
@@ -1574,7 +1605,7 @@ impl Meta for SqliteMeta {
         self.read(|tx| {
             get_node(tx, ino)?;
             let names = tx
-                .prepare("SELECT name FROM xattr WHERE ino = ?1 ORDER BY name")?
+                .prepare_cached("SELECT name FROM xattr WHERE ino = ?1 ORDER BY name")?
                 .query_map([ino as i64], |r| r.get(0))?
                 .collect::<rusqlite::Result<_>>()?;
             Ok(names)
@@ -1584,7 +1615,7 @@ impl Meta for SqliteMeta {
     fn removexattr(&self, ino: Ino, name: &[u8]) -> Result<()> {
         self.write(|tx| {
             let mut a = get_node(tx, ino)?;
-            let n = tx.execute(
+            let n = tx.exec(
                 "DELETE FROM xattr WHERE ino = ?1 AND name = ?2",
                 params![ino as i64, name],
             )?;
@@ -1679,7 +1710,7 @@ impl Meta for SqliteMeta {
             if !still_there || !prefix || replaced.is_empty() {
                 // Its data is stored but never referenced: free it.
                 if new.size > 0 {
-                    tx.execute(
+                    tx.exec(
                         "INSERT OR IGNORE INTO deleted_slice (id, size) VALUES (?1, ?2)",
                         params![new.id as i64, new.size],
                     )?;
@@ -1700,7 +1731,7 @@ impl Meta for SqliteMeta {
 
     fn release(&self, ino: Ino, sid: u64) -> Result<()> {
         self.write(|tx| {
-            let n = tx.execute(
+            let n = tx.exec(
                 "DELETE FROM sustained WHERE sid = ?1 AND ino = ?2",
                 params![sid as i64, ino as i64],
             )?;
@@ -1714,7 +1745,9 @@ impl Meta for SqliteMeta {
     fn pending_deletions(&self, after: u64, limit: usize) -> Result<Vec<FreedSlice>> {
         self.read(|tx| {
             let rows = tx
-                .prepare("SELECT id, size FROM deleted_slice WHERE id > ?1 ORDER BY id LIMIT ?2")?
+                .prepare_cached(
+                    "SELECT id, size FROM deleted_slice WHERE id > ?1 ORDER BY id LIMIT ?2",
+                )?
                 .query_map(params![after as i64, limit as i64], |r| {
                     Ok(FreedSlice {
                         id: r.get::<_, i64>(0)? as u64,
@@ -1786,9 +1819,9 @@ impl Meta for SqliteMeta {
                 Ok(locks) => locks,
                 Err(conflict) => return Ok(Some(conflict)),
             };
-            tx.execute("DELETE FROM plock WHERE ino = ?1", [ino as i64])?;
+            tx.exec("DELETE FROM plock WHERE ino = ?1", [ino as i64])?;
             for l in locks {
-                tx.execute(
+                tx.exec(
                     "INSERT INTO plock (ino, sid, lock) VALUES (?1, ?2, ?3)",
                     params![ino as i64, l.sid as i64, l.encode()],
                 )?;
@@ -1830,13 +1863,13 @@ impl Meta for SqliteMeta {
                             space += round_space(a.length);
                         }
                         if let Some(target) = &i.symlink {
-                            tx.execute(
+                            tx.exec(
                                 "INSERT INTO symlink (ino, target) VALUES (?1, ?2)",
                                 params![a.ino as i64, target.0],
                             )?;
                         }
                         for (name, value) in &i.xattrs {
-                            tx.execute(
+                            tx.exec(
                                 "INSERT INTO xattr (ino, name, value) VALUES (?1, ?2, ?3)",
                                 params![a.ino as i64, name.0, value.0],
                             )?;
@@ -1850,7 +1883,7 @@ impl Meta for SqliteMeta {
                     }
                     DumpRecord::Entry(e) => add_edge(tx, e.parent, &e.name.0, e.ino, e.kind)?,
                     DumpRecord::Freed { id, size } => {
-                        tx.execute(
+                        tx.exec(
                             "INSERT OR IGNORE INTO deleted_slice (id, size) VALUES (?1, ?2)",
                             params![id as i64, size],
                         )?;
@@ -1859,13 +1892,13 @@ impl Meta for SqliteMeta {
             }
             // Commit positions of loaded slices stay below every id handed out later.
             let next_slice = (header.next_slice as i64).max(seq + 1);
-            tx.execute(
+            tx.exec(
                 "INSERT INTO counter (name, value) VALUES ('next_ino', ?1), ('next_slice', ?2),
                  ('used_space', ?3), ('used_inodes', ?4)",
                 params![header.next_ino as i64, next_slice, space, inodes],
             )?;
             let json = serde_json::to_string(&header.format).expect("format serializes");
-            tx.execute(
+            tx.exec(
                 "INSERT INTO setting (name, value) VALUES ('format', ?1)",
                 [json],
             )?;
