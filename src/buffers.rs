@@ -1,11 +1,15 @@
-//! Reusable block buffers for the write path.
+//! Reusable block buffers for the write path and for downloads.
 //!
 //! A fresh 4 MiB buffer costs a thousand page faults to fill, a fifth of the CPU time of a
 //! sequential write. The pool keeps a few block-sized buffers and hands them out again once the
-//! upload holding one is done.
+//! upload or the reader holding one is done.
 
 use bytes::Bytes;
-use std::sync::{Arc, Mutex};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// Idle buffers a shared pool keeps.
+const SHARED_KEPT: usize = 8;
 
 /// A bounded pool of buffers of one block size.
 #[derive(Debug)]
@@ -43,13 +47,34 @@ impl BufferPool {
         })
     }
 
+    /// The pool shared by everything in this process that handles blocks of `size` bytes
+    /// (writes and downloads), keeping at most 8 idle buffers: one pool, so idle memory is
+    /// bounded once, not per user.
+    pub fn shared(size: usize) -> Arc<Self> {
+        static POOLS: OnceLock<Mutex<HashMap<usize, Arc<BufferPool>>>> = OnceLock::new();
+        let mut pools = POOLS
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        pools
+            .entry(size)
+            .or_insert_with(|| BufferPool::new(size, SHARED_KEPT))
+            .clone()
+    }
+
+    /// The size of the buffers this pool keeps.
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
     /// An empty buffer with room for a block.
     pub fn take(&self) -> Vec<u8> {
         let reused = self.free.lock().unwrap_or_else(|e| e.into_inner()).pop();
         reused.unwrap_or_else(|| Vec::with_capacity(self.size))
     }
 
-    /// Freezes `buf` for upload; it comes back to the pool when no longer referenced.
+    /// Freezes `buf` for upload or readers; it comes back to the pool when no longer
+    /// referenced.
     pub fn freeze(self: &Arc<Self>, buf: Vec<u8>) -> Bytes {
         if buf.capacity() < self.size {
             return Bytes::from(buf);
@@ -96,6 +121,14 @@ mod tests {
         assert_eq!(pool.idle(), 1);
         let again = pool.take();
         assert_eq!((again.as_ptr(), again.len()), (ptr, 0));
+    }
+
+    #[test]
+    fn one_shared_pool_per_size() {
+        let (a, b) = (BufferPool::shared(3000), BufferPool::shared(3000));
+        assert!(Arc::ptr_eq(&a, &b));
+        assert!(!Arc::ptr_eq(&a, &BufferPool::shared(3001)));
+        assert_eq!((a.size(), a.max), (3000, SHARED_KEPT));
     }
 
     #[test]

@@ -25,9 +25,6 @@ use tokio::task::JoinHandle;
 /// Largest file size accepted (as ext4 with 4 KiB blocks: 16 TiB).
 pub const MAX_FILE_SIZE: u64 = 16 << 40;
 
-/// Idle block buffers kept for reuse by the write path.
-const WRITE_BUFFERS_KEPT: usize = 8;
-
 /// Slice ids reserved from metadata at a time.
 const ID_BATCH: u64 = 1024;
 
@@ -138,7 +135,7 @@ impl DataCtx {
         layout: Layout,
         rt: Handle,
     ) -> Self {
-        let buffers = BufferPool::new(layout.block_size() as usize, WRITE_BUFFERS_KEPT);
+        let buffers = BufferPool::shared(layout.block_size() as usize);
         let prefetches = prefetch_turns(&layout, DEFAULT_PREFETCH_BYTES);
         let (compact_tx, compact_rx) = crossbeam_channel::unbounded();
         DataCtx {

@@ -1,5 +1,6 @@
 //! Volumes: formatting, the default volume, opening the object store, and mountpoint checks.
 
+use crate::buffers::BufferPool;
 use crate::object::{
     Instrumented, LocalStore, ObjectStore, RetryPolicy, Retrying, S3Location, S3Options, S3Store,
     StoreError, StoreMetrics,
@@ -372,7 +373,8 @@ async fn open_instrumented(
                 max_deletes: access.max_deletes,
                 timeout: std::time::Duration::from_secs(60),
             };
-            Arc::new(S3Store::new(&opts).await)
+            let buffers = BufferPool::shared(format.block_size as usize);
+            Arc::new(S3Store::new(&opts).await.with_block_buffers(buffers))
         }
         other => {
             return Err(VolumeError::Invalid(format!(

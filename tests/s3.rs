@@ -10,6 +10,7 @@ use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
+use tidefs::buffers::BufferPool;
 use tidefs::data::DataCtx;
 use tidefs::layout::Layout;
 use tidefs::object::{ObjectStore, S3Location, S3Options, S3Store, StoreError};
@@ -82,6 +83,41 @@ fn s3_store_contract() {
         assert!(s.delete_batch(&doomed).await.is_empty());
         assert!(s.list("b/", None, 10).await.unwrap().is_empty());
         assert_eq!(s.list("", None, 10).await.unwrap().len(), 1);
+    });
+}
+
+/// Downloads of whole blocks fill buffers of the block pool, which come back once the last
+/// reader drops them; other sizes and ranges use buffers of their own.
+#[test]
+fn block_downloads_reuse_pooled_buffers() {
+    const BLOCK: usize = 256 << 10;
+    let rt = runtime();
+    let (url, _) = harness::s3_server().new_bucket();
+    let pool = BufferPool::new(BLOCK, 2);
+    rt.block_on(async {
+        let s = store_for(&url).await.with_block_buffers(pool.clone());
+        let block: Vec<u8> = (0..BLOCK).map(|i| (i % 251) as u8).collect();
+        s.put("block", Bytes::from(block.clone())).await.unwrap();
+        s.put("short", Bytes::from(vec![3u8; 1000])).await.unwrap();
+        let first = s.get("block", None).await.unwrap();
+        assert_eq!(first, block);
+        let at = first.as_ptr();
+        let view = first.slice(10..20);
+        drop(first);
+        assert_eq!(pool.idle(), 0, "a reader still holds the block");
+        drop(view);
+        assert_eq!(pool.idle(), 1);
+        let again = s.get("block", None).await.unwrap();
+        assert_eq!((again.as_ptr(), &again[..]), (at, &block[..]));
+        assert_eq!(pool.idle(), 0);
+        let short = s.get("short", None).await.unwrap();
+        let range = s.get("block", Some(0..BLOCK as u64 - 1)).await.unwrap();
+        assert_eq!(
+            (&short[..], &range[..]),
+            (&[3u8; 1000][..], &block[..BLOCK - 1])
+        );
+        drop((short, range));
+        assert_eq!(pool.idle(), 0, "only whole blocks come from the pool");
     });
 }
 

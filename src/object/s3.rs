@@ -5,6 +5,7 @@
 //! are the same for every store, testable with [`super::FaultyStore`] and counted in metrics.
 
 use super::{ObjectInfo, ObjectStore, StoreError};
+use crate::buffers::BufferPool;
 use async_trait::async_trait;
 use aws_sdk_s3::config::{
     BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
@@ -122,6 +123,8 @@ pub struct S3Store {
     downloads: Arc<Semaphore>,
     deletes: Arc<Semaphore>,
     timeout: Duration,
+    /// Where downloads of whole blocks get their buffers.
+    block_buffers: Option<Arc<BufferPool>>,
 }
 
 impl std::fmt::Debug for S3Store {
@@ -227,7 +230,16 @@ impl S3Store {
             downloads: Arc::new(Semaphore::new(opts.max_downloads.max(1))),
             deletes: Arc::new(Semaphore::new(opts.max_deletes.max(1))),
             timeout: opts.timeout,
+            block_buffers: None,
         }
+    }
+
+    /// Downloads of `pool`'s buffer size (whole blocks) fill buffers of the pool, which come
+    /// back to it when their last reader is done: a fresh 4 MiB buffer costs a thousand page
+    /// faults, about a fifth of the mount's CPU in a cold sequential read.
+    pub fn with_block_buffers(mut self, pool: Arc<BufferPool>) -> Self {
+        self.block_buffers = Some(pool);
+        self
     }
 
     fn full_key(&self, key: &str) -> String {
@@ -305,12 +317,22 @@ impl ObjectStore for S3Store {
             // Filled chunk by chunk into one buffer of the announced size: collecting the chunks
             // first and joining them after held every block twice while it arrived.
             let announced = resp.content_length().unwrap_or(0).clamp(0, 64 << 20) as usize;
+            let pool = self
+                .block_buffers
+                .as_ref()
+                .filter(|p| announced > 0 && p.size() == announced);
+            let mut data = match pool {
+                Some(p) => p.take(),
+                None => Vec::with_capacity(announced),
+            };
             let mut body = resp.body;
-            let mut data = bytes::BytesMut::with_capacity(announced);
             while let Some(chunk) = body.try_next().await.map_err(|e| io(key, e))? {
                 data.extend_from_slice(&chunk);
             }
-            Ok(data.freeze())
+            Ok(match pool {
+                Some(p) => p.freeze(data),
+                None => Bytes::from(data),
+            })
         })
         .await
     }
