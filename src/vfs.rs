@@ -15,6 +15,7 @@ use crate::error::FsError;
 use crate::layout::CHUNK_SIZE;
 use crate::perm;
 use crate::readahead::Readahead;
+use bytes::Bytes;
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use std::collections::HashSet;
@@ -912,9 +913,9 @@ impl tidefs_fuse::Vfs for TideVfs {
         Ok((a, fh))
     }
 
-    fn read(&self, ino: Ino, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+    fn read(&self, ino: Ino, fh: u64, offset: u64, size: u32) -> Result<Bytes> {
         if ino == CONTROL_INO {
-            return Ok(self.control(fh)?.read(size));
+            return Ok(Bytes::from(self.control(fh)?.read(size)));
         }
         let _reading = self.data.reads.enter();
         let writer = self.writers.get(&ino).map(|w| w.clone());
@@ -935,13 +936,17 @@ impl tidefs_fuse::Vfs for TideVfs {
             _ => ReadPattern::Sequential,
         };
         let mut out = self.data.read(ino, length, offset, size, pattern)?;
-        for (at, bytes) in overlay {
-            let dst = (at - offset) as usize;
-            if dst >= out.len() {
-                continue;
+        if !overlay.is_empty() {
+            let mut with_overlay = Vec::from(out);
+            for (at, bytes) in overlay {
+                let dst = (at - offset) as usize;
+                if dst >= with_overlay.len() {
+                    continue;
+                }
+                let n = bytes.len().min(with_overlay.len() - dst);
+                with_overlay[dst..dst + n].copy_from_slice(&bytes[..n]);
             }
-            let n = bytes.len().min(out.len() - dst);
-            out[dst..dst + n].copy_from_slice(&bytes[..n]);
+            out = Bytes::from(with_overlay);
         }
         if let Some(h) = handle {
             let end = offset + out.len() as u64;

@@ -295,7 +295,10 @@ fn cached_reads_follow_changes() {
     );
     let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
     f.vfs.fallocate(a.ino, w, 0, 5, punch).unwrap();
-    assert_eq!(f.vfs.read(a.ino, r, 0, 7).unwrap(), [0, 0, 0, 0, 0, 1, 1]);
+    assert_eq!(
+        f.vfs.read(a.ino, r, 0, 7).unwrap(),
+        [0, 0, 0, 0, 0, 1, 1][..]
+    );
     f.vfs.release(a.ino, w).unwrap();
     f.vfs.release(a.ino, r).unwrap();
 }
@@ -357,7 +360,7 @@ fn kernel_cache_is_kept_only_for_unchanged_files() {
     f.vfs.release(a.ino, third.fh).unwrap();
     let fourth = open();
     assert!(!fourth.keep_cache, "after a failed commit");
-    assert_eq!(f.vfs.read(a.ino, fourth.fh, 0, 10).unwrap(), b"v2");
+    assert_eq!(f.vfs.read(a.ino, fourth.fh, 0, 10).unwrap(), &b"v2"[..]);
     f.vfs.release(a.ino, fourth.fh).unwrap();
 }
 
@@ -381,7 +384,10 @@ fn buffered_bytes_return_to_zero() {
             0,
             "block {block}"
         );
-        assert_eq!(f.vfs.read(a.ino, fh, (8 << 20) + 7, 3).unwrap(), [5, 5, 5]);
+        assert_eq!(
+            f.vfs.read(a.ino, fh, (8 << 20) + 7, 3).unwrap(),
+            [5, 5, 5][..]
+        );
         f.vfs.release(a.ino, fh).unwrap();
     }
 }

@@ -162,8 +162,9 @@ pub trait Vfs: Send + Sync + 'static {
         mode: u32,
         flags: i32,
     ) -> Result<(Attr, u64), Self::Error>;
-    /// Reads up to `size` bytes at `offset` (short only at end of file).
-    fn read(&self, ino: Ino, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>, Self::Error>;
+    /// Reads up to `size` bytes at `offset` (short only at end of file). The bytes may be a
+    /// view of a cached block: the reply copies them to the kernel once.
+    fn read(&self, ino: Ino, fh: u64, offset: u64, size: u32) -> Result<bytes::Bytes, Self::Error>;
     /// Writes `data` at `offset`; returns the bytes written.
     fn write(&self, ino: Ino, fh: u64, offset: u64, data: &[u8]) -> Result<u32, Self::Error>;
     /// Called at each close(2) of a descriptor: makes written data durable and committed.
