@@ -58,7 +58,7 @@ pub fn compact_chunk(
         let Some(bytes) = data.read_slices(chunk, &slices, start, end)? else {
             return Ok(Compacted::Raced);
         };
-        if let Err(e) = upload_slice(data, new, Bytes::from(bytes)) {
+        if let Err(e) = upload_slice(data, new, bytes) {
             // Blocks that did reach the store are freed through the deletion queue.
             data.meta.compact_chunk(ino, chunk, &[], new)?;
             return Err(e);

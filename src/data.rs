@@ -434,7 +434,7 @@ impl DataCtx {
         slices: &[Slice],
         start: u32,
         end: u32,
-    ) -> Result<Option<Vec<u8>>, FsError> {
+    ) -> Result<Option<Bytes>, FsError> {
         let chunk_start = chunk as u64 * CHUNK_SIZE;
         let mut pieces = Vec::new();
         self.plan_chunk(slices, chunk_start, start, end, &mut pieces);
@@ -444,7 +444,7 @@ impl DataCtx {
             chunk_start + end as u64,
             ReadPattern::Sequential,
         ) {
-            Ok(bytes) => Ok(Some(Vec::from(bytes))),
+            Ok(bytes) => Ok(Some(bytes)),
             Err(ReadError::Vanished) => Ok(None),
             Err(ReadError::Fs(e)) => Err(e),
         }

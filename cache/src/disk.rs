@@ -136,7 +136,8 @@ impl Format {
     fn checksum(self, name: u64, index: usize, data: &[u8]) -> u32 {
         match self {
             Format::Seeded => {
-                let seed = (name ^ (name >> 32)) as u32 ^ index as u32;
+                // Mixed, so that no two (key, index) pairs share a seed in any simple way.
+                let seed = ((name ^ index as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) as u32;
                 let mut h = crc32fast::Hasher::new_with_initial(seed);
                 h.update(data);
                 h.finalize()
@@ -202,10 +203,21 @@ fn new_unique() -> u64 {
     .fetch_add(1, Ordering::Relaxed)
 }
 
-/// The header written before block `data` of `key`, with its segment checksums.
+/// Bytes before a block of `len` bytes whose checksums end at `crcs_end`: blocks of more than
+/// one segment start on a page boundary, so that each segment is one page of the file.
+fn data_offset(len: usize, crcs_end: usize) -> usize {
+    if len > SEGMENT {
+        crcs_end.next_multiple_of(SEGMENT)
+    } else {
+        crcs_end
+    }
+}
+
+/// The header written before block `data` of `key`, with its segment checksums and the
+/// padding up to [`data_offset`].
 fn header(key: &str, data: &[u8]) -> Vec<u8> {
     let segments = data.len().div_ceil(SEGMENT);
-    let mut h = Vec::with_capacity(14 + key.len() + 4 * segments);
+    let mut h = Vec::with_capacity(data_offset(data.len(), 14 + key.len() + 4 * segments));
     h.extend_from_slice(MAGIC);
     h.extend_from_slice(&(key.len() as u16).to_le_bytes());
     h.extend_from_slice(key.as_bytes());
@@ -215,6 +227,7 @@ fn header(key: &str, data: &[u8]) -> Vec<u8> {
     for (i, seg) in data.chunks(SEGMENT).enumerate() {
         h.extend_from_slice(&Format::Seeded.checksum(name, i, seg).to_le_bytes());
     }
+    h.resize(data_offset(data.len(), h.len()), 0);
     h
 }
 
@@ -250,12 +263,17 @@ fn read_header(r: &mut impl Read) -> std::io::Result<Header> {
     }
     let key = String::from_utf8(key).map_err(|_| bad())?;
     let crcs_at = 6 + key_len + 8;
+    let crcs_end = crcs_at + 4 * segments;
+    let size = match format {
+        Format::Seeded => data_offset(len as usize, crcs_end),
+        Format::V2 => crcs_end,
+    };
     Ok(Header {
         key,
         len,
         format,
         crcs_at: crcs_at as u32,
-        size: (crcs_at + 4 * segments) as u64,
+        size: size as u64,
     })
 }
 
@@ -401,9 +419,17 @@ impl DiskCache {
     }
 
     /// The segments of block `key` holding `range`, checked against their checksums: a file
-    /// damaged, cut short or holding another block fails the check.
+    /// damaged, cut short or holding another block fails the check (for files of the
+    /// previous format, whose checksums are not seeded, the key in the header is compared).
     fn read_range(path: &Path, key: &str, e: &Entry, range: Range<u32>) -> Option<Bytes> {
         let f = std::fs::File::open(path).ok()?;
+        if e.format == Format::V2 {
+            // Plain checksums say nothing of whose block this is: the header must.
+            let head = read_exact_at(&f, 6 + key.len(), 0)?;
+            if &head[6..] != key.as_bytes() {
+                return None;
+            }
+        }
         let segment = e.format.segment();
         let first = range.start as usize / segment;
         let last = (range.end as usize).div_ceil(segment).max(first + 1);
@@ -474,7 +500,7 @@ impl DiskCache {
                     unique,
                     len: data.len() as u32,
                     header: head.len() as u32,
-                    crcs_at: (head.len() - 4 * data.len().div_ceil(SEGMENT)) as u32,
+                    crcs_at: (6 + key.len() + 8) as u32,
                     format: Format::Seeded,
                 };
                 self.index.insert(Arc::from(key), entry);
@@ -657,6 +683,13 @@ mod tests {
         let block: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
         c.insert("k", &block);
         assert_eq!(c.get("k").unwrap(), block);
+        // The block starts on a page boundary of its file, and is found so again.
+        let size = std::fs::metadata(file_of(tmp.path(), "k").unwrap())
+            .unwrap()
+            .len();
+        assert_eq!((size - block.len() as u64) % SEGMENT as u64, 0, "{size}");
+        drop(c);
+        let c = DiskCache::open(&config(tmp.path(), 1 << 20)).unwrap();
         for r in [
             0..1,
             65_530..65_550,
@@ -707,12 +740,17 @@ mod tests {
         let block: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8).collect();
         let path = write_v2_file(tmp.path(), "old", &block);
         let damaged = write_v2_file(tmp.path(), "old2", &block);
+        let misplaced = write_v2_file(tmp.path(), "ol3", &block);
         let mut bytes = std::fs::read(&damaged).unwrap();
         let last = bytes.len() - 1;
         bytes[last] ^= 1;
         std::fs::write(&damaged, bytes).unwrap();
         let c = DiskCache::open(&config(tmp.path(), 1 << 20)).unwrap();
-        assert_eq!(c.used(), 400_000);
+        assert_eq!(c.used(), 600_000);
+        // Another block's file put in its place once indexed: the same layout and checksums
+        // (a key of the same length), only the key in the header differs.
+        std::fs::copy(&path, &misplaced).unwrap();
+        assert!(c.get("ol3").is_none(), "a misplaced file is not served");
         assert_eq!(c.get("old").unwrap(), block);
         for r in [0..1, 65_530..65_550, 199_999..200_000] {
             let got = c.get_range("old", Some(r.clone())).unwrap();
@@ -729,7 +767,8 @@ mod tests {
         let c = DiskCache::open(&config(tmp.path(), 1 << 20)).unwrap();
         // Same bytes in every segment, so only the seed tells them apart.
         c.insert("k", &[9u8; 3 * SEGMENT]);
-        c.insert("other", &[9u8; 3 * SEGMENT]);
+        // A key of the same length: the same header layout, only the seeds differ.
+        c.insert("j", &[9u8; 3 * SEGMENT]);
         let path = file_of(tmp.path(), "k").unwrap();
         let mut bytes = std::fs::read(&path).unwrap();
         let h = read_header(&mut &bytes[..]).unwrap();
@@ -743,12 +782,12 @@ mod tests {
             Some(Bytes::from(vec![9u8; SEGMENT]))
         );
         assert!(c.get_range("k", Some(0..10)).is_none());
-        // The file of "other" copied over a fresh "k": checksums seeded with another key.
+        // The file of "j" copied over a fresh "k": checksums seeded with another key.
         c.insert("k", &[9u8; 3 * SEGMENT]);
         let path = file_of(tmp.path(), "k").unwrap();
-        std::fs::copy(file_of(tmp.path(), "other").unwrap(), &path).unwrap();
+        std::fs::copy(file_of(tmp.path(), "j").unwrap(), &path).unwrap();
         assert!(c.get_range("k", Some(0..10)).is_none());
-        assert!(c.get("other").is_some());
+        assert!(c.get("j").is_some());
     }
 
     #[test]
