@@ -88,7 +88,7 @@ pub struct DataCtx {
     cache_large_writes: bool,
     /// Blocks that readahead may be fetching at once, over all open files.
     prefetches: Arc<tokio::sync::Semaphore>,
-    /// File reads under way (the FUSE requests the kernel has in flight for reads).
+    /// File reads being served (at most one per FUSE request loop).
     pub reads: InFlight,
 }
 

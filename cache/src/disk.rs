@@ -110,8 +110,6 @@ struct Entry {
     len: u32,
     /// Bytes before the block in the file.
     header: u32,
-    /// Where the segment checksums start in the file.
-    crcs_at: u32,
     format: Format,
 }
 
@@ -213,11 +211,20 @@ fn data_offset(len: usize, crcs_end: usize) -> usize {
     }
 }
 
+/// Where a header's key starts: after the magic and the key's length.
+const KEY_AT: usize = 6;
+
+/// Where the segment checksums start in a file whose key is `key_len` bytes long: after
+/// the key, the block's length and the number of segments.
+fn crcs_at(key_len: usize) -> usize {
+    KEY_AT + key_len + 8
+}
+
 /// The header written before block `data` of `key`, with its segment checksums and the
 /// padding up to [`data_offset`].
 fn header(key: &str, data: &[u8]) -> Vec<u8> {
     let segments = data.len().div_ceil(SEGMENT);
-    let mut h = Vec::with_capacity(data_offset(data.len(), 14 + key.len() + 4 * segments));
+    let mut h = Vec::with_capacity(data_offset(data.len(), crcs_at(key.len()) + 4 * segments));
     h.extend_from_slice(MAGIC);
     h.extend_from_slice(&(key.len() as u16).to_le_bytes());
     h.extend_from_slice(key.as_bytes());
@@ -236,15 +243,13 @@ struct Header {
     key: String,
     len: u32,
     format: Format,
-    /// Where the checksums start.
-    crcs_at: u32,
     /// Bytes before the block.
     size: u64,
 }
 
 fn read_header(r: &mut impl Read) -> std::io::Result<Header> {
     let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "bad cache header");
-    let mut fixed = [0u8; 6];
+    let mut fixed = [0u8; KEY_AT];
     r.read_exact(&mut fixed)?;
     let format = match &fixed[..4] {
         m if m == MAGIC => Format::Seeded,
@@ -262,8 +267,7 @@ fn read_header(r: &mut impl Read) -> std::io::Result<Header> {
         return Err(bad());
     }
     let key = String::from_utf8(key).map_err(|_| bad())?;
-    let crcs_at = 6 + key_len + 8;
-    let crcs_end = crcs_at + 4 * segments;
+    let crcs_end = crcs_at(key_len) + 4 * segments;
     let size = match format {
         Format::Seeded => data_offset(len as usize, crcs_end),
         Format::V2 => crcs_end,
@@ -272,7 +276,6 @@ fn read_header(r: &mut impl Read) -> std::io::Result<Header> {
         key,
         len,
         format,
-        crcs_at: crcs_at as u32,
         size: size as u64,
     })
 }
@@ -349,7 +352,6 @@ impl DiskCache {
                                 unique,
                                 len: h.len,
                                 header: h.size as u32,
-                                crcs_at: h.crcs_at,
                                 format: h.format,
                             };
                             found.push((modified, h.key, entry));
@@ -425,8 +427,8 @@ impl DiskCache {
         let f = std::fs::File::open(path).ok()?;
         if e.format == Format::V2 {
             // Plain checksums say nothing of whose block this is: the header must.
-            let head = read_exact_at(&f, 6 + key.len(), 0)?;
-            if &head[6..] != key.as_bytes() {
+            let head = read_exact_at(&f, KEY_AT + key.len(), 0)?;
+            if &head[KEY_AT..] != key.as_bytes() {
                 return None;
             }
         }
@@ -437,7 +439,8 @@ impl DiskCache {
         let end = (last * segment).min(e.len as usize);
         let data = read_exact_at(&f, end - start, e.header as u64 + start as u64)?;
         let segments = (end - start).div_ceil(segment);
-        let crcs = read_exact_at(&f, 4 * segments, e.crcs_at as u64 + 4 * first as u64)?;
+        let at = crcs_at(key.len()) + 4 * first;
+        let crcs = read_exact_at(&f, 4 * segments, at as u64)?;
         let name = name_of(key);
         let intact = data
             .chunks(segment)
@@ -500,7 +503,6 @@ impl DiskCache {
                     unique,
                     len: data.len() as u32,
                     header: head.len() as u32,
-                    crcs_at: (6 + key.len() + 8) as u32,
                     format: Format::Seeded,
                 };
                 self.index.insert(Arc::from(key), entry);
@@ -771,9 +773,8 @@ mod tests {
         c.insert("j", &[9u8; 3 * SEGMENT]);
         let path = file_of(tmp.path(), "k").unwrap();
         let mut bytes = std::fs::read(&path).unwrap();
-        let h = read_header(&mut &bytes[..]).unwrap();
         // Swap the checksums of segments 0 and 1: each now sits at the other's place.
-        let at = h.crcs_at as usize;
+        let at = crcs_at("k".len());
         let (a, b) = bytes[at..at + 8].split_at_mut(4);
         a.swap_with_slice(b);
         std::fs::write(&path, &bytes).unwrap();

@@ -236,7 +236,7 @@ impl S3Store {
 
     /// Downloads of `pool`'s buffer size (whole blocks) fill buffers of the pool, which come
     /// back to it when their last reader is done: a fresh 4 MiB buffer costs a thousand page
-    /// faults, about a fifth of the mount's CPU in a cold sequential read.
+    /// faults (in a cold sequential read, page faults fell from 3.3% to 1.1% of the machine).
     pub fn with_block_buffers(mut self, pool: Arc<BufferPool>) -> Self {
         self.block_buffers = Some(pool);
         self
