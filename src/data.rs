@@ -4,7 +4,6 @@
 //! Durability rule: a slice is committed to metadata only after every one of its blocks is
 //! durable in the object store, so metadata never points at missing data, whatever crashes.
 
-use crate::buffers::BufferPool;
 use crate::error::FsError;
 use crate::inflight::InFlight;
 use crate::layout::{Layout, CHUNK_SIZE};
@@ -18,6 +17,7 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use tidefs_cache::BlockCache;
+use tidefs_cache::BufferPool;
 use tidefs_meta::{ChunkSlice, Ino, Meta, Slice, Timestamp};
 use tokio::runtime::Handle;
 use tokio::task::JoinHandle;

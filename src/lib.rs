@@ -9,7 +9,6 @@
 //! - [`volume`]: formatting and opening volumes, the default volume;
 //! - [`objbench`]: measuring an object store.
 
-pub mod buffers;
 pub mod compact;
 pub mod control;
 pub mod data;

@@ -1,12 +1,12 @@
 //! Volumes: formatting, the default volume, opening the object store, and mountpoint checks.
 
-use crate::buffers::BufferPool;
 use crate::object::{
     Instrumented, LocalStore, ObjectStore, RetryPolicy, Retrying, S3Location, S3Options, S3Store,
     StoreError, StoreMetrics,
 };
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use tidefs_cache::BufferPool;
 use tidefs_meta::{Format, Meta, MetaError, MetaUrl};
 
 /// Why a volume could not be formatted, opened or mounted.

@@ -10,13 +10,13 @@ use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
-use tidefs::buffers::BufferPool;
 use tidefs::data::DataCtx;
 use tidefs::layout::Layout;
 use tidefs::object::{ObjectStore, S3Location, S3Options, S3Store, StoreError};
 use tidefs::vfs::{TideVfs, VfsOptions};
 use tidefs::volume::{self, StoreAccess};
 use tidefs_cache::BlockCache;
+use tidefs_cache::BufferPool;
 use tidefs_fuse::{Ctx, Vfs};
 use tidefs_meta::{Meta, SqliteMeta, ROOT_INO};
 

@@ -13,6 +13,7 @@
 //! disk fails is left alone for a while, and one short of free space takes no new blocks:
 //! either way reads go on, uncached.
 
+use crate::BufferPool;
 use bytes::Bytes;
 use std::io::{Read, Write};
 use std::ops::Range;
@@ -27,6 +28,11 @@ const MAGIC_V2: &[u8; 4] = b"TDC2";
 /// Bytes covered by one checksum.
 const SEGMENT: usize = 4 << 10;
 const SEGMENT_V2: usize = 64 << 10;
+/// Capacity of the pooled buffers ranged reads go into: a FUSE read of at most 1 MiB widened
+/// to whole segments at both ends. Larger reads get a buffer of their own.
+const READ_BUFFER: usize = (1 << 20) + 2 * SEGMENT_V2;
+/// Idle read buffers kept (as many as a mount has FUSE request loops by default).
+const READ_BUFFERS_KEPT: usize = 16;
 /// How long a directory that failed a write is left alone.
 const FAILURE_PAUSE: Duration = Duration::from_secs(30);
 /// How often a directory's free space is measured.
@@ -164,6 +170,7 @@ pub struct DiskCache {
     index: moka::sync::Cache<Arc<str>, Entry>,
     free_ratio: f64,
     stats: DiskCacheStats,
+    reads: Arc<BufferPool>,
 }
 
 impl std::fmt::Debug for DiskCache {
@@ -311,6 +318,7 @@ impl DiskCache {
             index,
             free_ratio: config.free_ratio,
             stats: DiskCacheStats::default(),
+            reads: BufferPool::new(READ_BUFFER, READ_BUFFERS_KEPT),
         };
         cache.rebuild();
         Ok(cache)
@@ -398,7 +406,7 @@ impl DiskCache {
         if range.start > range.end || range.end > e.len {
             return None;
         }
-        match Self::read_range(&path, key, &e, range) {
+        match self.read_range(&path, key, &e, range) {
             Some(data) => {
                 self.stats.hits.fetch_add(1, Ordering::Relaxed);
                 Some(data)
@@ -423,7 +431,8 @@ impl DiskCache {
     /// The segments of block `key` holding `range`, checked against their checksums: a file
     /// damaged, cut short or holding another block fails the check (for files of the
     /// previous format, whose checksums are not seeded, the key in the header is compared).
-    fn read_range(path: &Path, key: &str, e: &Entry, range: Range<u32>) -> Option<Bytes> {
+    /// The data lands in a pooled buffer, which comes back when the last view of it is gone.
+    fn read_range(&self, path: &Path, key: &str, e: &Entry, range: Range<u32>) -> Option<Bytes> {
         let f = std::fs::File::open(path).ok()?;
         if e.format == Format::V2 {
             // Plain checksums say nothing of whose block this is: the header must.
@@ -437,7 +446,12 @@ impl DiskCache {
         let last = (range.end as usize).div_ceil(segment).max(first + 1);
         let start = (first * segment).min(e.len as usize);
         let end = (last * segment).min(e.len as usize);
-        let data = read_exact_at(&f, end - start, e.header as u64 + start as u64)?;
+        let pooled = end - start <= self.reads.size();
+        let mut data = match pooled {
+            true => self.reads.take(),
+            false => Vec::with_capacity(end - start),
+        };
+        read_exact_into(&f, &mut data, end - start, e.header as u64 + start as u64)?;
         let segments = (end - start).div_ceil(segment);
         let at = crcs_at(key.len()) + 4 * first;
         let crcs = read_exact_at(&f, 4 * segments, at as u64)?;
@@ -453,7 +467,10 @@ impl DiskCache {
         if !intact {
             return None;
         }
-        let data = Bytes::from(data);
+        let data = match pooled {
+            true => self.reads.freeze(data),
+            false => Bytes::from(data),
+        };
         Some(data.slice(range.start as usize - start..range.end as usize - start))
     }
 
@@ -562,8 +579,16 @@ impl DiskCache {
 /// `len` bytes of `f` at `offset`, read into a buffer that is not zeroed first (the read
 /// overwrites it; zeroing 256 KiB per read was a visible share of a warm read's CPU).
 fn read_exact_at(f: &std::fs::File, len: usize, offset: u64) -> Option<Vec<u8>> {
+    let mut buf = Vec::new();
+    read_exact_into(f, &mut buf, len, offset)?;
+    Some(buf)
+}
+
+/// Replaces the contents of `buf` with `len` bytes of `f` at `offset`, as [`read_exact_at`].
+fn read_exact_into(f: &std::fs::File, buf: &mut Vec<u8>, len: usize, offset: u64) -> Option<()> {
     use std::os::fd::AsRawFd;
-    let mut buf: Vec<u8> = Vec::with_capacity(len);
+    buf.clear();
+    buf.reserve(len);
     let mut done = 0usize;
     while done < len {
         // SAFETY: the destination is the vector's own unused capacity, `len - done` bytes
@@ -584,7 +609,7 @@ fn read_exact_at(f: &std::fs::File, len: usize, offset: u64) -> Option<Vec<u8>> 
     }
     // SAFETY: pread initialized all `len` bytes above.
     unsafe { buf.set_len(len) };
-    Some(buf)
+    Some(())
 }
 
 #[cfg(test)]
@@ -844,5 +869,33 @@ mod tests {
         .unwrap();
         full.insert("k", &[1u8; 100]);
         assert!(full.get("k").is_none());
+    }
+
+    #[test]
+    fn ranged_reads_reuse_their_buffers() {
+        let tmp = tempfile::tempdir().unwrap();
+        let c = DiskCache::open(&config(tmp.path(), 8 << 20)).unwrap();
+        let block: Vec<u8> = (0..(2 << 20) as u32).map(|i| (i * 7) as u8).collect();
+        c.insert("k", &block);
+        let first = c.get_range("k", Some(0..(1 << 20))).unwrap();
+        assert_eq!(&first[..], &block[..1 << 20]);
+        let at = first.as_ptr();
+        drop(first);
+        assert_eq!(c.reads.idle(), 1);
+        // The next read (segment-aligned, so its view starts the buffer) reuses it...
+        let again = c.get_range("k", Some(8192..(1 << 20) + 8192)).unwrap();
+        assert_eq!(&again[..], &block[8192..(1 << 20) + 8192]);
+        assert_eq!((again.as_ptr(), c.reads.idle()), (at, 0));
+        // ...and one made while it is still viewed gets another.
+        let other = c.get_range("k", Some(0..100)).unwrap();
+        assert_eq!(&other[..], &block[..100]);
+        assert_ne!(other.as_ptr(), at);
+        drop((again, other));
+        assert_eq!(c.reads.idle(), 2);
+        // A read larger than the pooled buffers gets one of its own, which is not kept.
+        let whole = c.get("k").unwrap();
+        assert_eq!(&whole[..], &block[..]);
+        drop(whole);
+        assert_eq!(c.reads.idle(), 2);
     }
 }

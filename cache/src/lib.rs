@@ -5,9 +5,11 @@
 //! misses on the same block share one fetch, so a block read by many readers at once is
 //! fetched from the object store (or the disk) once.
 
+mod buffers;
 mod disk;
 mod staging;
 
+pub use buffers::BufferPool;
 pub use disk::{DiskCache, DiskCacheConfig, DiskCacheError, DiskCacheStats};
 pub use staging::Staging;
 

@@ -5,7 +5,6 @@
 //! are the same for every store, testable with [`super::FaultyStore`] and counted in metrics.
 
 use super::{ObjectInfo, ObjectStore, StoreError};
-use crate::buffers::BufferPool;
 use async_trait::async_trait;
 use aws_sdk_s3::config::{
     BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
@@ -18,6 +17,7 @@ use bytes::Bytes;
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
+use tidefs_cache::BufferPool;
 use tokio::sync::Semaphore;
 
 /// Where an S3 bucket is, parsed from a `--bucket` URL.

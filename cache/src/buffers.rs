@@ -1,7 +1,8 @@
-//! Reusable block buffers for the write path and for downloads.
+//! Reusable buffers: for the write path, for downloads and for disk-cache reads.
 //!
 //! A fresh 4 MiB buffer costs a thousand page faults to fill, a fifth of the CPU time of a
-//! sequential write. The pool keeps a few block-sized buffers and hands them out again once the
+//! sequential write; a fresh buffer per disk-cache read made page faults 40% of the time of
+//! those reads. A pool keeps a few buffers of one size and hands them out again once the
 //! upload or the reader holding one is done.
 
 use bytes::Bytes;
