@@ -560,6 +560,11 @@ NOTES = """## Reading the table
   therefore measure each filesystem's own cache, not the kernel's.
 * "local disk" random reads go to the SSD (page cache dropped by fio). The filesystems serve
   them from their caches, which is why a ratio above 1 can appear there.
+* With `--storage s3`: s3s-fs does not set `TCP_NODELAY` on its connections, so the tail
+  of a response can wait for the client's delayed ACK. A lone GET of a 128 KiB object takes
+  ~34 ms (1.3 ms with the option set on the server's sockets), a lone 4 MiB GET ~63 ms
+  (24 ms), and both filesystems' objbench agree (JuiceFS: 31 ms per small GET). Parallel
+  GETs hide much of it; the ceiling and both filesystems meet it alike.
 * The machine has 2 cores and is shared, so figures vary between runs by 10-30%. Compare
   ratios within one run. Each round runs the three targets in a rotated order, each after
   a sync and a pause, so none is always the one measured while earlier writes flush.
