@@ -29,8 +29,12 @@ const MAGIC_V2: &[u8; 4] = b"TDC2";
 const SEGMENT: usize = 4 << 10;
 const SEGMENT_V2: usize = 64 << 10;
 /// Capacity of the pooled buffers ranged reads go into: a FUSE read of at most 1 MiB widened
-/// to whole segments at both ends. Larger reads get a buffer of their own.
-const READ_BUFFER: usize = (1 << 20) + 2 * SEGMENT_V2;
+/// to whole segments at both ends (below glibc's mmap threshold, so buffers past the kept ones
+/// come from the heap). Larger reads, such as a 1 MiB read of a `TDC2` file, get their own.
+const READ_BUFFER: usize = (1 << 20) + 2 * SEGMENT;
+/// Ranged reads shorter than this take plain heap memory, which costs no page faults, and do
+/// not tie up a pooled buffer.
+const POOLED_READ_MIN: usize = 64 << 10;
 /// Idle read buffers kept (as many as a mount has FUSE request loops by default).
 const READ_BUFFERS_KEPT: usize = 16;
 /// How long a directory that failed a write is left alone.
@@ -402,11 +406,14 @@ impl DiskCache {
             return None;
         };
         let path = path_of(&self.dirs[e.dir as usize].root, e.name, e.unique);
+        let explicit = range.is_some();
         let range = range.unwrap_or(0..e.len);
         if range.start > range.end || range.end > e.len {
             return None;
         }
-        match self.read_range(&path, key, &e, range) {
+        // Whole blocks (no range given) may be kept by the memory layer, where a pooled buffer
+        // would stay tied up: they get buffers of their own.
+        match self.read_range(&path, key, &e, range, explicit) {
             Some(data) => {
                 self.stats.hits.fetch_add(1, Ordering::Relaxed);
                 Some(data)
@@ -431,8 +438,16 @@ impl DiskCache {
     /// The segments of block `key` holding `range`, checked against their checksums: a file
     /// damaged, cut short or holding another block fails the check (for files of the
     /// previous format, whose checksums are not seeded, the key in the header is compared).
-    /// The data lands in a pooled buffer, which comes back when the last view of it is gone.
-    fn read_range(&self, path: &Path, key: &str, e: &Entry, range: Range<u32>) -> Option<Bytes> {
+    /// With `pool`, a read of 64 KiB up to about 1 MiB lands in a pooled buffer, which comes
+    /// back when the last view of it is gone.
+    fn read_range(
+        &self,
+        path: &Path,
+        key: &str,
+        e: &Entry,
+        range: Range<u32>,
+        pool: bool,
+    ) -> Option<Bytes> {
         let f = std::fs::File::open(path).ok()?;
         if e.format == Format::V2 {
             // Plain checksums say nothing of whose block this is: the header must.
@@ -446,7 +461,7 @@ impl DiskCache {
         let last = (range.end as usize).div_ceil(segment).max(first + 1);
         let start = (first * segment).min(e.len as usize);
         let end = (last * segment).min(e.len as usize);
-        let pooled = end - start <= self.reads.size();
+        let pooled = pool && (POOLED_READ_MIN..=self.reads.size()).contains(&(end - start));
         let mut data = match pooled {
             true => self.reads.take(),
             false => Vec::with_capacity(end - start),
@@ -887,15 +902,26 @@ mod tests {
         assert_eq!(&again[..], &block[8192..(1 << 20) + 8192]);
         assert_eq!((again.as_ptr(), c.reads.idle()), (at, 0));
         // ...and one made while it is still viewed gets another.
-        let other = c.get_range("k", Some(0..100)).unwrap();
-        assert_eq!(&other[..], &block[..100]);
+        let other = c.get_range("k", Some(0..(256 << 10))).unwrap();
+        assert_eq!(&other[..], &block[..256 << 10]);
         assert_ne!(other.as_ptr(), at);
         drop((again, other));
         assert_eq!(c.reads.idle(), 2);
-        // A read larger than the pooled buffers gets one of its own, which is not kept.
+        // Small reads, reads larger than the pooled buffers, and whole blocks (which the
+        // memory layer may keep) get buffers of their own, which are not kept.
+        let small = c.get_range("k", Some(4096..8192)).unwrap();
+        let large = c.get_range("k", Some(0..(1 << 20) + 3 * 4096)).unwrap();
         let whole = c.get("k").unwrap();
+        let small_block = {
+            c.insert("s", &block[..100 << 10]);
+            c.get("s").unwrap()
+        };
+        assert_eq!(&small[..], &block[4096..8192]);
+        assert_eq!(&large[..], &block[..(1 << 20) + 3 * 4096]);
         assert_eq!(&whole[..], &block[..]);
-        drop(whole);
-        assert_eq!(c.reads.idle(), 2);
+        assert_eq!(&small_block[..], &block[..100 << 10]);
+        assert_eq!(c.reads.idle(), 2, "no read took a kept buffer");
+        drop((small, large, whole, small_block));
+        assert_eq!(c.reads.idle(), 2, "none came back to the pool");
     }
 }
