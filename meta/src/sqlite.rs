@@ -4,7 +4,8 @@
 //! start (`BEGIN IMMEDIATE`), so concurrent writers never deadlock on lock upgrades; readers run
 //! in parallel with them thanks to WAL. Commits use `synchronous=NORMAL`: a committed
 //! transaction survives a crash of the process at once, and survives power loss after
-//! [`Meta::sync`], which checkpoints the WAL (fsync) — the filesystem calls it on fsync(2).
+//! [`Meta::sync`], which commits with `synchronous=FULL` and so syncs the WAL with every
+//! earlier commit in it — the filesystem calls it on fsync(2).
 
 use crate::dump::{DumpHeader, DumpRecord};
 use crate::lock::{self, Lock};
