@@ -361,7 +361,10 @@ async fn open_instrumented(
     access: &StoreAccess,
 ) -> Result<(Arc<dyn ObjectStore>, Arc<StoreMetrics>), VolumeError> {
     let raw: Arc<dyn ObjectStore> = match format.storage.as_str() {
-        "file" => Arc::new(LocalStore::open(Path::new(&format.bucket))?),
+        "file" => {
+            let buffers = BufferPool::shared(format.block_size as usize);
+            Arc::new(LocalStore::open(Path::new(&format.bucket))?.with_block_buffers(buffers))
+        }
         "s3" => {
             let location = S3Location::parse(&format.bucket).map_err(VolumeError::Invalid)?;
             let opts = S3Options {

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tidefs::data::DataCtx;
 use tidefs::layout::Layout;
-use tidefs::object::{ObjectStore, S3Location, S3Options, S3Store, StoreError};
+use tidefs::object::{LocalStore, ObjectStore, S3Location, S3Options, S3Store, StoreError};
 use tidefs::vfs::{TideVfs, VfsOptions};
 use tidefs::volume::{self, StoreAccess};
 use tidefs_cache::BlockCache;
@@ -90,35 +90,60 @@ fn s3_store_contract() {
 /// reader drops them; other sizes and ranges use buffers of their own.
 #[test]
 fn block_downloads_reuse_pooled_buffers() {
-    const BLOCK: usize = 256 << 10;
     let rt = runtime();
     let (url, _) = harness::s3_server().new_bucket();
-    let pool = BufferPool::new(BLOCK, 2);
+    let pool = BufferPool::new(POOLED_BLOCK, 2);
     rt.block_on(async {
         let s = store_for(&url).await.with_block_buffers(pool.clone());
-        let block: Vec<u8> = (0..BLOCK).map(|i| (i % 251) as u8).collect();
-        s.put("block", Bytes::from(block.clone())).await.unwrap();
-        s.put("short", Bytes::from(vec![3u8; 1000])).await.unwrap();
-        let first = s.get("block", None).await.unwrap();
-        assert_eq!(first, block);
-        let at = first.as_ptr();
-        let view = first.slice(10..20);
-        drop(first);
-        assert_eq!(pool.idle(), 0, "a reader still holds the block");
-        drop(view);
-        assert_eq!(pool.idle(), 1);
-        let again = s.get("block", None).await.unwrap();
-        assert_eq!((again.as_ptr(), &again[..]), (at, &block[..]));
-        assert_eq!(pool.idle(), 0);
-        let short = s.get("short", None).await.unwrap();
-        let range = s.get("block", Some(0..BLOCK as u64 - 1)).await.unwrap();
-        assert_eq!(
-            (&short[..], &range[..]),
-            (&[3u8; 1000][..], &block[..BLOCK - 1])
-        );
-        drop((short, range));
-        assert_eq!(pool.idle(), 0, "only whole blocks come from the pool");
+        whole_blocks_reuse_pooled_buffers(&s, &pool).await;
     });
+}
+
+/// The local store reads whole blocks into the same pool.
+#[test]
+fn local_block_reads_reuse_pooled_buffers() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let pool = BufferPool::new(POOLED_BLOCK, 2);
+    rt.block_on(async {
+        let s = LocalStore::open(dir.path())
+            .unwrap()
+            .with_block_buffers(pool.clone());
+        whole_blocks_reuse_pooled_buffers(&s, &pool).await;
+    });
+}
+
+const POOLED_BLOCK: usize = 256 << 10;
+
+/// Checks that `s`, reading blocks of `POOLED_BLOCK` bytes into `pool`, hands a whole block
+/// out of a pooled buffer that returns once the last view is dropped, and gives short objects
+/// and ranges buffers of their own.
+async fn whole_blocks_reuse_pooled_buffers(s: &dyn ObjectStore, pool: &BufferPool) {
+    const BLOCK: usize = POOLED_BLOCK;
+    let block: Vec<u8> = (0..BLOCK).map(|i| (i % 251) as u8).collect();
+    s.put("v/block", Bytes::from(block.clone())).await.unwrap();
+    s.put("v/short", Bytes::from(vec![3u8; 1000]))
+        .await
+        .unwrap();
+    let first = s.get("v/block", None).await.unwrap();
+    assert_eq!(first, block);
+    let at = first.as_ptr();
+    let view = first.slice(10..20);
+    drop(first);
+    assert_eq!(pool.idle(), 0, "a reader still holds the block");
+    drop(view);
+    assert_eq!(pool.idle(), 1);
+    let again = s.get("v/block", None).await.unwrap();
+    assert_eq!((again.as_ptr(), &again[..]), (at, &block[..]));
+    assert_eq!(pool.idle(), 0);
+    let short = s.get("v/short", None).await.unwrap();
+    let range = s.get("v/block", Some(0..BLOCK as u64 - 1)).await.unwrap();
+    assert_eq!(
+        (&short[..], &range[..]),
+        (&[3u8; 1000][..], &block[..BLOCK - 1])
+    );
+    drop((short, range));
+    assert_eq!(pool.idle(), 0, "only whole blocks come from the pool");
 }
 
 #[test]
