@@ -551,7 +551,7 @@ def draw_chart(med, metrics, path):
 NOTES = """## Reading the table
 
 * Both filesystems use the same block size and a disk cache of the same `--cache-size` in
-  the run's temporary directory (tidefs keeps a 64 MiB memory layer in front of it); "cold"
+  the run's temporary directory (tidefs keeps a 32 MiB memory layer in front of it); "cold"
   reads come after a remount with the cache directory removed and the page cache dropped.
 * The durability is not the same. tidefs fsyncs every object file and its directory before
   it commits a slice. JuiceFS's `file` object store writes a temporary file and renames it

@@ -254,8 +254,9 @@ struct MountArgs {
     /// with --cache-dir memory (default 128).
     #[arg(long)]
     cache_size: Option<u64>,
-    /// Memory in MiB for the hottest blocks in front of a disk cache.
-    #[arg(long, default_value_t = 64)]
+    /// Memory in MiB for the hottest blocks in front of a disk cache (whose files the
+    /// kernel's page cache also keeps).
+    #[arg(long, default_value_t = 32)]
     mem_cache_size: u64,
     /// Keep the full blocks of written files in the disk cache too (as JuiceFS's option of
     /// the same name); by default only short blocks, small files and the ends of files, are.
