@@ -673,7 +673,8 @@ const POOLED_SLICE_MIN: usize = 64 << 10;
 /// loop the heap grew ~90 MiB past the data buffered).
 fn append(buf: &mut Vec<u8>, bytes: &[u8], pool: &BufferPool) {
     let len = buf.len() + bytes.len();
-    if len > buf.capacity() && len > POOLED_SLICE_MIN && buf.capacity() < pool.size() {
+    let grows = len > buf.capacity() && len > POOLED_SLICE_MIN;
+    if grows && len <= pool.size() && buf.capacity() < pool.size() {
         let mut pooled = pool.take();
         pooled.extend_from_slice(buf);
         *buf = pooled;
@@ -706,9 +707,10 @@ impl PendingSlice {
         if full == 0 {
             return;
         }
-        // A slice that filled a block is streaming: give the next block its full room now.
-        let mut rest = data.buffers.take();
-        rest.extend_from_slice(&self.buf[full..]);
+        // A slice that filled a block is streaming: give the next block its full room now
+        // (if the slice stops here, no pooled buffer is taken only to be dropped with it).
+        let mut rest = Vec::new();
+        append(&mut rest, &self.buf[full..], &data.buffers);
         self.buf.truncate(full);
         let frozen = data.buffers.freeze(std::mem::replace(&mut self.buf, rest));
         for start in (0..full).step_by(bs) {
@@ -1050,7 +1052,19 @@ mod tests {
         while buf.len() + piece.len() <= BLOCK {
             append(&mut buf, &piece, &pool);
         }
-        assert_eq!((buf.as_ptr(), buf.capacity()), (at, BLOCK));
+        assert_eq!(
+            (buf.as_ptr(), buf.capacity(), buf.len()),
+            (at, BLOCK, BLOCK)
+        );
         assert!(buf.chunks(8192).all(|c| c == &piece[..]));
+        // A first write past 64 KiB goes into a block buffer at once; one larger than a
+        // block (a pool of small blocks) keeps a buffer of its own.
+        let mut big = Vec::new();
+        append(&mut big, &vec![1u8; 100 << 10], &pool);
+        assert_eq!((big.capacity(), big.len()), (BLOCK, 100 << 10));
+        let small_blocks = BufferPool::new(64 << 10, 2);
+        let mut own = Vec::new();
+        append(&mut own, &vec![2u8; 100 << 10], &small_blocks);
+        assert_eq!((own.len(), small_blocks.idle()), (100 << 10, 0));
     }
 }
