@@ -707,8 +707,8 @@ impl PendingSlice {
         if full == 0 {
             return;
         }
-        // A slice that filled a block is streaming: give the next block its full room now
-        // (if the slice stops here, no pooled buffer is taken only to be dropped with it).
+        // The rest starts the next block, in a buffer of its own size until it passes 64 KiB
+        // (a slice that stops here takes no pooled buffer only to drop it).
         let mut rest = Vec::new();
         append(&mut rest, &self.buf[full..], &data.buffers);
         self.buf.truncate(full);

@@ -462,9 +462,10 @@ impl DiskCache {
         let start = (first * segment).min(e.len as usize);
         let end = (last * segment).min(e.len as usize);
         let pooled = pool && (POOLED_READ_MIN..=self.reads.size()).contains(&(end - start));
-        let mut data = match pooled {
-            true => self.reads.take(),
-            false => Vec::with_capacity(end - start),
+        let mut data = if pooled {
+            self.reads.take()
+        } else {
+            Vec::with_capacity(end - start)
         };
         read_exact_into(&f, &mut data, end - start, e.header as u64 + start as u64)?;
         let segments = (end - start).div_ceil(segment);
@@ -482,9 +483,10 @@ impl DiskCache {
         if !intact {
             return None;
         }
-        let data = match pooled {
-            true => self.reads.freeze(data),
-            false => Bytes::from(data),
+        let data = if pooled {
+            self.reads.freeze(data)
+        } else {
+            Bytes::from(data)
         };
         Some(data.slice(range.start as usize - start..range.end as usize - start))
     }
