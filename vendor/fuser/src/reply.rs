@@ -209,6 +209,42 @@ impl ReplyData {
         self.reply.send_ll(&ll::ResponseSlice(data));
     }
 
+    /// Replies with `len` bytes of `file` from `offset`, moved into the reply with splice(2)
+    /// rather than copied through this process (tidefs patch). Each request loop thread keeps
+    /// a pipe for it, grown to hold the reply: past 1 MiB minus a page that needs
+    /// CAP_SYS_RESOURCE. Hands the reply back with the reason when the request may still
+    /// need an answer: the pipe could not grow (EPERM), the file ended before `len` bytes
+    /// (`UnexpectedEof`), splice failed, or the kernel refused the reply for another reason
+    /// than not knowing the request; the caller then replies another way. A reply to a
+    /// request the kernel no longer knows is logged, as [`ReplyData::data`]'s.
+    pub fn splice(
+        mut self,
+        file: BorrowedFd<'_>,
+        offset: u64,
+        len: usize,
+    ) -> Result<(), (ReplyData, std::io::Error)> {
+        let Some(ReplySender::Channel(sender)) = &self.reply.sender else {
+            return Err((self, std::io::ErrorKind::Unsupported.into()));
+        };
+        let total = u32::try_from(16 + len).map_err(|_| std::io::ErrorKind::InvalidInput);
+        let total = match total {
+            Ok(t) => t,
+            Err(e) => return Err((self, e.into())),
+        };
+        let mut header = [0u8; 16];
+        header[..4].copy_from_slice(&total.to_ne_bytes());
+        header[8..].copy_from_slice(&self.reply.unique.0.to_ne_bytes());
+        match sender.splice(&header, file, offset, len) {
+            Ok(()) => {}
+            Err(crate::channel::SpliceError::NotSent(e)) => return Err((self, e)),
+            Err(crate::channel::SpliceError::Sent(e)) => {
+                error!("Failed to send FUSE reply: {e}");
+            }
+        }
+        self.reply.sender = None;
+        Ok(())
+    }
+
     /// Reply to a request with the given error code
     pub fn error(self, err: Errno) {
         self.reply.error(err);
