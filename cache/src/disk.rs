@@ -4,8 +4,9 @@
 //! its length, and a checksum for each 4 KiB segment) and then the block. A segment's checksum
 //! is a CRC32 seeded with the block's key and the segment's place, so a read that checks the
 //! segments it touches (reading their checksums from the file too) finds a truncated, corrupt
-//! or misplaced file, which is dropped and reported as a miss, never served. A small read
-//! touches one segment: it reads and checks 4 KiB, not the block. (Files of the previous
+//! or misplaced file, which is dropped and reported as a miss, never served (segments already
+//! checked in a file unchanged since may be handed out unread: see [`DiskCache::span`]). A
+//! small read touches one segment: it reads and checks 4 KiB, not the block. (Files of the previous
 //! format, with plain CRC32s of 64 KiB segments, are still read.) Files are
 //! written under a temporary name and renamed, without fsync: after a crash a damaged file is
 //! dropped like any other. Opening a cache reads every file's header to rebuild the index,
@@ -13,6 +14,7 @@
 //! disk fails is left alone for a while, and one short of free space takes no new blocks:
 //! either way reads go on, uncached.
 
+use crate::checked::{Checked, Stamp};
 use crate::BufferPool;
 use bytes::Bytes;
 use std::io::{Read, Write};
@@ -37,6 +39,9 @@ const READ_BUFFER: usize = (1 << 20) + 2 * SEGMENT;
 const POOLED_READ_MIN: usize = 64 << 10;
 /// Idle read buffers kept (as many as a mount has FUSE request loops by default).
 const READ_BUFFERS_KEPT: usize = 16;
+/// Ranges [`DiskCache::span`] hands out: from 64 KiB (below, a read of the few segments
+/// costs less than a splice) to 1 MiB (the largest FUSE read).
+const SPANS: std::ops::RangeInclusive<usize> = (64 << 10)..=(1 << 20);
 /// How long a directory that failed a write is left alone.
 const FAILURE_PAUSE: Duration = Duration::from_secs(30);
 /// How often a directory's free space is measured.
@@ -121,6 +126,8 @@ struct Entry {
     /// Bytes before the block in the file.
     header: u32,
     format: Format,
+    /// The segments that matched their checksums since the file last changed.
+    checked: Arc<Checked>,
 }
 
 /// How a cache file checksums its block.
@@ -155,11 +162,26 @@ impl Format {
     }
 }
 
+/// Bytes of a cache file that matched their checksums and may be served unread: `len` bytes
+/// of `file` from `offset`.
+#[derive(Debug)]
+pub struct FileSpan {
+    /// The cache file, open for reading.
+    pub file: std::fs::File,
+    /// Where the bytes start in it.
+    pub offset: u64,
+    /// How many there are.
+    pub len: usize,
+}
+
 /// Counters of a disk cache.
 #[derive(Debug, Default)]
 pub struct DiskCacheStats {
     /// Reads served from disk.
     pub hits: AtomicU64,
+    /// Hits answered with a span of a checked file ([`DiskCache::span`]), for the kernel to
+    /// take unread.
+    pub spans: AtomicU64,
     /// Reads that found nothing usable.
     pub misses: AtomicU64,
     /// Cached files found damaged and dropped.
@@ -365,6 +387,7 @@ impl DiskCache {
                                 len: h.len,
                                 header: h.size as u32,
                                 format: h.format,
+                                checked: Arc::default(),
                             };
                             found.push((modified, h.key, entry));
                         }
@@ -449,6 +472,11 @@ impl DiskCache {
         pool: bool,
     ) -> Option<Bytes> {
         let f = std::fs::File::open(path).ok()?;
+        // Large reads of current files note what they checked, for `span`: under the stamp
+        // the file had before the read, if it still has it after the check.
+        let stamp = (e.format == Format::Seeded && SPANS.contains(&(range.len())))
+            .then(|| Stamp::of(&f))
+            .flatten();
         if e.format == Format::V2 {
             // Plain checksums say nothing of whose block this is: the header must.
             let head = read_exact_at(&f, KEY_AT + key.len(), 0)?;
@@ -482,6 +510,9 @@ impl DiskCache {
             });
         if !intact {
             return None;
+        }
+        if let Some(stamp) = stamp.filter(|s| Stamp::of(&f).as_ref() == Some(s)) {
+            e.checked.mark(stamp, first..last);
         }
         let data = if pooled {
             self.reads.freeze(data)
@@ -526,11 +557,18 @@ impl DiskCache {
             .and_then(|_| std::fs::File::create(&tmp))
             .and_then(|mut f| {
                 f.write_all(&head)?;
-                f.write_all(data)
-            })
-            .and_then(|_| std::fs::rename(&tmp, &path));
+                f.write_all(data)?;
+                std::fs::rename(&tmp, &path)?;
+                Ok(f)
+            });
         match written {
-            Ok(()) => {
+            Ok(f) => {
+                // The file holds what was just written from memory: its segments are as
+                // good as checked, under the stamp it has now (the rename changed it).
+                let checked = Arc::<Checked>::default();
+                if let Some(stamp) = Stamp::of(&f) {
+                    checked.mark(stamp, 0..data.len().div_ceil(SEGMENT));
+                }
                 let entry = Entry {
                     dir: dir_index as u16,
                     name,
@@ -538,6 +576,7 @@ impl DiskCache {
                     len: data.len() as u32,
                     header: head.len() as u32,
                     format: Format::Seeded,
+                    checked,
                 };
                 self.index.insert(Arc::from(key), entry);
                 self.index.run_pending_tasks();
@@ -548,6 +587,40 @@ impl DiskCache {
                 self.stats.skipped.fetch_add(1, Ordering::Relaxed);
             }
         }
+    }
+
+    /// Bytes `range` of the cached block `key` as a span of its file, for the kernel to take
+    /// without this process reading them (splice), if every segment they fall in matched its
+    /// checksum since the file last changed (see the `checked` module), and the range is 64
+    /// KiB to 1 MiB long. None otherwise: then [`DiskCache::get_range`] reads and checks
+    /// them, and notes them for the next time.
+    pub fn span(&self, key: &str, range: Range<u32>) -> Option<FileSpan> {
+        let len = range.len();
+        if !SPANS.contains(&len) {
+            return None;
+        }
+        let e = self.index.get(key)?;
+        if e.format != Format::Seeded || range.end > e.len {
+            return None;
+        }
+        let segments = range.start as usize / SEGMENT..(range.end as usize).div_ceil(SEGMENT);
+        // Unchecked segments (the first reads after a mount) cost no open here: the checked
+        // read that follows opens the file.
+        if !e.checked.marked(segments.clone()) {
+            return None;
+        }
+        let path = path_of(&self.dirs[e.dir as usize].root, e.name, e.unique);
+        let file = std::fs::File::open(path).ok()?;
+        if !e.checked.all(Stamp::of(&file)?, segments) {
+            return None;
+        }
+        self.stats.hits.fetch_add(1, Ordering::Relaxed);
+        self.stats.spans.fetch_add(1, Ordering::Relaxed);
+        Some(FileSpan {
+            file,
+            offset: e.header as u64 + range.start as u64,
+            len,
+        })
     }
 
     /// Whether block `key` is indexed (its file may still turn out damaged).
@@ -718,6 +791,73 @@ mod tests {
         let c = DiskCache::open(&config(tmp.path(), 1 << 20)).unwrap();
         assert_eq!(c.used(), 0);
         assert!(files(tmp.path()).is_empty(), "{:?}", files(tmp.path()));
+    }
+
+    #[test]
+    fn spans_cover_only_checked_segments_of_unchanged_files() {
+        use std::os::unix::fs::FileExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let c = DiskCache::open(&config(tmp.path(), 8 << 20)).unwrap();
+        let block: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
+        let read = |s: &FileSpan| {
+            let mut got = vec![0u8; s.len];
+            s.file.read_exact_at(&mut got, s.offset).unwrap();
+            got
+        };
+
+        // A block written from memory is checked as written; a span holds its bytes.
+        c.insert("k", &block);
+        let s = c
+            .span("k", 65_536..196_608)
+            .expect("span of a block just written");
+        assert_eq!(read(&s), &block[65_536..196_608]);
+        assert!(c.span("k", 0..1 << 20).is_some(), "the whole block");
+        assert!(
+            c.span("k", 0..4096).is_none(),
+            "a read this short is read and checked"
+        );
+        assert!(
+            c.span("k", 1 << 19..(1 << 20) + 4096).is_none(),
+            "past the block"
+        );
+        assert!(c.span("other", 0..65_536).is_none());
+        assert_eq!(c.stats().spans.load(Ordering::Relaxed), 2);
+
+        // Any change to the file voids what was checked: no span, and the checked read
+        // finds the damage.
+        let path = file_of(tmp.path(), "k").unwrap();
+        std::thread::sleep(Duration::from_millis(10));
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        let at = f.metadata().unwrap().len() - (1 << 20) + 100_000;
+        f.write_all_at(&[block[100_000] ^ 1], at).unwrap();
+        assert!(
+            c.span("k", 65_536..196_608).is_none(),
+            "changed file spanned"
+        );
+        assert!(c.get_range("k", Some(65_536..196_608)).is_none());
+        assert!(file_of(tmp.path(), "k").is_none(), "damaged file kept");
+
+        // Files found at open are unchecked: a span needs a checked read of its segments
+        // first (a read long enough to be spanned itself; shorter ones leave no mark).
+        c.insert("k2", &block);
+        drop(c);
+        let c = DiskCache::open(&config(tmp.path(), 8 << 20)).unwrap();
+        assert!(c.span("k2", 0..131_072).is_none(), "unchecked file spanned");
+        assert_eq!(c.get_range("k2", Some(0..4096)).unwrap(), &block[..4096]);
+        assert!(
+            c.span("k2", 0..65_536).is_none(),
+            "a 4 KiB read marked its segment"
+        );
+        assert_eq!(
+            c.get_range("k2", Some(0..131_072)).unwrap(),
+            &block[..131_072]
+        );
+        let s = c.span("k2", 0..131_072).expect("span after a checked read");
+        assert_eq!(read(&s), &block[..131_072]);
+        assert!(
+            c.span("k2", 65_536..196_608).is_none(),
+            "unchecked segments spanned"
+        );
     }
 
     #[test]

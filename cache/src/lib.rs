@@ -6,11 +6,12 @@
 //! fetched from the object store (or the disk) once.
 
 mod buffers;
+mod checked;
 mod disk;
 mod staging;
 
 pub use buffers::BufferPool;
-pub use disk::{DiskCache, DiskCacheConfig, DiskCacheError, DiskCacheStats};
+pub use disk::{DiskCache, DiskCacheConfig, DiskCacheError, DiskCacheStats, FileSpan};
 pub use staging::Staging;
 
 use bytes::Bytes;
@@ -130,6 +131,16 @@ impl BlockCache {
             .as_ref()
             .filter(|d| d.contains(key))?
             .get_range(key, Some(range))
+    }
+
+    /// Bytes `range` of block `key` as a span of its disk cache file that may be served
+    /// unread (see [`DiskCache::span`]); None if the memory layer holds the block (serve it
+    /// from there) or the disk layer cannot vouch for the span.
+    pub fn span(&self, key: &str, range: std::ops::Range<u32>) -> Option<FileSpan> {
+        if self.inner.as_ref().is_some_and(|c| c.contains_key(key)) {
+            return None;
+        }
+        self.disk.as_ref()?.span(key, range)
     }
 
     /// Caches `data` as block `key`.
