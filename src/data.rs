@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use tidefs_cache::BlockCache;
 use tidefs_cache::BufferPool;
+use tidefs_fuse::ReadData;
 use tidefs_meta::{ChunkSlice, Ino, Meta, Slice, Timestamp};
 use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
@@ -380,7 +381,9 @@ impl DataCtx {
     }
 
     /// Reads `[off, off + size)` of file `ino`, whose committed length is `length`; `pattern`
-    /// says whether cache misses fetch whole blocks or just the bytes asked for.
+    /// says whether cache misses fetch whole blocks or just the bytes asked for. With
+    /// `spans`, a read that one checked span of a disk cache file holds is answered with that
+    /// span, for the reply to move to the kernel unread; without, always with bytes.
     pub fn read(
         &self,
         ino: Ino,
@@ -388,13 +391,14 @@ impl DataCtx {
         off: u64,
         size: u32,
         pattern: ReadPattern,
-    ) -> Result<Bytes, FsError> {
+        spans: bool,
+    ) -> Result<ReadData, FsError> {
         if off >= length {
-            return Ok(Bytes::new());
+            return Ok(ReadData::Bytes(Bytes::new()));
         }
         let mut end = length.min(off + size as u64);
         for _ in 0..VANISHED_RETRIES {
-            match self.read_planned(ino, off, end, pattern) {
+            match self.read_planned(ino, off, end, pattern, spans) {
                 // A truncate, unlink or compaction committed after the plan and the objects
                 // it freed are already deleted: plan again from the new metadata, length
                 // included.
@@ -402,7 +406,7 @@ impl DataCtx {
                     self.invalidate(ino);
                     let length = self.length(ino)?;
                     if off >= length {
-                        return Ok(Bytes::new());
+                        return Ok(ReadData::Bytes(Bytes::new()));
                     }
                     end = length.min(off + size as u64);
                 }
@@ -420,9 +424,27 @@ impl DataCtx {
         off: u64,
         end: u64,
         pattern: ReadPattern,
-    ) -> Result<Bytes, ReadError> {
+        spans: bool,
+    ) -> Result<ReadData, ReadError> {
         let pieces = self.plan(ino, off, end).map_err(ReadError::Fs)?;
+        if spans {
+            if let [Piece {
+                block: Some((key, _, in_block)),
+                len,
+                ..
+            }] = &pieces[..]
+            {
+                if let Some(s) = self.cache.span(key, *in_block..*in_block + *len) {
+                    return Ok(ReadData::File {
+                        file: s.file,
+                        offset: s.offset,
+                        len: s.len,
+                    });
+                }
+            }
+        }
         self.fetch_pieces(&pieces, off, end, pattern)
+            .map(ReadData::Bytes)
     }
 
     /// Bytes `[start, end)` of chunk `chunk` as the slices `slices` (in the order they apply)

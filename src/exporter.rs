@@ -19,6 +19,7 @@ pub struct MountMetrics {
     data: Arc<DataCtx>,
     started: Instant,
     writeback: Option<Arc<WritebackStore>>,
+    splices: Arc<tidefs_fuse::SpliceStats>,
 }
 
 impl MountMetrics {
@@ -29,7 +30,14 @@ impl MountMetrics {
             data,
             started: Instant::now(),
             writeback: None,
+            splices: Arc::default(),
         }
+    }
+
+    /// Also reports the read replies the FUSE adapter spliced, counted in `splices`.
+    pub fn with_splice_stats(mut self, splices: Arc<tidefs_fuse::SpliceStats>) -> Self {
+        self.splices = splices;
+        self
     }
 
     /// Also reports the blocks `writeback` has staged and not uploaded yet.
@@ -75,6 +83,18 @@ impl MountMetrics {
                 self.data.reads.most(),
             ),
             (
+                "tidefs_reads_spliced_total",
+                counter,
+                "Read replies spliced from disk cache files (not copied through the mount).",
+                self.splices.spliced.load(Ordering::Relaxed),
+            ),
+            (
+                "tidefs_reads_splice_fallbacks_total",
+                counter,
+                "Spans of disk cache files that could not be spliced and were copied instead.",
+                self.splices.copied.load(Ordering::Relaxed),
+            ),
+            (
                 "tidefs_uptime_seconds",
                 gauge,
                 "Seconds since the mount started.",
@@ -112,6 +132,12 @@ impl MountMetrics {
                     counter,
                     "Blocks read from the disk cache.",
                     s.hits.load(Ordering::Relaxed),
+                ),
+                (
+                    "tidefs_disk_cache_spans_total",
+                    counter,
+                    "Reads from the disk cache handed to the kernel unread (spliced), among the hits.",
+                    s.spans.load(Ordering::Relaxed),
                 ),
                 (
                     "tidefs_disk_cache_misses_total",
@@ -154,6 +180,7 @@ impl MountMetrics {
                     "used_bytes": d.used(),
                     "capacity_bytes": d.capacity(),
                     "hits": d.stats().hits.load(Ordering::Relaxed),
+                    "spans": d.stats().spans.load(Ordering::Relaxed),
                     "misses": d.stats().misses.load(Ordering::Relaxed),
                     "dropped": d.stats().dropped.load(Ordering::Relaxed),
                     "skipped": d.stats().skipped.load(Ordering::Relaxed),
@@ -163,6 +190,8 @@ impl MountMetrics {
             "reads": {
                 "in_flight": self.data.reads.now(),
                 "most_at_once": self.data.reads.most(),
+                "spliced": self.splices.spliced.load(Ordering::Relaxed),
+                "splice_fallbacks": self.splices.copied.load(Ordering::Relaxed),
             },
             "writeback": self.writeback.as_ref().map(|wb| {
                 let (blocks, bytes) = wb.pending();

@@ -274,6 +274,11 @@ struct MountArgs {
     /// being fetched ahead at once.
     #[arg(long, default_value_t = 64)]
     max_readahead: u64,
+    /// KiB the kernel itself reads ahead of a sequential reader, in FUSE requests of up to
+    /// 1 MiB (the mount's read_ahead_kb in sysfs, set only when mounting as root; 0 keeps
+    /// the kernel's 128 KiB).
+    #[arg(long, default_value_t = 1024)]
+    read_ahead_kb: u32,
     /// Kernel attribute cache timeout in seconds.
     #[arg(long, default_value_t = 1.0)]
     attr_cache: f64,
@@ -570,10 +575,12 @@ fn mount(a: MountArgs) -> Result<()> {
             .with_large_write_caching(a.cache_large_write || a.writeback)
             .with_prefetch_limit(a.max_readahead << 20),
     );
+    let splice_stats = Arc::<tidefs_fuse::SpliceStats>::default();
     if let Some(listener) = metrics_listener {
         let exported = Arc::new(
             tidefs::exporter::MountMetrics::new(store_metrics, data.clone())
-                .with_writeback(writeback.clone()),
+                .with_writeback(writeback.clone())
+                .with_splice_stats(splice_stats.clone()),
         );
         rt.spawn(tidefs::exporter::serve(listener, exported));
         tracing::info!(address = %metrics_addr, "metrics at http://{metrics_addr}/metrics");
@@ -595,6 +602,10 @@ fn mount(a: MountArgs) -> Result<()> {
         threads: a.threads.max(1),
         allow_other: unsafe { libc::geteuid() } == 0,
         read_only: a.read_only,
+        read_ahead_kb: (a.read_ahead_kb > 0).then_some(a.read_ahead_kb),
+        // Only the disk cache answers reads with spans of its files.
+        splice_reads: a.cache_dir != "memory",
+        splice_stats,
     };
     let mounted = match tidefs_fuse::mount(vfs.clone(), &mountpoint, config) {
         Ok(m) => m,

@@ -24,7 +24,7 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-use tidefs_fuse::{Ctx, FileLock, ListEntry, Opened, StatFs};
+use tidefs_fuse::{Ctx, FileLock, ListEntry, Opened, ReadData, StatFs};
 use tidefs_meta::lock::{Lock, LockKind, LockType};
 use tidefs_meta::{
     parse_trash_hour, Attr, FallocMode, FileKind, Format, Ino, MetaError, NewNode, RenameFlags,
@@ -171,7 +171,72 @@ const MAX_INTERRUPTS: usize = 1024;
 /// bytes each; the kernel asks within moments, so few are ever waiting).
 const MAX_FRESH_DIRS: usize = 10_000;
 
+/// The bytes of a read's answer (read from the file for a span, which only a read that
+/// allowed spans gets).
+fn into_bytes(data: ReadData) -> Result<Bytes> {
+    data.into_bytes()
+        .map_err(|e| FsError::Data(format!("reading a cache file: {e}")))
+}
+
 impl TideVfs {
+    /// A read, answered with a checked span of a disk cache file when `spans` allows and one
+    /// holds all of it (see [`DataCtx::read`]).
+    fn read_from(
+        &self,
+        ino: Ino,
+        fh: u64,
+        offset: u64,
+        size: u32,
+        spans: bool,
+    ) -> Result<ReadData> {
+        if ino == CONTROL_INO {
+            return Ok(ReadData::Bytes(Bytes::from(self.control(fh)?.read(size))));
+        }
+        let _reading = self.data.reads.enter();
+        let writer = self.writers.get(&ino).map(|w| w.clone());
+        let pending = writer.map_or(PendingRead::Nothing, |w| {
+            w.pending_read(offset, offset + size as u64)
+        });
+        let (length, overlay) = match pending {
+            PendingRead::Nothing => (self.data.length(ino)?, Vec::new()),
+            PendingRead::CommitFirst => {
+                self.flush_inode(ino, None)?;
+                (self.data.length(ino)?, Vec::new())
+            }
+            PendingRead::Overlay { length, parts } => (self.data.length(ino)?.max(length), parts),
+        };
+        let handle = self.handle(fh);
+        let pattern = match &handle {
+            Some(h) if !h.readahead.is_sequential(offset) => ReadPattern::Random,
+            _ => ReadPattern::Sequential,
+        };
+        let spans = spans && overlay.is_empty();
+        let mut out = self.data.read(ino, length, offset, size, pattern, spans)?;
+        if !overlay.is_empty() {
+            let mut with_overlay = Vec::from(into_bytes(out)?);
+            for (at, bytes) in overlay {
+                let dst = (at - offset) as usize;
+                if dst >= with_overlay.len() {
+                    continue;
+                }
+                let n = bytes.len().min(with_overlay.len() - dst);
+                with_overlay[dst..dst + n].copy_from_slice(&bytes[..n]);
+            }
+            out = ReadData::Bytes(Bytes::from(with_overlay));
+        }
+        if let Some(h) = handle {
+            let end = offset + out.len() as u64;
+            let bs = self.data.layout.block_size() as u64;
+            let max = self.opts.max_readahead.min(self.data.cache.room() / 2);
+            if let Some(ahead) = h.readahead.on_read(offset, end, bs, max) {
+                if ahead.start < length {
+                    self.data.prefetch(ino, ahead.start, ahead.end.min(length));
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// The VFS of session `sid` of the volume with `format`.
     pub fn new(data: Arc<DataCtx>, format: Format, sid: u64, opts: VfsOptions) -> Arc<Self> {
         let (deleter, rx) = mpsc::channel();
@@ -914,51 +979,11 @@ impl tidefs_fuse::Vfs for TideVfs {
     }
 
     fn read(&self, ino: Ino, fh: u64, offset: u64, size: u32) -> Result<Bytes> {
-        if ino == CONTROL_INO {
-            return Ok(Bytes::from(self.control(fh)?.read(size)));
-        }
-        let _reading = self.data.reads.enter();
-        let writer = self.writers.get(&ino).map(|w| w.clone());
-        let pending = writer.map_or(PendingRead::Nothing, |w| {
-            w.pending_read(offset, offset + size as u64)
-        });
-        let (length, overlay) = match pending {
-            PendingRead::Nothing => (self.data.length(ino)?, Vec::new()),
-            PendingRead::CommitFirst => {
-                self.flush_inode(ino, None)?;
-                (self.data.length(ino)?, Vec::new())
-            }
-            PendingRead::Overlay { length, parts } => (self.data.length(ino)?.max(length), parts),
-        };
-        let handle = self.handle(fh);
-        let pattern = match &handle {
-            Some(h) if !h.readahead.is_sequential(offset) => ReadPattern::Random,
-            _ => ReadPattern::Sequential,
-        };
-        let mut out = self.data.read(ino, length, offset, size, pattern)?;
-        if !overlay.is_empty() {
-            let mut with_overlay = Vec::from(out);
-            for (at, bytes) in overlay {
-                let dst = (at - offset) as usize;
-                if dst >= with_overlay.len() {
-                    continue;
-                }
-                let n = bytes.len().min(with_overlay.len() - dst);
-                with_overlay[dst..dst + n].copy_from_slice(&bytes[..n]);
-            }
-            out = Bytes::from(with_overlay);
-        }
-        if let Some(h) = handle {
-            let end = offset + out.len() as u64;
-            let bs = self.data.layout.block_size() as u64;
-            let max = self.opts.max_readahead.min(self.data.cache.room() / 2);
-            if let Some(ahead) = h.readahead.on_read(offset, end, bs, max) {
-                if ahead.start < length {
-                    self.data.prefetch(ino, ahead.start, ahead.end.min(length));
-                }
-            }
-        }
-        Ok(out)
+        into_bytes(self.read_from(ino, fh, offset, size, false)?)
+    }
+
+    fn read_data(&self, ino: Ino, fh: u64, offset: u64, size: u32) -> Result<ReadData> {
+        self.read_from(ino, fh, offset, size, true)
     }
 
     fn write(&self, ino: Ino, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {

@@ -12,8 +12,10 @@ use fuser::{
 };
 use std::ffi::OsStr;
 use std::io;
+use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 pub use tidefs_meta::lock::LockKind;
@@ -47,6 +49,51 @@ pub struct Opened {
     /// Reads and writes bypass the kernel's page cache and go to the filesystem as issued
     /// (for files whose contents are produced on demand, whatever their size says).
     pub direct_io: bool,
+}
+
+/// What a read answers with.
+#[derive(Debug)]
+pub enum ReadData {
+    /// Bytes in memory (often a view of a cached block, which the reply copies once).
+    Bytes(bytes::Bytes),
+    /// `len` bytes of `file` from `offset`, known good, which the reply moves to the kernel
+    /// with splice(2) without this process reading them.
+    File {
+        /// The file, open for reading.
+        file: std::fs::File,
+        /// Where the bytes start.
+        offset: u64,
+        /// How many there are.
+        len: usize,
+    },
+}
+
+impl ReadData {
+    /// How many bytes there are.
+    pub fn len(&self) -> usize {
+        match self {
+            ReadData::Bytes(b) => b.len(),
+            ReadData::File { len, .. } => *len,
+        }
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The bytes, read from the file for [`ReadData::File`]: an error if it has fewer now.
+    pub fn into_bytes(self) -> io::Result<bytes::Bytes> {
+        match self {
+            ReadData::Bytes(b) => Ok(b),
+            ReadData::File { file, offset, len } => {
+                use std::os::unix::fs::FileExt;
+                let mut buf = vec![0u8; len];
+                file.read_exact_at(&mut buf, offset)?;
+                Ok(buf.into())
+            }
+        }
+    }
 }
 
 /// One directory listing entry, including `.` and `..`.
@@ -165,6 +212,19 @@ pub trait Vfs: Send + Sync + 'static {
     /// Reads up to `size` bytes at `offset` (short only at end of file). The bytes may be a
     /// view of a cached block: the reply copies them to the kernel once.
     fn read(&self, ino: Ino, fh: u64, offset: u64, size: u32) -> Result<bytes::Bytes, Self::Error>;
+    /// As [`Vfs::read`], but the answer may be a span of a file for the reply to move to the
+    /// kernel unread. Called only while the mount can splice replies; a span the reply cannot
+    /// move is read with [`ReadData::into_bytes`] or, failing that, read again with
+    /// [`Vfs::read`].
+    fn read_data(
+        &self,
+        ino: Ino,
+        fh: u64,
+        offset: u64,
+        size: u32,
+    ) -> Result<ReadData, Self::Error> {
+        self.read(ino, fh, offset, size).map(ReadData::Bytes)
+    }
     /// Writes `data` at `offset`; returns the bytes written.
     fn write(&self, ino: Ino, fh: u64, offset: u64, data: &[u8]) -> Result<u32, Self::Error>;
     /// Called at each close(2) of a descriptor: makes written data durable and committed.
@@ -247,6 +307,26 @@ pub struct MountConfig {
     pub allow_other: bool,
     /// Mount read-only.
     pub read_only: bool,
+    /// KiB the kernel reads ahead of a sequential reader of a file, in requests of up to
+    /// 1 MiB (the mount's `read_ahead_kb`); each request is spliced when it is no longer
+    /// than [`splice_limit`]. `None` keeps the kernel's 128 KiB. Setting it needs root;
+    /// without, the kernel's value stays and the mount goes on.
+    pub read_ahead_kb: Option<u32>,
+    /// Reads may be answered with spans of files ([`Vfs::read_data`]), spliced into the
+    /// reply: for filesystems that have such files (a disk cache). Where pipes cannot hold a
+    /// 1 MiB reply, the kernel is then asked for reads of at most 512 KiB.
+    pub splice_reads: bool,
+    /// Counts spliced replies.
+    pub splice_stats: Arc<SpliceStats>,
+}
+
+/// Counters of read replies spliced from files.
+#[derive(Debug, Default)]
+pub struct SpliceStats {
+    /// Replies spliced.
+    pub spliced: AtomicU64,
+    /// Spans that could not be spliced and were copied (or read again) instead.
+    pub copied: AtomicU64,
 }
 
 impl Default for MountConfig {
@@ -259,6 +339,9 @@ impl Default for MountConfig {
             threads: 16,
             allow_other: true,
             read_only: false,
+            read_ahead_kb: None,
+            splice_reads: false,
+            splice_stats: Arc::default(),
         }
     }
 }
@@ -269,6 +352,48 @@ pub const MAX_WRITE: u32 = 1 << 20;
 struct Adapter<V: Vfs> {
     vfs: Arc<V>,
     config: MountConfig,
+    /// The longest read reply to splice from a file (see [`splice_limit`]; 0 without
+    /// [`MountConfig::splice_reads`]); lowered below a length whose pipe could not grow.
+    splice_max: AtomicUsize,
+}
+
+/// The longest read reply the request loops can splice from a file: what a pipe of this
+/// process can be grown to hold, less a page for the reply's header and one for data that
+/// does not start on a page. Pipes grow to `fs.pipe-max-size` (1 MiB by default), or past
+/// it with CAP_SYS_RESOURCE; 2 MiB are asked for, so that 1 MiB reads (the largest the
+/// kernel sends) can be spliced. 0 if no pipe can be made.
+pub fn splice_limit() -> usize {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two descriptors into the array, which this function closes.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return 0;
+    }
+    let grown = [2 << 20, 1 << 20]
+        .into_iter()
+        // SAFETY: fcntl on a descriptor owned here.
+        .map(|size: libc::c_int| unsafe { libc::fcntl(fds[1], libc::F_SETPIPE_SZ, size) })
+        .find(|&got| got > 0);
+    // SAFETY: as above.
+    let size = grown.unwrap_or_else(|| unsafe { libc::fcntl(fds[1], libc::F_GETPIPE_SZ) });
+    // SAFETY: both descriptors are ours and closed once.
+    unsafe {
+        libc::close(fds[0]);
+        libc::close(fds[1]);
+    }
+    let page = page_size::get();
+    (size.max(0) as usize / page).saturating_sub(2) * page
+}
+
+/// The largest read request to ask the kernel for (`max_read`) when pipes cannot hold the
+/// 1 MiB requests it sends by default: the largest power of two they hold, so that reads
+/// from the disk cache can still be spliced (a 1 MiB pipe takes 512 KiB requests). Writes
+/// stay at [`MAX_WRITE`].
+fn max_read(splice_limit: usize) -> Option<usize> {
+    const SMALLEST: usize = 128 << 10;
+    if splice_limit >= MAX_WRITE as usize || splice_limit < SMALLEST {
+        return None;
+    }
+    Some(1 << splice_limit.ilog2())
 }
 
 fn errno<E: ToErrno>(e: E) -> Errno {
@@ -592,8 +717,51 @@ impl<V: Vfs> Filesystem for Adapter<V> {
         reply: ReplyData,
     ) {
         let _s = tracing::debug_span!("read", ino = ino.0, offset, size).entered();
-        match self.vfs.read(ino.0, fh.0, offset, size) {
-            Ok(data) => reply.data(&data),
+        let data = if size as usize <= self.splice_max.load(Ordering::Relaxed) {
+            self.vfs.read_data(ino.0, fh.0, offset, size)
+        } else {
+            self.vfs
+                .read(ino.0, fh.0, offset, size)
+                .map(ReadData::Bytes)
+        };
+        match data {
+            Ok(ReadData::Bytes(data)) => reply.data(&data),
+            Ok(ReadData::File {
+                file,
+                offset: at,
+                len,
+            }) => {
+                let stats = &self.config.splice_stats;
+                let Err((reply, e)) = reply.splice(file.as_fd(), at, len) else {
+                    stats.spliced.fetch_add(1, Ordering::Relaxed);
+                    return;
+                };
+                stats.copied.fetch_add(1, Ordering::Relaxed);
+                // EPERM: the pipe cannot grow to this length (fs.pipe-max-size, no
+                // CAP_SYS_RESOURCE); EINVAL: the file's filesystem cannot splice. Both hold for
+                // every later reply as long; other errors concern this one.
+                if matches!(e.raw_os_error(), Some(libc::EPERM | libc::EINVAL)) {
+                    let max = len.saturating_sub(1);
+                    if self.splice_max.fetch_min(max, Ordering::Relaxed) > max {
+                        tracing::info!(error = %e, len, "read replies this long or longer are \
+                             copied, not spliced");
+                    }
+                } else {
+                    tracing::debug!(error = %e, len, "a read reply was copied, not spliced");
+                }
+                // The file cut short since it was checked is the cache's to find and drop:
+                // the read made again checks it.
+                let data = ReadData::File {
+                    file,
+                    offset: at,
+                    len,
+                }
+                .into_bytes();
+                match data.or_else(|_| self.vfs.read(ino.0, fh.0, offset, size)) {
+                    Ok(data) => reply.data(&data),
+                    Err(e) => reply.error(errno(e)),
+                }
+            }
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -941,6 +1109,14 @@ pub fn mount<V: Vfs>(vfs: Arc<V>, mountpoint: &Path, config: MountConfig) -> io:
     if config.read_only {
         options.push(MountOption::RO);
     }
+    let splice_max = if config.splice_reads {
+        splice_limit()
+    } else {
+        0
+    };
+    if let Some(max) = max_read(splice_max) {
+        options.push(MountOption::CUSTOM(format!("max_read={max}")));
+    }
     if unsafe { libc::geteuid() } == 0 {
         options.push(MountOption::Dev);
         options.push(MountOption::Suid);
@@ -954,9 +1130,73 @@ pub fn mount<V: Vfs>(vfs: Arc<V>, mountpoint: &Path, config: MountConfig) -> io:
     };
     fuser_config.n_threads = Some(config.threads.max(1));
     fuser_config.clone_fd = true;
-    let adapter = Adapter { vfs, config };
+    let read_ahead_kb = config.read_ahead_kb;
+    let adapter = Adapter {
+        vfs,
+        config,
+        splice_max: AtomicUsize::new(splice_max),
+    };
     let session = Session::new(adapter, mountpoint, &fuser_config)?.spawn()?;
+    match read_ahead_kb {
+        Some(kb) if unsafe { libc::geteuid() } == 0 => set_read_ahead(mountpoint, kb),
+        Some(_) => tracing::info!("kernel readahead stays at 128 KiB (raising it needs root)"),
+        None => {}
+    }
     Ok(Mounted {
         session: Some(session),
     })
+}
+
+/// Sets the kernel readahead of the filesystem mounted at `mountpoint` to `kb` KiB.
+///
+/// The kernel starts a FUSE mount at 128 KiB and lowers it to what the filesystem answers
+/// its INIT request with, so the larger value can only be set afterwards, through the
+/// mount's backing device in sysfs. The `stat` of the mountpoint is answered once INIT is,
+/// so it also waits for that. A failure (no sysfs, a confined root) is logged, not returned:
+/// the mount works, with the kernel's readahead.
+fn set_read_ahead(mountpoint: &Path, kb: u32) {
+    use std::os::unix::fs::MetadataExt;
+    let dev = match std::fs::metadata(mountpoint) {
+        Ok(m) => m.dev(),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot stat the mountpoint to set its readahead");
+            return;
+        }
+    };
+    let path = format!(
+        "/sys/class/bdi/{}:{}/read_ahead_kb",
+        libc::major(dev),
+        libc::minor(dev)
+    );
+    match std::fs::write(&path, kb.to_string()) {
+        Ok(()) => tracing::debug!(kb, path, "kernel readahead set"),
+        Err(e) => tracing::info!(error = %e, path, "kernel readahead left at its default"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_are_cut_to_what_a_pipe_can_splice() {
+        let page = page_size::get();
+        // 2 MiB pipes carry 1 MiB replies: the kernel's own limit stays.
+        assert_eq!(max_read((2 << 20) - 2 * page), None);
+        // 1 MiB pipes carry a little less than 1 MiB: reads of 512 KiB.
+        assert_eq!(max_read((1 << 20) - 2 * page), Some(512 << 10));
+        assert_eq!(max_read(300 << 10), Some(256 << 10));
+        // No splicing (or too little to matter): no limit.
+        assert_eq!(max_read(0), None);
+        assert_eq!(max_read(100 << 10), None);
+    }
+
+    #[test]
+    fn the_splice_limit_leaves_room_for_the_header() {
+        let limit = splice_limit();
+        let page = page_size::get();
+        assert!(limit > 0 && limit % page == 0, "{limit}");
+        // A pipe holds at least the default 64 KiB (16 pages): 14 of them for data.
+        assert!(limit >= 14 * page, "{limit}");
+    }
 }
