@@ -42,6 +42,24 @@ fn wait_for_files(dir: &std::path::Path, n: usize) {
     }
 }
 
+/// Writes `data` as file `f` on one mount, then reads it once on another, which fills the disk
+/// cache `cache` with the file's `blocks` blocks.
+fn write_then_cache(
+    vol: &Volume,
+    opts: &[&str],
+    data: &[u8],
+    cache: &std::path::Path,
+    blocks: usize,
+) {
+    let mnt = vol.mount_with(opts);
+    std::fs::write(mnt.p("f"), data).unwrap();
+    mnt.unmount();
+    let mnt = vol.mount_with(opts);
+    assert_same(&std::fs::read(mnt.p("f")).unwrap(), data, "first read");
+    wait_for_files(cache, blocks);
+    mnt.unmount();
+}
+
 #[test]
 fn disk_cache_survives_remounts_and_drops_damaged_files() {
     let vol = Volume::local(64);
@@ -49,18 +67,7 @@ fn disk_cache_survives_remounts_and_drops_damaged_files() {
     let opts = ["--cache-dir", cache.to_str().unwrap(), "--cache-size", "64"];
     let mut data = vec![0u8; 1 << 20];
     rand::thread_rng().fill_bytes(&mut data);
-    {
-        let mnt = vol.mount_with(&opts);
-        std::fs::write(mnt.p("f"), &data).unwrap();
-        mnt.unmount();
-    }
-    // A remount reads the file once, filling the disk cache (16 blocks of 64 KiB).
-    {
-        let mnt = vol.mount_with(&opts);
-        assert_eq!(std::fs::read(mnt.p("f")).unwrap(), data);
-        wait_for_files(&cache, 16);
-        mnt.unmount();
-    }
+    write_then_cache(&vol, &opts, &data, &cache, 16);
     // With the objects gone, the next mount still reads the file: from the disk cache.
     let hidden = vol.dir.path().join("objects-away");
     std::fs::rename(&vol.bucket, &hidden).unwrap();
@@ -319,4 +326,155 @@ fn writeback_survives_a_killed_mount_and_uploads_later() {
     let mnt = vol.mount();
     assert_eq!(std::fs::read(mnt.p("f")).unwrap(), body);
     mnt.unmount();
+}
+
+/// Reads `path` whole with O_DIRECT, `chunk` bytes per read: each read reaches the mount (the
+/// kernel's page cache is bypassed).
+fn read_direct(path: &std::path::Path, len: usize, chunk: usize) -> Vec<u8> {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .unwrap();
+    let layout = std::alloc::Layout::from_size_align(chunk, 4096).unwrap();
+    // SAFETY: the layout has a non-zero size; the buffer is freed below with the same layout.
+    let buf = unsafe { std::alloc::alloc_zeroed(layout) };
+    assert!(!buf.is_null());
+    // SAFETY: `buf` points at `chunk` writable bytes that nothing else uses.
+    let chunk_buf = unsafe { std::slice::from_raw_parts_mut(buf, chunk) };
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        let n = f.read_at(chunk_buf, out.len() as u64).unwrap();
+        assert!(n > 0, "early end of file at {}", out.len());
+        out.extend_from_slice(&chunk_buf[..n]);
+    }
+    // SAFETY: allocated above with this layout; `chunk_buf` is not used past here.
+    unsafe { std::alloc::dealloc(buf, layout) };
+    out
+}
+
+/// Reads from the disk cache are handed to the kernel unread (spliced) once a read has checked
+/// their segments, or when the mount wrote the file itself; a cache file changed while the
+/// mount runs is read, checked and dropped again, never served.
+#[test]
+fn spliced_reads_serve_checked_cache_files_only() {
+    const LEN: usize = 2 << 20;
+    let vol = Volume::local(256);
+    let cache = vol.dir.path().join("cache");
+    let opts = ["--cache-dir", cache.to_str().unwrap()];
+    let mut data = vec![0u8; LEN];
+    rand::thread_rng().fill_bytes(&mut data);
+    write_then_cache(&vol, &opts, &data, &cache, 8);
+    let stat = |path: &[&str]| {
+        let s = status(&vol.url);
+        let mut v = &s["sessions"][0]["stats"];
+        for p in path {
+            v = &v[*p];
+        }
+        v.as_u64().unwrap_or_else(|| panic!("no {path:?} in {s}"))
+    };
+    let disk = |what: &str| stat(&["cache", "disk", what]);
+    let mnt = vol.mount_with(&opts);
+    // Files found at mount are unchecked: the first pass reads and checks them.
+    assert_same(
+        &read_direct(&mnt.p("f"), LEN, 256 << 10),
+        &data,
+        "first pass",
+    );
+    assert_eq!(disk("spans"), 0, "unchecked files spliced");
+    // The second pass is spliced from the files the first one checked.
+    assert_same(
+        &read_direct(&mnt.p("f"), LEN, 256 << 10),
+        &data,
+        "spliced pass",
+    );
+    assert!(disk("spans") >= 8, "{} spans", disk("spans"));
+    assert_eq!(
+        stat(&["reads", "spliced"]),
+        disk("spans"),
+        "spans not spliced"
+    );
+    assert_eq!(stat(&["reads", "splice_fallbacks"]), 0);
+
+    // Every cache file changed in place: the reads check them again, drop them and fetch
+    // the blocks from the store.
+    let spans = disk("spans");
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    for f in cache_files(&cache) {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&f)
+            .unwrap();
+        let last = file.metadata().unwrap().len() - 1;
+        let mut byte = [0u8];
+        file.read_exact_at(&mut byte, last).unwrap();
+        file.write_all_at(&[byte[0] ^ 0x55], last).unwrap();
+    }
+    assert_same(
+        &read_direct(&mnt.p("f"), LEN, 256 << 10),
+        &data,
+        "after damage",
+    );
+    assert_eq!(disk("dropped"), 8);
+    assert_eq!(disk("spans"), spans, "changed files spliced");
+    mnt.unmount();
+}
+
+/// A mount by a user without root (through fusermount3) splices disk-cache reads too: its
+/// pipes hold 1 MiB, so it asks the kernel for read requests of at most 512 KiB.
+#[test]
+fn a_mount_without_root_splices_reads_too() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let d = dir.path().to_str().unwrap().to_string();
+    let (meta, mnt) = (format!("sqlite3://{d}/meta.db"), format!("{d}/mnt"));
+    /// Detaches the mount if the test fails before unmounting it.
+    struct Detach(String);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            if is_mounted(std::path::Path::new(&self.0)) {
+                let _ = std::process::Command::new("umount")
+                    .args(["-l", &self.0])
+                    .status();
+            }
+        }
+    }
+    run_as_nobody(&format!(
+        "set -e; cd {d}; mkdir data cache mnt; \
+         {TIDEFS} format {meta} nobody-vol --storage file --bucket {d}/data --block-size 1024; \
+         {TIDEFS} mount {meta} {mnt} --cache-dir {d}/cache --mem-cache-size 1 \
+           --metrics 127.0.0.1:0 -d --log {d}/log"
+    ));
+    let _detach = Detach(mnt.clone());
+    let options = std::fs::read_to_string("/proc/mounts").unwrap();
+    let line = options.lines().find(|l| l.contains(&mnt)).expect("mounted");
+    assert!(line.contains("max_read=524288"), "{line}");
+    // Written, read once (which caches its blocks on disk), then read twice with O_DIRECT,
+    // 512 KiB at a time: the second pass is spliced from checked files.
+    run_as_nobody(&format!(
+        "set -e; head -c 16777216 /dev/urandom > {d}/want; cp {d}/want {mnt}/f; \
+         cat {mnt}/f > /dev/null; sleep 1; \
+         dd if={mnt}/f of=/dev/null bs=512k iflag=direct 2>/dev/null; \
+         dd if={mnt}/f of={d}/got bs=512k iflag=direct 2>/dev/null; cmp {d}/want {d}/got"
+    ));
+    let s = status(&meta);
+    let reads = &s["sessions"][0]["stats"]["reads"];
+    assert!(reads["spliced"].as_u64().unwrap() >= 8, "{reads}");
+    assert_eq!(reads["splice_fallbacks"].as_u64(), Some(0), "{reads}");
+    run_as_nobody(&format!("fusermount3 -u {mnt}"));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !std::fs::read_to_string(format!("{d}/log"))
+        .unwrap_or_default()
+        .contains("unmounted")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the mount did not end"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }

@@ -13,13 +13,6 @@ fn read_all(path: &std::path::Path) -> Vec<u8> {
     v
 }
 
-fn assert_same(got: &[u8], want: &[u8], what: &str) {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
-        panic!("{what}: first difference at byte {i}");
-    }
-}
-
 /// Random writes, appends, truncates and reads through one descriptor, compared with the model
 /// after every step, and again after close, after a remount.
 #[test]

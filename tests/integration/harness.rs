@@ -18,6 +18,14 @@ pub fn tidefs(args: &[&str]) -> Output {
         .expect("run tidefs")
 }
 
+/// Asserts that `got` equals `want`, naming the first byte that differs (not printing both).
+pub fn assert_same(got: &[u8], want: &[u8], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
+        panic!("{what}: first difference at byte {i}");
+    }
+}
+
 /// What `tidefs status URL` reports, as JSON; panics if it fails.
 pub fn status(url: &str) -> serde_json::Value {
     let out = tidefs(&["status", url]);
@@ -315,6 +323,26 @@ pub fn as_nobody(script: &str) -> bool {
         .status()
         .expect("run sh")
         .success()
+}
+
+/// Runs `script` with `sh -c` as user nobody; panics with its output if it fails.
+pub fn run_as_nobody(script: &str) -> String {
+    use std::os::unix::process::CommandExt;
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .expect("run sh");
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    assert!(
+        out.status.success(),
+        "{script}\nstdout: {}\nstderr: {}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    text(&out.stdout)
 }
 
 /// The errno of the last failed libc call.
