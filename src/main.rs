@@ -291,6 +291,11 @@ struct MountArgs {
     /// Number of FUSE request loops.
     #[arg(long, default_value_t = 16)]
     threads: usize,
+    /// Seconds after which data written to an open file is committed without a close or
+    /// fsync, so other mounts see it and a crash loses at most this much (1 to 600; gc's
+    /// grace period must stay well above it).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=600))]
+    commit_interval: u64,
     /// Seconds between session heartbeats. A mount on another host that misses 5 (one on
     /// this host: whose process is gone) is taken for dead and its session cleaned up by the
     /// others; give every mount of a volume the same value.
@@ -591,6 +596,7 @@ fn mount(a: MountArgs) -> Result<()> {
         read_only: a.read_only,
         heartbeat,
         attr_ttl: Duration::from_secs_f64(a.attr_cache.max(0.0)),
+        commit_interval: Duration::from_secs(a.commit_interval),
         ..VfsOptions::default()
     };
     let vfs = TideVfs::new(data, format.clone(), sid, opts);
