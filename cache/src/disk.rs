@@ -553,8 +553,14 @@ impl DiskCache {
         let parent = path.parent().expect("cache files are in a subdirectory");
         let tmp = parent.join(format!(".tmp-{name:016x}-{unique:x}"));
         let head = header(key, data);
-        let written = std::fs::create_dir_all(parent)
-            .and_then(|_| std::fs::File::create(&tmp))
+        // Only the first block put in each of the 256 subdirectories has to make it.
+        let written = std::fs::File::create(&tmp)
+            .or_else(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => {
+                    std::fs::create_dir_all(parent).and_then(|_| std::fs::File::create(&tmp))
+                }
+                _ => Err(e),
+            })
             .and_then(|mut f| {
                 f.write_all(&head)?;
                 f.write_all(data)?;
