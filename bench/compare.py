@@ -408,13 +408,12 @@ def one_round(target, args):
                                                ["--end_fsync=1"])[0]
     fio(p, "par", "write", "1M", args.size_mib // 4, ["--end_fsync=1", *PARALLEL])
     target.remount_cold()
-    r["seq read 1M cold (MiB/s)"] = fio(p, "seq", "read", "1M", args.size_mib)[0]
-    # The 4 files are in no cache either way; dropping the page cache the sequential read
-    # filled (its object files, cache files and FUSE pages) starts every target from the
-    # same memory state (see NOTES).
-    drop_caches()
     r["4 readers of 4 files, 1M cold (MiB/s)"] = fio(p, "par", "read", "1M",
                                                      args.size_mib // 4, PARALLEL)[0]
+    # Each cold read starts with the page cache dropped (see NOTES); the warm reads that
+    # follow the sequential one find what it left, as before.
+    drop_caches()
+    r["seq read 1M cold (MiB/s)"] = fio(p, "seq", "read", "1M", args.size_mib)[0]
     r["seq read 1M warm (MiB/s)"] = fio(p, "seq", "read", "1M", args.size_mib)[0]
     _, iops, p99 = fio(p, "seq", "randread", "4k", args.size_mib, RANDOM)
     r["rand read 4K warm, QD16 direct (IOPS)"] = iops
@@ -557,13 +556,16 @@ NOTES = """## Reading the table
 * Both filesystems use the same block size and a disk cache of the same `--cache-size` in
   the run's temporary directory (tidefs keeps a 32 MiB memory layer in front of it); "cold"
   reads come after a remount with the cache directory removed and the page cache dropped.
-  The 4 cold readers also start after the page cache is dropped: on this VM, with the 3 GiB
-  of page cache the 1 GiB cold read leaves (objects, cache files, FUSE pages), the next
-  cold read cost s3s-fs and tidefs twice the CPU per byte in memory copies (tidefs 4
-  readers: 112-170 MiB/s instead of 195-239; JuiceFS 177-244 instead of 212-244), and
-  dropping any 1 GiB of it restored the speed. The profile shows the same copies, only
-  slower (`filemap_read` in the server, cache-file writes and FUSE replies in tidefs), so
-  the cause lies in the VM's memory, not in what either filesystem caches.
+  The 4 cold readers come first, then the page cache is dropped again before the cold
+  sequential read. Run the other way round (as this script did before), the 4 readers met the
+  3 GiB of page cache the 1 GiB cold read leaves (objects, cache files, FUSE pages), and on
+  this VM that made the next cold read cost s3s-fs and tidefs twice the CPU per byte in
+  memory copies (tidefs 4 readers: 112-170 MiB/s instead of 195-239; JuiceFS 177-244
+  instead of 212-244); dropping any 1 GiB of it restored the speed. The profile shows the
+  same copies, only slower (`filemap_read` in the server, cache-file writes and FUSE
+  replies in tidefs), so the cause lies in the VM's memory, not in what either filesystem
+  caches. The warm reads still follow the cold sequential read directly: they measure each
+  filesystem's cache with its files in the page cache, as a re-read of hot data would.
 * The durability is not the same. tidefs fsyncs every object file and its directory before
   it commits a slice. JuiceFS's `file` object store writes a temporary file and renames it
   with no fsync, so its data is not durable on power loss even after fsync(2).
