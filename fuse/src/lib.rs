@@ -363,23 +363,18 @@ struct Adapter<V: Vfs> {
 /// it with CAP_SYS_RESOURCE; 2 MiB are asked for, so that 1 MiB reads (the largest the
 /// kernel sends) can be spliced. 0 if no pipe can be made.
 pub fn splice_limit() -> usize {
-    let mut fds = [0; 2];
-    // SAFETY: pipe2 writes two descriptors into the array, which this function closes.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+    use std::os::fd::AsRawFd;
+    let Ok((_read, write)) = std::io::pipe() else {
         return 0;
-    }
+    };
+    let fd = write.as_raw_fd();
     let grown = [2 << 20, 1 << 20]
         .into_iter()
-        // SAFETY: fcntl on a descriptor owned here.
-        .map(|size: libc::c_int| unsafe { libc::fcntl(fds[1], libc::F_SETPIPE_SZ, size) })
+        // SAFETY: fcntl on a descriptor that `write` keeps open.
+        .map(|size: libc::c_int| unsafe { libc::fcntl(fd, libc::F_SETPIPE_SZ, size) })
         .find(|&got| got > 0);
     // SAFETY: as above.
-    let size = grown.unwrap_or_else(|| unsafe { libc::fcntl(fds[1], libc::F_GETPIPE_SZ) });
-    // SAFETY: both descriptors are ours and closed once.
-    unsafe {
-        libc::close(fds[0]);
-        libc::close(fds[1]);
-    }
+    let size = grown.unwrap_or_else(|| unsafe { libc::fcntl(fd, libc::F_GETPIPE_SZ) });
     let page = page_size::get();
     (size.max(0) as usize / page).saturating_sub(2) * page
 }

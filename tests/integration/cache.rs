@@ -337,20 +337,13 @@ fn read_direct(path: &std::path::Path, len: usize, chunk: usize) -> Vec<u8> {
         .custom_flags(libc::O_DIRECT)
         .open(path)
         .unwrap();
-    let layout = std::alloc::Layout::from_size_align(chunk, 4096).unwrap();
-    // SAFETY: the layout has a non-zero size; the buffer is freed below with the same layout.
-    let buf = unsafe { std::alloc::alloc_zeroed(layout) };
-    assert!(!buf.is_null());
-    // SAFETY: `buf` points at `chunk` writable bytes that nothing else uses.
-    let chunk_buf = unsafe { std::slice::from_raw_parts_mut(buf, chunk) };
+    let mut chunk_buf = DirectBuf::new(chunk);
     let mut out = Vec::with_capacity(len);
     while out.len() < len {
-        let n = f.read_at(chunk_buf, out.len() as u64).unwrap();
+        let n = f.read_at(&mut chunk_buf, out.len() as u64).unwrap();
         assert!(n > 0, "early end of file at {}", out.len());
         out.extend_from_slice(&chunk_buf[..n]);
     }
-    // SAFETY: allocated above with this layout; `chunk_buf` is not used past here.
-    unsafe { std::alloc::dealloc(buf, layout) };
     out
 }
 

@@ -321,12 +321,8 @@ fn direct_io_reaches_the_mount_in_parallel() {
     const LEN: usize = 16 << 20;
     let vol = Volume::new(1024);
     let mnt = vol.mount_with(&["--metrics", "127.0.0.1:0"]);
-    let layout = std::alloc::Layout::from_size_align(LEN, 4096).unwrap();
-    // SAFETY: the layout has a non-zero size; the buffer is freed below with the same layout.
-    let buf = unsafe { std::alloc::alloc_zeroed(layout) };
-    assert!(!buf.is_null());
-    // SAFETY: `buf` points at LEN writable bytes that nothing else uses.
-    let got = unsafe { std::slice::from_raw_parts_mut(buf, LEN) };
+    let mut buf = DirectBuf::new(LEN);
+    let got = &mut buf[..];
     let mut want = vec![0u8; LEN];
     rand::rngs::StdRng::seed_from_u64(0xd10).fill_bytes(&mut want);
     // Direct writes go out in pieces at once too, and must land as one write would.
@@ -352,8 +348,6 @@ fn direct_io_reaches_the_mount_in_parallel() {
         assert_eq!(f.read_at(got, 0).unwrap(), LEN);
         assert_same(got, &want, "direct read");
     }
-    // SAFETY: allocated above with this layout; `got` is not used past here.
-    unsafe { std::alloc::dealloc(buf, layout) };
 
     let status = status(&vol.url);
     let reads = &status["sessions"][0]["stats"]["reads"];

@@ -18,6 +18,35 @@ pub fn tidefs(args: &[&str]) -> Output {
         .expect("run tidefs")
 }
 
+/// A zeroed buffer of `len` bytes starting on a 4 KiB boundary, as O_DIRECT needs.
+pub struct DirectBuf {
+    bytes: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl DirectBuf {
+    /// A buffer of `len` zeroed bytes.
+    pub fn new(len: usize) -> DirectBuf {
+        let bytes = vec![0u8; len + 4096];
+        let start = bytes.as_ptr().align_offset(4096);
+        DirectBuf { bytes, start, len }
+    }
+}
+
+impl std::ops::Deref for DirectBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.bytes[self.start..self.start + self.len]
+    }
+}
+
+impl std::ops::DerefMut for DirectBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.bytes[self.start..self.start + self.len]
+    }
+}
+
 /// Asserts that `got` equals `want`, naming the first byte that differs (not printing both).
 pub fn assert_same(got: &[u8], want: &[u8], what: &str) {
     assert_eq!(got.len(), want.len(), "{what}: length");
@@ -310,14 +339,17 @@ impl Drop for Mount {
     }
 }
 
-/// Runs a shell command as user `nobody` (uid/gid 65534) and returns whether it succeeded.
-pub fn as_nobody(script: &str) -> bool {
+/// `sh -c script`, to run as user `nobody` (uid/gid 65534).
+fn nobody_sh(script: &str) -> Command {
     use std::os::unix::process::CommandExt;
-    Command::new("sh")
-        .arg("-c")
-        .arg(script)
-        .uid(65534)
-        .gid(65534)
+    let mut sh = Command::new("sh");
+    sh.arg("-c").arg(script).uid(65534).gid(65534);
+    sh
+}
+
+/// Runs a shell command as user `nobody` and returns whether it succeeded.
+pub fn as_nobody(script: &str) -> bool {
+    nobody_sh(script)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
@@ -327,14 +359,7 @@ pub fn as_nobody(script: &str) -> bool {
 
 /// Runs `script` with `sh -c` as user nobody; panics with its output if it fails.
 pub fn run_as_nobody(script: &str) -> String {
-    use std::os::unix::process::CommandExt;
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(script)
-        .uid(65534)
-        .gid(65534)
-        .output()
-        .expect("run sh");
+    let out = nobody_sh(script).output().expect("run sh");
     let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
     assert!(
         out.status.success(),
