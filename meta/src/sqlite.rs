@@ -558,8 +558,6 @@ fn touch_dir(tx: &Connection, dir: &mut Attr, now: Timestamp) -> Result<()> {
     put_node(tx, dir)
 }
 
-/// Brings a database made by an earlier tidefs up to the current schema, in one transaction
-/// (two processes opening an old database at once upgrade it once).
 /// Opens a connection to the database at `path` with the engine's settings; automatic
 /// checkpoints are off, as the engine's checkpoint thread makes them.
 fn connect(path: &Path, create: bool) -> Result<Connection> {
@@ -606,6 +604,8 @@ fn checkpoint(conn: &Connection) -> rusqlite::Result<i64> {
     conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get(1))
 }
 
+/// Brings a database made by an earlier tidefs up to the current schema, in one transaction
+/// (two processes opening an old database at once upgrade it once).
 fn upgrade(conn: &Connection) -> Result<()> {
     conn.execute_batch("BEGIN IMMEDIATE")?;
     match upgrade_in_transaction(conn) {
@@ -1006,7 +1006,8 @@ impl SqliteMeta {
         })
     }
 
-    /// Runs `f` on the writer connection, after the writers queued before it.
+    /// Runs `f` on the writer connection, waiting while another thread of this process
+    /// holds it.
     fn with_writer<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
         let mut slot = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let conn = match slot.as_mut() {
