@@ -16,8 +16,9 @@
 //! after every 256 write transactions, while writers go on. SQLite's default would have the
 //! writer whose commit fills 4 MiB of WAL do it, two fsyncs included, while every other writer
 //! waits. A checkpoint beside constant writes can never empty the WAL, so once it passes
-//! 32 MiB the next writer checkpoints it itself, holding the others back: the WAL file stays
-//! under about 50 MiB.
+//! 32 MiB, or after 1,024 write transactions whatever the checkpoint thread saw (it may be
+//! kept from the CPU), the next writer checkpoints it itself, holding the others back: the
+//! WAL file stays under about 50 MiB.
 
 use crate::dump::{DumpHeader, DumpRecord};
 use crate::lock::{self, Lock};
@@ -48,6 +49,11 @@ const CHECKPOINTS: Checkpoints = Checkpoints {
     every: 256,
     cap_frames: 8192,
 };
+
+/// Multiples of [`Checkpoints::every`] write transactions after which a writer checkpoints the
+/// WAL itself, as it does past the cap: a thread kept from the CPU by busy writers would not
+/// see the WAL grow.
+const STARVED_AFTER: u64 = 4;
 
 /// Bytes a WAL file is cut back to when it starts over, having grown past them.
 const WAL_KEEP_BYTES: i64 = 64 << 20;
@@ -144,8 +150,13 @@ pub struct SqliteMeta {
     commits: AtomicU64,
     /// Write transactions between two wakes of the checkpointing thread.
     checkpoint_every: u64,
+    /// Write transactions since a writer last checkpointed the WAL itself.
+    since_full_checkpoint: AtomicU64,
     /// Set by the checkpointing thread when the WAL has grown past the cap.
     force_checkpoint: Arc<AtomicBool>,
+    /// Held by whoever of this process checkpoints: SQLite lets one connection at a time do it
+    /// and the others' attempts fail at once.
+    checkpointing: Arc<Mutex<()>>,
     /// Wakes the checkpointing thread; it ends when this is dropped.
     checkpoints: SyncSender<()>,
     /// The changeable settings of the format and when they were read: re-read after
@@ -578,10 +589,16 @@ fn connect(path: &Path, create: bool) -> Result<Connection> {
 }
 
 /// Checkpoints the WAL of the database at `path` each time `wake` is signalled, until its
-/// sender is dropped. A WAL still longer than `cap_frames` after a checkpoint sets `force`:
-/// the next writer checkpoints it itself before it lets the next one write, which copies
-/// everything.
-fn checkpoint_loop(path: &Path, wake: &Receiver<()>, cap_frames: i64, force: &AtomicBool) {
+/// sender is dropped, holding `checkpointing` during each. A WAL still longer than
+/// `cap_frames` after a checkpoint sets `force`: the next writer checkpoints it itself before
+/// it lets the next one write, which copies everything.
+fn checkpoint_loop(
+    path: &Path,
+    wake: &Receiver<()>,
+    cap_frames: i64,
+    force: &AtomicBool,
+    checkpointing: &Mutex<()>,
+) {
     let mut conn = None;
     while wake.recv().is_ok() {
         if conn.is_none() {
@@ -590,8 +607,12 @@ fn checkpoint_loop(path: &Path, wake: &Receiver<()>, cap_frames: i64, force: &At
                 .ok();
         }
         let Some(c) = conn.as_ref() else { continue };
-        match checkpoint(c) {
-            Ok(frames) if frames > cap_frames => force.store(true, Ordering::Relaxed),
+        let done = {
+            let _only = checkpointing.lock().unwrap_or_else(|e| e.into_inner());
+            checkpoint(c)
+        };
+        match done {
+            Ok(Some(frames)) if frames > cap_frames => force.store(true, Ordering::Relaxed),
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "checkpoint of the metadata WAL failed"),
         }
@@ -599,9 +620,11 @@ fn checkpoint_loop(path: &Path, wake: &Receiver<()>, cap_frames: i64, force: &At
 }
 
 /// Copies what it can of the WAL into the database file without waiting for any lock;
-/// returns the WAL's length in frames.
-fn checkpoint(conn: &Connection) -> rusqlite::Result<i64> {
-    conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get(1))
+/// returns the WAL's length in frames, or `None` if another connection was checkpointing.
+fn checkpoint(conn: &Connection) -> rusqlite::Result<Option<i64>> {
+    conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+        Ok((r.get::<_, i64>(0)? == 0).then_some(r.get(1)?))
+    })
 }
 
 /// Brings a database made by an earlier tidefs up to the current schema, in one transaction
@@ -911,11 +934,12 @@ impl SqliteMeta {
         upgrade(&conn)?;
         let (wakes, wake) = mpsc::sync_channel(1);
         let force = Arc::new(AtomicBool::new(false));
-        let (db, forced) = (path.to_path_buf(), force.clone());
+        let checkpointing = Arc::new(Mutex::new(()));
+        let (db, forced, only) = (path.to_path_buf(), force.clone(), checkpointing.clone());
         let cap = checkpoints.cap_frames;
         std::thread::Builder::new()
             .name("tidefs-checkpoint".into())
-            .spawn(move || checkpoint_loop(&db, &wake, cap, &forced))
+            .spawn(move || checkpoint_loop(&db, &wake, cap, &forced, &only))
             .map_err(|e| MetaError::Engine(format!("cannot start the checkpoint thread: {e}")))?;
         let meta = SqliteMeta {
             path: path.to_path_buf(),
@@ -923,7 +947,9 @@ impl SqliteMeta {
             writer: Mutex::new(None),
             commits: AtomicU64::new(0),
             checkpoint_every: checkpoints.every.max(1),
+            since_full_checkpoint: AtomicU64::new(0),
             force_checkpoint: force,
+            checkpointing,
             checkpoints: wakes,
             limits: Mutex::new(None),
         };
@@ -1019,10 +1045,19 @@ impl SqliteMeta {
             // A transaction left open (a failed rollback) would hold the database's write
             // lock: start over with a new connection.
             *slot = None;
-        } else if self.force_checkpoint.swap(false, Ordering::Relaxed) {
-            // No writer of this process can add to the WAL meanwhile, so this one empties it.
-            if let Err(e) = checkpoint(conn) {
-                tracing::warn!(error = %e, "checkpoint of the metadata WAL failed");
+        } else {
+            let since = self.since_full_checkpoint.fetch_add(1, Ordering::Relaxed) + 1;
+            // The thread asked for it, or it is starved of CPU and the WAL grows unwatched.
+            let due = since >= STARVED_AFTER * self.checkpoint_every;
+            if self.force_checkpoint.swap(false, Ordering::Relaxed) || due {
+                // No writer of this process can add to the WAL meanwhile, so this one empties
+                // it (unless another process writes or checkpoints, or reads an old snapshot).
+                let _only = self.checkpointing.lock().unwrap_or_else(|e| e.into_inner());
+                match checkpoint(conn) {
+                    Ok(Some(_)) => self.since_full_checkpoint.store(0, Ordering::Relaxed),
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(error = %e, "checkpoint of the metadata WAL failed"),
+                }
             }
         }
         drop(slot);
