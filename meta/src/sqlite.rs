@@ -28,7 +28,7 @@ use rusqlite::{
     params, Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior,
 };
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -138,27 +138,34 @@ struct Limits {
     trash_days: u32,
 }
 
+/// What a writer of this process holds during its turn.
+#[derive(Default)]
+struct Writer {
+    /// The connection for write transactions; opened on first use, and again after a
+    /// transaction on it was left open.
+    conn: Option<Connection>,
+    /// Write transactions run since the engine was opened.
+    commits: u64,
+    /// Write transactions since a writer last checkpointed the WAL itself.
+    since_own_checkpoint: u64,
+}
+
 /// The SQLite metadata engine.
 pub struct SqliteMeta {
     path: PathBuf,
     /// Connections for read transactions, kept for reuse.
     pool: Mutex<Vec<Connection>>,
-    /// The connection for write transactions; holding it is this process's turn to write.
-    /// Opened on first use, and again after a transaction on it failed to start.
-    writer: Mutex<Option<Connection>>,
-    /// Write transactions run since the engine was opened.
-    commits: AtomicU64,
-    /// Write transactions between two wakes of the checkpointing thread.
-    checkpoint_every: u64,
-    /// Write transactions since a writer last checkpointed the WAL itself.
-    since_full_checkpoint: AtomicU64,
+    /// The writer connection and its counts; holding it is this process's turn to write.
+    writer: Mutex<Writer>,
+    /// When the WAL is checkpointed.
+    checkpoints: Checkpoints,
     /// Set by the checkpointing thread when the WAL has grown past the cap.
     force_checkpoint: Arc<AtomicBool>,
     /// Held by whoever of this process checkpoints: SQLite lets one connection at a time do it
     /// and the others' attempts fail at once.
     checkpointing: Arc<Mutex<()>>,
     /// Wakes the checkpointing thread; it ends when this is dropped.
-    checkpoints: SyncSender<()>,
+    wake_checkpoint: SyncSender<()>,
     /// The changeable settings of the format and when they were read: re-read after
     /// [`LIMITS_TTL`], so `tidefs config` reaches running mounts.
     limits: Mutex<Option<(std::time::Instant, Limits)>>,
@@ -944,13 +951,14 @@ impl SqliteMeta {
         let meta = SqliteMeta {
             path: path.to_path_buf(),
             pool: Mutex::new(Vec::new()),
-            writer: Mutex::new(None),
-            commits: AtomicU64::new(0),
-            checkpoint_every: checkpoints.every.max(1),
-            since_full_checkpoint: AtomicU64::new(0),
+            writer: Mutex::new(Writer::default()),
+            checkpoints: Checkpoints {
+                every: checkpoints.every.max(1),
+                ..checkpoints
+            },
             force_checkpoint: force,
             checkpointing,
-            checkpoints: wakes,
+            wake_checkpoint: wakes,
             limits: Mutex::new(None),
         };
         meta.put_conn(conn);
@@ -1035,36 +1043,35 @@ impl SqliteMeta {
     /// Runs `f` on the writer connection, waiting while another thread of this process
     /// holds it.
     fn with_writer<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
-        let mut slot = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        let conn = match slot.as_mut() {
+        let mut turn = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let turn = &mut *turn;
+        let conn = match turn.conn.as_mut() {
             Some(conn) => conn,
-            None => slot.insert(connect(&self.path, false)?),
+            None => turn.conn.insert(connect(&self.path, false)?),
         };
         let result = f(conn);
+        turn.commits += 1;
+        turn.since_own_checkpoint += 1;
         if !conn.is_autocommit() {
             // A transaction left open (a failed rollback) would hold the database's write
             // lock: start over with a new connection.
-            *slot = None;
-        } else {
-            let since = self.since_full_checkpoint.fetch_add(1, Ordering::Relaxed) + 1;
-            // The thread asked for it, or it is starved of CPU and the WAL grows unwatched.
-            let due = since >= STARVED_AFTER * self.checkpoint_every;
-            if self.force_checkpoint.swap(false, Ordering::Relaxed) || due {
-                // No writer of this process can add to the WAL meanwhile, so this one empties
-                // it (unless another process writes or checkpoints, or reads an old snapshot).
-                let _only = self.checkpointing.lock().unwrap_or_else(|e| e.into_inner());
-                match checkpoint(conn) {
-                    Ok(Some(_)) => self.since_full_checkpoint.store(0, Ordering::Relaxed),
-                    Ok(None) => {}
-                    Err(e) => tracing::warn!(error = %e, "checkpoint of the metadata WAL failed"),
-                }
+            turn.conn = None;
+        } else if self.force_checkpoint.swap(false, Ordering::Relaxed)
+            // Or the thread is starved of CPU and the WAL grows unwatched.
+            || turn.since_own_checkpoint >= STARVED_AFTER * self.checkpoints.every
+        {
+            // No writer of this process can add to the WAL meanwhile, so this one empties it
+            // (unless another process writes or checkpoints, or reads an old snapshot).
+            let _only = self.checkpointing.lock().unwrap_or_else(|e| e.into_inner());
+            match checkpoint(conn) {
+                Ok(Some(_)) => turn.since_own_checkpoint = 0,
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "checkpoint of the metadata WAL failed"),
             }
         }
-        drop(slot);
-        if (self.commits.fetch_add(1, Ordering::Relaxed) + 1).is_multiple_of(self.checkpoint_every)
-        {
+        if turn.commits.is_multiple_of(self.checkpoints.every) {
             // Full: a wake is already pending, which is as good.
-            let _ = self.checkpoints.try_send(());
+            let _ = self.wake_checkpoint.try_send(());
         }
         result
     }
