@@ -705,7 +705,7 @@ fn append(buf: &mut Vec<u8>, bytes: &[u8], pool: &BufferPool) {
 }
 
 /// A slice being written: bytes `[0, uploaded)` are in flight to the store as whole blocks,
-/// bytes `[uploaded, len)` are in `buf`.
+/// bytes `[uploaded, len)` are in `buf`, which holds less than a block.
 struct PendingSlice {
     chunk: u32,
     pos: u32,
@@ -721,32 +721,35 @@ impl PendingSlice {
         self.pos + self.len
     }
 
-    /// Starts uploads of every full block in the buffer. The blocks are slices of one frozen
-    /// buffer, so cutting them copies nothing but the short remainder.
-    fn upload_full_blocks(&mut self, data: &DataCtx) {
+    /// Appends `bytes` to the buffered tail, starting the upload of each block as it fills.
+    /// The buffer never holds more than a block: bytes past a block's end go to the next
+    /// block's buffer, so a write across a block boundary neither grows a pooled buffer past
+    /// a block (which the pool would then keep idle at twice the size) nor copies the block
+    /// it fills.
+    fn push(&mut self, mut bytes: &[u8], data: &DataCtx) {
         let bs = data.layout.block_size() as usize;
-        let full = self.buf.len() / bs * bs;
-        if full == 0 {
-            return;
+        while !bytes.is_empty() {
+            let n = (bs - self.buf.len()).min(bytes.len());
+            append(&mut self.buf, &bytes[..n], &data.buffers);
+            bytes = &bytes[n..];
+            if self.buf.len() == bs {
+                self.upload_full_block(data);
+            }
         }
-        // The rest starts the next block, in a buffer of its own size until it passes 64 KiB
-        // (a slice that stops here takes no pooled buffer only to drop it).
-        let mut rest = Vec::new();
-        append(&mut rest, &self.buf[full..], &data.buffers);
-        self.buf.truncate(full);
-        let frozen = data.buffers.freeze(std::mem::replace(&mut self.buf, rest));
-        for start in (0..full).step_by(bs) {
-            let index = self.uploaded / bs as u32;
-            let key = data.layout.block_key(self.id, index, bs as u32);
-            self.uploads
-                .push(data.upload(key, frozen.slice(start..start + bs)));
-            self.uploaded += bs as u32;
-        }
+    }
+
+    /// Starts the upload of the buffer, which holds exactly one block.
+    fn upload_full_block(&mut self, data: &DataCtx) {
+        let bs = data.layout.block_size();
+        debug_assert_eq!(self.buf.len(), bs as usize);
+        let key = data.layout.block_key(self.id, self.uploaded / bs, bs);
+        let block = data.buffers.freeze(std::mem::take(&mut self.buf));
+        self.uploads.push(data.upload(key, block));
+        self.uploaded += bs;
     }
 
     /// Starts the upload of the last, short block; the slice takes no more writes.
     fn upload_tail(&mut self, data: &DataCtx) {
-        self.upload_full_blocks(data);
         if !self.buf.is_empty() {
             let bs = data.layout.block_size();
             let block = std::mem::take(&mut self.buf);
@@ -836,29 +839,26 @@ impl FileWriter {
                     let rel = (pos - s.pos - s.uploaded) as usize;
                     let overlap = (s.buf.len() - rel).min(n);
                     s.buf[rel..rel + overlap].copy_from_slice(&part[..overlap]);
-                    append(&mut s.buf, &part[overlap..], &data.buffers);
                     let old = s.len;
                     s.len = s.len.max(pos + n as u32 - s.pos);
                     // Counted before any upload can finish and uncount it.
                     data.buffered
                         .fetch_add((s.len - old) as u64, Ordering::Relaxed);
-                    s.upload_full_blocks(data);
+                    s.push(&part[overlap..], data);
                 }
                 _ => {
                     let id = data.next_slice_id()?;
-                    let mut buf = Vec::new();
-                    append(&mut buf, part, &data.buffers);
                     let mut s = PendingSlice {
                         chunk,
                         pos,
                         id,
                         len: n as u32,
                         uploaded: 0,
-                        buf,
+                        buf: Vec::new(),
                         uploads: Vec::new(),
                     };
                     data.buffered.fetch_add(n as u64, Ordering::Relaxed);
-                    s.upload_full_blocks(data);
+                    s.push(part, data);
                     st.slices.push(s);
                 }
             }
@@ -1088,5 +1088,63 @@ mod tests {
         let mut own = Vec::new();
         append(&mut own, &vec![2u8; 100 << 10], &small_blocks);
         assert_eq!((own.len(), small_blocks.idle()), (100 << 10, 0));
+    }
+
+    /// Writes that cross block ends fill each block buffer exactly: every block is uploaded
+    /// from a buffer of the pool's size, which comes back to the pool (a buffer grown past a
+    /// block would be dropped there), and the stored blocks hold the bytes written.
+    #[test]
+    fn writes_across_block_ends_fill_block_buffers_exactly() {
+        // A block size no other test of this binary uses: the pool is per size and shared.
+        const BLOCK: u32 = 512 << 10;
+        let dir = tempfile::tempdir().unwrap();
+        let meta = tidefs_meta::SqliteMeta::open(&dir.path().join("meta.db"), true).unwrap();
+        let mut format = tidefs_meta::conformance::sample_format();
+        format.block_size = BLOCK;
+        meta.format(&format, 0, 0).unwrap();
+        let store: Arc<dyn ObjectStore> =
+            Arc::new(crate::object::LocalStore::open(&dir.path().join("objects")).unwrap());
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let data = DataCtx::new(
+            Arc::new(meta),
+            store.clone(),
+            BlockCache::new(0),
+            Layout::new(&format.name, BLOCK),
+            rt.handle().clone(),
+        );
+        let content: Vec<u8> = (0..3 * BLOCK + 1000).map(|i| (i % 253) as u8).collect();
+        let writer = FileWriter::default();
+        // 100,000-byte writes: most blocks end inside a write.
+        for (i, piece) in content.chunks(100_000).enumerate() {
+            writer.write(&data, (i * 100_000) as u64, piece).unwrap();
+            let st = writer.lock();
+            assert!(st.slices.iter().all(|s| s.buf.len() < BLOCK as usize));
+        }
+        let (id, uploads) = {
+            let mut st = writer.lock();
+            assert_eq!(st.slices.len(), 1);
+            let s = &mut st.slices[0];
+            assert_eq!(s.uploaded, 3 * BLOCK);
+            (s.id, std::mem::take(&mut s.uploads))
+        };
+        for u in uploads {
+            rt.block_on(u).unwrap().unwrap();
+        }
+        // The upload tasks drop their views of the blocks just after the PUT returns.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while data.buffers.idle() < 3 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(data.buffers.idle(), 3);
+        for index in 0..3u32 {
+            let key = data.layout.block_key(id, index, BLOCK);
+            let got = rt.block_on(store.get(&key, None)).unwrap();
+            let at = (index * BLOCK) as usize;
+            assert!(got[..] == content[at..at + BLOCK as usize], "block {index}");
+        }
     }
 }

@@ -87,7 +87,8 @@ impl BufferPool {
     }
 
     fn give_back(&self, mut buf: Vec<u8>) {
-        if buf.capacity() < self.size || buf.capacity() > 2 * self.size {
+        // Only buffers of exactly the pool's size: idle memory stays at `max` blocks.
+        if buf.capacity() != self.size {
             return;
         }
         buf.clear();
@@ -133,12 +134,18 @@ mod tests {
     }
 
     #[test]
-    fn the_pool_is_bounded_and_ignores_small_buffers() {
-        let pool = BufferPool::new(1024, 1);
-        let (a, b) = (pool.take(), pool.take());
-        drop((pool.freeze(a), pool.freeze(b)));
-        assert_eq!(pool.idle(), 1);
+    fn the_pool_is_bounded_and_keeps_only_buffers_of_its_size() {
+        let pool = BufferPool::new(1024, 2);
+        let (a, b, c) = (pool.take(), pool.take(), pool.take());
+        drop((pool.freeze(a), pool.freeze(b), pool.freeze(c)));
+        assert_eq!(pool.idle(), 2);
+        let pool = BufferPool::new(1024, 2);
         drop(pool.freeze(vec![1, 2, 3]));
-        assert_eq!(pool.idle(), 1);
+        // A pooled buffer that grew past a block is dropped, not kept idle at its new size.
+        let mut grown = pool.take();
+        grown.extend_from_slice(&[5u8; 1025]);
+        assert!(grown.capacity() > 1024);
+        drop(pool.freeze(grown));
+        assert_eq!(pool.idle(), 0);
     }
 }
