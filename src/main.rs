@@ -155,6 +155,10 @@ struct ObjbenchArgs {
     /// Block size in KiB.
     #[arg(long, default_value_t = 4096)]
     block_size: usize,
+    /// Drop this host's page cache before each GET phase (needs root), so that an S3 server
+    /// running on this host serves the objects from its disk, as after a cold start.
+    #[arg(long)]
+    drop_caches: bool,
     #[command(flatten)]
     store: StoreArgs,
 }
@@ -1219,7 +1223,13 @@ fn objbench(a: ObjbenchArgs) -> Result<()> {
         small_size: a.small_size << 10,
         big_count: a.big_objects,
         big_size: a.block_size << 10,
+        cold_gets: a.drop_caches,
     };
+    if a.drop_caches {
+        // Fail before any object is written, not between the PUTs and the GETs.
+        tidefs::objbench::drop_page_cache()
+            .context("--drop-caches needs root: cannot write /proc/sys/vm/drop_caches")?;
+    }
     let rows = rt.block_on(async {
         let (store, _) = volume::open_store(&format, &access).await?;
         println!("object store: {}", store.describe());

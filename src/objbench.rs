@@ -18,6 +18,27 @@ pub struct BenchOptions {
     pub big_count: usize,
     /// Size of a large object in bytes (a block).
     pub big_size: usize,
+    /// Write back and drop this host's page cache before each GET phase, so that a server
+    /// running here serves the objects from its disk, as it does after a cold start.
+    pub cold_gets: bool,
+}
+
+/// Why a measurement stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// The object store failed a call.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The page cache could not be dropped (`cold_gets` needs root).
+    #[error("cannot drop the page cache (needs root): {0}")]
+    DropCaches(std::io::Error),
+}
+
+/// Writes dirty pages back and drops the clean page cache, dentries and inodes of this host.
+pub fn drop_page_cache() -> std::io::Result<()> {
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+    std::fs::write("/proc/sys/vm/drop_caches", "3\n")
 }
 
 /// One measured operation.
@@ -72,7 +93,7 @@ where
 pub async fn run(
     store: &dyn ObjectStore,
     opts: &BenchOptions,
-) -> Result<Vec<BenchRow>, StoreError> {
+) -> Result<Vec<BenchRow>, BenchError> {
     let prefix = format!("objbench-{:016x}/", rand::random::<u64>());
     let mut rows = Vec::new();
     let mut written: Vec<String> = Vec::new();
@@ -100,6 +121,12 @@ pub async fn run(
                 elapsed: put,
                 bytes,
             });
+            if opts.cold_gets {
+                tokio::task::spawn_blocking(drop_page_cache)
+                    .await
+                    .map_err(|e| BenchError::DropCaches(std::io::Error::other(e)))?
+                    .map_err(BenchError::DropCaches)?;
+            }
             let get = timed(count, opts.concurrency, |i| {
                 let key = &keys[i];
                 async move {
@@ -124,7 +151,7 @@ pub async fn run(
             let start = Instant::now();
             let failed = store.delete_batch(&keys).await;
             if let Some((_, e)) = failed.into_iter().next() {
-                return Err(e);
+                return Err(e.into());
             }
             written.retain(|k| !keys.contains(k));
             rows.push(BenchRow {
@@ -134,7 +161,7 @@ pub async fn run(
                 bytes: 0,
             });
         }
-        Ok(())
+        Ok::<(), BenchError>(())
     }
     .await;
     if !written.is_empty() {
@@ -181,6 +208,7 @@ mod tests {
             small_size: 4096,
             big_count: 3,
             big_size: 1 << 20,
+            cold_gets: false,
         };
         let rows = run(&store, &opts).await.unwrap();
         let ops: Vec<&str> = rows.iter().map(|r| r.operation.as_str()).collect();
