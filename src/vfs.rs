@@ -100,6 +100,20 @@ struct OpenHandle {
     err_seen: AtomicU64,
 }
 
+/// The xattr holding a file's capabilities, which a write, truncate or chown drops.
+const CAPABILITIES: &[u8] = b"security.capability";
+
+/// The bits of `mode` that an unprivileged write, truncate or chown drops, as the kernel's own
+/// filesystems do: setuid, and setgid when group execute is set (without it, setgid marks
+/// mandatory locking, not a privilege).
+fn privileged_bits(mode: u32) -> u32 {
+    let mut bits = mode & libc::S_ISUID;
+    if mode & libc::S_ISGID != 0 && mode & libc::S_IXGRP != 0 {
+        bits |= libc::S_ISGID;
+    }
+    bits
+}
+
 /// The tidefs VFS of one mount.
 pub struct TideVfs {
     data: Arc<DataCtx>,
@@ -114,6 +128,10 @@ pub struct TideVfs {
     writers: DashMap<Ino, Arc<FileWriter>>,
     /// (mtime, length) of files at their last open, to let the kernel keep cached pages.
     seen_versions: DashMap<Ino, (Timestamp, u64)>,
+    /// Regular files found with nothing for [`Vfs::drop_privileges`] to drop (no setuid bit,
+    /// no setgid bit with group execute, no file capabilities) since their last open here or
+    /// their last change of mode, owner or xattrs through this mount.
+    unprivileged: DashMap<Ino, ()>,
     /// Directory entries fetched ahead for listings in progress: the kernel asks for about
     /// a page of entries at a time, the engine hands out [`DIR_BATCH`] per call. Keyed by
     /// directory.
@@ -255,6 +273,7 @@ impl TideVfs {
             sustained: DashMap::new(),
             writers: DashMap::new(),
             seen_versions: DashMap::new(),
+            unprivileged: DashMap::new(),
             lock_owners: DashMap::new(),
             fresh_dirs: DashMap::new(),
             interrupted: DashMap::new(),
@@ -848,7 +867,11 @@ impl tidefs_fuse::Vfs for TideVfs {
             || rest.mtime.is_some()
             || rest.ctime.is_some();
         if anything || attr.is_none() {
-            attr = Some(meta.setattr(ino, &rest)?);
+            let set = meta.setattr(ino, &rest);
+            if rest.mode.is_some() || rest.uid.is_some() || rest.gid.is_some() {
+                self.unprivileged.remove(&ino);
+            }
+            attr = Some(set?);
         }
         let attr = attr.expect("set above");
         if attr.kind == FileKind::Dir {
@@ -947,8 +970,10 @@ impl tidefs_fuse::Vfs for TideVfs {
                 direct_io: true,
             });
         }
-        // Close-to-open: an open sees the latest committed state.
+        // Close-to-open: an open sees the latest committed state (and another mount's
+        // chmod u+s).
         self.data.invalidate(ino);
+        self.unprivileged.remove(&ino);
         let a = self.with_overlay(self.data.meta.getattr(ino)?);
         if a.kind == FileKind::Dir {
             return Err(FsError::refused(
@@ -974,6 +999,10 @@ impl tidefs_fuse::Vfs for TideVfs {
         _flags: i32,
     ) -> Result<(Attr, u64)> {
         let a = self.new_node(ctx, parent, name, blank_node(ctx, FileKind::File, mode))?;
+        // A new file has no capabilities; its first writes need no lookup.
+        if privileged_bits(a.mode) == 0 {
+            self.unprivileged.insert(a.ino, ());
+        }
         let fh = self.open_handle(a.ino);
         Ok((a, fh))
     }
@@ -1316,6 +1345,9 @@ impl tidefs_fuse::Vfs for TideVfs {
             .data
             .meta
             .setxattr(ino, name, value, xattr_mode(flags)?);
+        if name == CAPABILITIES {
+            self.unprivileged.remove(&ino);
+        }
         self.dir_changed(ino);
         Ok(set?)
     }
@@ -1332,6 +1364,38 @@ impl tidefs_fuse::Vfs for TideVfs {
             out.push(0);
         }
         Ok(out)
+    }
+
+    fn drop_privileges(&self, ino: Ino, suidgid: bool) -> Result<()> {
+        if ino == CONTROL_INO || self.unprivileged.contains_key(&ino) {
+            return Ok(());
+        }
+        let meta = &self.data.meta;
+        let a = meta.getattr(ino)?;
+        if a.kind != FileKind::File {
+            return Ok(());
+        }
+        // Looked up first: a removal is a write transaction even when there is nothing.
+        match meta.getxattr(ino, CAPABILITIES) {
+            Ok(_) => match meta.removexattr(ino, CAPABILITIES) {
+                Ok(()) | Err(MetaError::NoData) => {}
+                Err(e) => return Err(e.into()),
+            },
+            Err(MetaError::NoData) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let privileged = privileged_bits(a.mode);
+        if suidgid && privileged != 0 {
+            let set = SetAttr {
+                mode: Some(a.mode & 0o7777 & !privileged),
+                ..SetAttr::default()
+            };
+            meta.setattr(ino, &set)?;
+        }
+        if suidgid || privileged == 0 {
+            self.unprivileged.insert(ino, ());
+        }
+        Ok(())
     }
 
     fn removexattr(&self, ino: Ino, name: &[u8]) -> Result<()> {

@@ -2,6 +2,7 @@
 
 use crate::harness::*;
 use std::fs::{self, File, OpenOptions};
+use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::time::Duration;
@@ -71,6 +72,68 @@ fn modes_owners_times_and_permission_checks() {
     assert_eq!(fs::metadata(sg.join("file")).unwrap().gid(), 4242);
     let sub = fs::metadata(sg.join("sub")).unwrap();
     assert_eq!((sub.gid(), sub.mode() & 0o2000), (4242, 0o2000));
+    mnt.unmount();
+}
+
+/// Writes, truncates and chowns drop what the kernel's own filesystems drop: the file
+/// capabilities always, and, for a caller without CAP_FSETID or on any chown, the setuid bit
+/// and the setgid bit of a group-executable file. (The mount takes this over from the kernel
+/// with FUSE_HANDLE_KILLPRIV_V2, which spares a getxattr round trip per write.)
+#[test]
+fn writes_truncates_and_chowns_drop_setuid_setgid_and_capabilities() {
+    let vol = Volume::new(64);
+    let mnt = vol.mount();
+    let f = mnt.p("tool");
+    let fp = f.display().to_string();
+    fs::write(&f, b"#!/bin/sh\n").unwrap();
+    let mode = |p: &std::path::Path| fs::metadata(p).unwrap().mode() & 0o7777;
+    let chmod = |p: &std::path::Path, m: u32| {
+        fs::set_permissions(p, fs::Permissions::from_mode(m)).unwrap()
+    };
+    // A v2 capability set (CAP_NET_BIND_SERVICE permitted), as setcap(8) writes it.
+    let mut caps = 0x0200_0000u32.to_le_bytes().to_vec();
+    caps.extend_from_slice(&[0x00, 0x04, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    chmod(&f, 0o6777);
+    assert_eq!(setxattr(&f, "security.capability", &caps, 0), 0);
+    assert_eq!(getxattr(&f, "security.capability"), Ok(caps.clone()));
+
+    // Root (CAP_FSETID) keeps the bits; the capabilities go with any write.
+    OpenOptions::new()
+        .append(true)
+        .open(&f)
+        .unwrap()
+        .write_all(b"# root\n")
+        .unwrap();
+    assert_eq!(mode(&f), 0o6777);
+    assert_eq!(getxattr(&f, "security.capability"), Err(libc::ENODATA));
+
+    // Anyone else's write drops setuid and setgid; again after a chmod puts them back.
+    run_as_nobody(&format!("echo '# nobody' >> {fp}"));
+    assert_eq!(mode(&f), 0o0777);
+    chmod(&f, 0o6777);
+    run_as_nobody(&format!("echo '# again' >> {fp}"));
+    assert_eq!(mode(&f), 0o0777);
+
+    // Setgid without group execute marks mandatory locking, not a privilege: it stays.
+    chmod(&f, 0o2767);
+    run_as_nobody(&format!("echo '# locking' >> {fp}"));
+    assert_eq!(mode(&f), 0o2767);
+
+    // A truncate by anyone else, and a chown by anyone, drop them too.
+    chmod(&f, 0o6777);
+    run_as_nobody(&format!("truncate -s 3 {fp}"));
+    assert_eq!((mode(&f), fs::metadata(&f).unwrap().len()), (0o0777, 3));
+    chmod(&f, 0o6777);
+    assert_eq!(setxattr(&f, "security.capability", &caps, 0), 0);
+    std::os::unix::fs::chown(&f, Some(65534), None).unwrap();
+    assert_eq!(mode(&f), 0o0777);
+    assert_eq!(getxattr(&f, "security.capability"), Err(libc::ENODATA));
+    // Directories keep their setgid bit across a chown.
+    let d = mnt.p("shared");
+    fs::create_dir(&d).unwrap();
+    chmod(&d, 0o2775);
+    std::os::unix::fs::chown(&d, Some(65534), None).unwrap();
+    assert_eq!(mode(&d), 0o2775);
     mnt.unmount();
 }
 

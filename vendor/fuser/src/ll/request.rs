@@ -482,6 +482,11 @@ mod op {
             #[cfg(not(target_os = "macos"))]
             None
         }
+        /// Whether the filesystem must drop the setuid and setgid bits (with
+        /// `FUSE_HANDLE_KILLPRIV_V2`: a chown, or a truncate by a caller without CAP_FSETID).
+        pub(crate) fn kill_suidgid(&self) -> bool {
+            self.valid().contains(FattrFlags::FATTR_KILL_SUIDGID)
+        }
 
         // TODO: Why does *set*attr want to have an attr response?
     }
