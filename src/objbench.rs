@@ -30,7 +30,7 @@ pub enum BenchError {
     #[error(transparent)]
     Store(#[from] StoreError),
     /// The page cache could not be dropped (`cold_gets` needs root).
-    #[error("cannot drop the page cache (needs root): {0}")]
+    #[error("cannot drop the page cache: {0}")]
     DropCaches(std::io::Error),
 }
 

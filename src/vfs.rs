@@ -24,7 +24,7 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-use tidefs_fuse::{Ctx, FileLock, ListEntry, Opened, ReadData, StatFs};
+use tidefs_fuse::{privileged_bits, Ctx, FileLock, ListEntry, Opened, ReadData, StatFs};
 use tidefs_meta::lock::{Lock, LockKind, LockType};
 use tidefs_meta::{
     parse_trash_hour, Attr, FallocMode, FileKind, Format, Ino, MetaError, NewNode, RenameFlags,
@@ -102,17 +102,6 @@ struct OpenHandle {
 
 /// The xattr holding a file's capabilities, which a write, truncate or chown drops.
 const CAPABILITIES: &[u8] = b"security.capability";
-
-/// The bits of `mode` that an unprivileged write, truncate or chown drops, as the kernel's own
-/// filesystems do: setuid, and setgid when group execute is set (without it, setgid marks
-/// mandatory locking, not a privilege).
-fn privileged_bits(mode: u32) -> u32 {
-    let mut bits = mode & libc::S_ISUID;
-    if mode & libc::S_ISGID != 0 && mode & libc::S_IXGRP != 0 {
-        bits |= libc::S_ISGID;
-    }
-    bits
-}
 
 /// The tidefs VFS of one mount.
 pub struct TideVfs {
@@ -1206,6 +1195,9 @@ impl tidefs_fuse::Vfs for TideVfs {
             .remove_if(&ino, |_, w| w.is_idle() && !self.is_open(ino));
         if !self.is_open(ino) {
             self.data.forget(ino);
+            // The next open checks again anyway: no need to keep it for every file ever
+            // created here.
+            self.unprivileged.remove(&ino);
         }
         // If reopened meanwhile (e.g. through /proc/PID/fd), the new handle keeps it alive.
         if !self.is_open(ino) && self.sustained.remove(&ino).is_some() {
@@ -1371,7 +1363,12 @@ impl tidefs_fuse::Vfs for TideVfs {
             return Ok(());
         }
         let meta = &self.data.meta;
-        let a = meta.getattr(ino)?;
+        let a = match meta.getattr(ino) {
+            Ok(a) => a,
+            // Removed by another mount while open here: the write itself reports it.
+            Err(MetaError::NotFound) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
         if a.kind != FileKind::File {
             return Ok(());
         }

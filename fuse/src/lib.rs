@@ -434,6 +434,17 @@ fn time(t: Option<TimeOrNow>) -> Option<Timestamp> {
 }
 
 impl<V: Vfs> Adapter<V> {
+    /// How long the kernel may keep `a`. Not at all for a file with setuid or setgid bits: a
+    /// write may drop them in the mount (`Vfs::drop_privileges`) and the write's reply does
+    /// not refresh the kernel's mode, which exec and permission checks read.
+    fn attr_ttl(&self, a: &Attr) -> Duration {
+        if a.kind == FileKind::File && privileged_bits(a.mode) != 0 {
+            Duration::ZERO
+        } else {
+            self.config.attr_ttl
+        }
+    }
+
     fn attr(&self, a: &Attr) -> FileAttr {
         FileAttr {
             ino: INodeNo(a.ino),
@@ -462,7 +473,7 @@ impl<V: Vfs> Adapter<V> {
                 } else {
                     self.config.entry_ttl
                 };
-                reply.entry_with_ttls(&ttl, &self.config.attr_ttl, &self.attr(&a), Generation(0));
+                reply.entry_with_ttls(&ttl, &self.attr_ttl(&a), &self.attr(&a), Generation(0));
             }
             Err(e) => reply.error(errno(e)),
         }
@@ -537,7 +548,7 @@ impl<V: Vfs> Filesystem for Adapter<V> {
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         let _s = tracing::debug_span!("getattr", ino = ino.0).entered();
         match self.vfs.getattr(ino.0) {
-            Ok(a) => reply.attr(&self.config.attr_ttl, &self.attr(&a)),
+            Ok(a) => reply.attr(&self.attr_ttl(&a), &self.attr(&a)),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -562,9 +573,10 @@ impl<V: Vfs> Filesystem for Adapter<V> {
         reply: ReplyAttr,
     ) {
         let _s = tracing::debug_span!("setattr", ino = ino.0).entered();
-        // A truncate or chown drops capabilities (and, when the kernel says so, the setuid
-        // and setgid bits) first, so the attributes replied below already show it.
-        if size.is_some() || uid.is_some() || gid.is_some() || kill_suidgid {
+        // A truncate or chown of a file drops capabilities (and, when the kernel says so,
+        // the setuid and setgid bits) first, so the attributes replied below already show
+        // it. The kernel sets `kill_suidgid` on every chown of a non-directory.
+        if size.is_some() || kill_suidgid {
             if let Err(e) = self.vfs.drop_privileges(ino.0, kill_suidgid) {
                 return reply.error(errno(e));
             }
@@ -578,7 +590,7 @@ impl<V: Vfs> Filesystem for Adapter<V> {
             ctime: ctime.map(Timestamp::from),
         };
         match self.vfs.setattr(ctx(req), ino.0, set, size) {
-            Ok(a) => reply.attr(&self.config.attr_ttl, &self.attr(&a)),
+            Ok(a) => reply.attr(&self.attr_ttl(&a), &self.attr(&a)),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -1060,7 +1072,7 @@ impl<V: Vfs> Filesystem for Adapter<V> {
 
     fn fallocate(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -1069,6 +1081,12 @@ impl<V: Vfs> Filesystem for Adapter<V> {
         reply: ReplyEmpty,
     ) {
         let _s = tracing::debug_span!("fallocate", ino = ino.0, offset, length).entered();
+        // Like a write (the kernel's file_modified, which with HANDLE_KILLPRIV_V2 leaves it
+        // to the filesystem and does not say whether the caller has CAP_FSETID: root is
+        // taken to have it).
+        if let Err(e) = self.vfs.drop_privileges(ino.0, req.uid() != 0) {
+            return reply.error(errno(e));
+        }
         Self::empty(reply, self.vfs.fallocate(ino.0, fh.0, offset, length, mode));
     }
 }
@@ -1080,6 +1098,17 @@ fn xattr_reply<E: ToErrno>(reply: ReplyXattr, size: u32, result: Result<Vec<u8>,
         Ok(v) => reply.data(&v),
         Err(e) => reply.error(errno(e)),
     }
+}
+
+/// The bits of `mode` that a write, truncate or chown by a caller without CAP_FSETID drops
+/// (the rule of `FUSE_HANDLE_KILLPRIV_V2`): setuid, and setgid when group execute is set
+/// (without it, setgid marks mandatory locking, not a privilege).
+pub fn privileged_bits(mode: u32) -> u32 {
+    let mut bits = mode & libc::S_ISUID;
+    if mode & libc::S_ISGID != 0 && mode & libc::S_IXGRP != 0 {
+        bits |= libc::S_ISGID;
+    }
+    bits
 }
 
 /// A mounted filesystem served by background request loops. Dropping it unmounts.

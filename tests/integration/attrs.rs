@@ -119,10 +119,13 @@ fn writes_truncates_and_chowns_drop_setuid_setgid_and_capabilities() {
     run_as_nobody(&format!("echo '# locking' >> {fp}"));
     assert_eq!(mode(&f), 0o2767);
 
-    // A truncate by anyone else, and a chown by anyone, drop them too.
+    // A truncate or fallocate by anyone else, and a chown by anyone, drop them too.
     chmod(&f, 0o6777);
     run_as_nobody(&format!("truncate -s 3 {fp}"));
     assert_eq!((mode(&f), fs::metadata(&f).unwrap().len()), (0o0777, 3));
+    chmod(&f, 0o6777);
+    run_as_nobody(&format!("fallocate -l 8192 {fp}"));
+    assert_eq!((mode(&f), fs::metadata(&f).unwrap().len()), (0o0777, 8192));
     chmod(&f, 0o6777);
     assert_eq!(setxattr(&f, "security.capability", &caps, 0), 0);
     std::os::unix::fs::chown(&f, Some(65534), None).unwrap();
