@@ -35,7 +35,7 @@ pub enum BenchError {
 }
 
 /// Writes dirty pages back and drops the clean page cache, dentries and inodes of this host.
-pub fn drop_page_cache() -> std::io::Result<()> {
+fn drop_page_cache() -> std::io::Result<()> {
     // SAFETY: sync(2) takes no arguments and cannot fail.
     unsafe { libc::sync() };
     std::fs::write("/proc/sys/vm/drop_caches", "3\n")

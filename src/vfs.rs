@@ -1384,7 +1384,7 @@ impl tidefs_fuse::Vfs for TideVfs {
         let privileged = privileged_bits(a.mode);
         if suidgid && privileged != 0 {
             let set = SetAttr {
-                mode: Some(a.mode & 0o7777 & !privileged),
+                mode: Some(a.mode & !privileged),
                 ..SetAttr::default()
             };
             meta.setattr(ino, &set)?;

@@ -131,6 +131,14 @@ fn writes_truncates_and_chowns_drop_setuid_setgid_and_capabilities() {
     std::os::unix::fs::chown(&f, Some(65534), None).unwrap();
     assert_eq!(mode(&f), 0o0777);
     assert_eq!(getxattr(&f, "security.capability"), Err(libc::ENODATA));
+    // The kernel sees a dropped setuid bit at once: a setuid-root program that someone
+    // else has just written no longer runs as root (its cached mode would say setuid).
+    let id = mnt.p("id");
+    fs::copy("/usr/bin/id", &id).unwrap();
+    chmod(&id, 0o6777);
+    let idp = id.display().to_string();
+    let euid = run_as_nobody(&format!("printf '\\n' >> {idp} && {idp} -u"));
+    assert_eq!((euid.trim(), mode(&id)), ("65534", 0o0777));
     // Directories keep their setgid bit across a chown.
     let d = mnt.p("shared");
     fs::create_dir(&d).unwrap();
