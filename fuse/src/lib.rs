@@ -473,7 +473,7 @@ impl<V: Vfs> Adapter<V> {
                 } else {
                     self.config.entry_ttl
                 };
-                reply.entry_with_ttls(&ttl, &self.attr_ttl(&a), &self.attr(&a), Generation(0));
+                reply.entry_with_ttls(&self.attr_ttl(&a), &ttl, &self.attr(&a), Generation(0));
             }
             Err(e) => reply.error(errno(e)),
         }

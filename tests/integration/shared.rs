@@ -145,6 +145,20 @@ fn two_mounts_share_a_volume_with_close_to_open_consistency() {
 }
 
 #[test]
+fn lookups_keep_names_for_the_entry_timeout_not_the_attribute_timeout() {
+    // Attributes for a minute, names for a second: a name removed on A is gone on B within
+    // about a second. Lookups once gave the kernel the attribute timeout for the name, so B
+    // kept the removed name for the whole minute.
+    let vol = Volume::shared(1024);
+    let (a, b) = mount_two(&vol, &["--attr-cache", "60", "--entry-cache", "1"]);
+    std::fs::write(a.p("f"), b"x").unwrap();
+    eventually(5, "B sees the file", || b.p("f").exists());
+    std::fs::rename(a.p("f"), a.p("g")).unwrap();
+    eventually(5, "B no longer finds the old name", || !b.p("f").exists());
+    assert!(b.p("g").exists());
+}
+
+#[test]
 fn a_dead_mounts_session_is_cleaned_up_by_the_others() {
     let vol = Volume::shared(1024);
     let (a, b) = mount_two(&vol, &["--heartbeat", "1"]);
