@@ -246,7 +246,14 @@ impl ControlSession {
         let _span = tracing::info_span!("control", ?request, uid = self.ctx.uid).entered();
         let mut tally = Tally::default();
         let result = match request {
-            Request::Rmr { parent, name } => self.rmr(vfs, parent, &name, &mut tally),
+            Request::Rmr { parent, name } => {
+                let removed = self.rmr(vfs, parent, &name, &mut tally);
+                // Whatever went, the kernel must not list it or find it from its caches.
+                if tally.entries > 0 {
+                    vfs.forget_entry(parent, &name);
+                }
+                removed
+            }
             Request::Compact { ino } => self.compact(vfs, ino, &mut tally),
         };
         match result {

@@ -292,6 +292,11 @@ struct MountArgs {
     /// Kernel directory entry cache timeout in seconds.
     #[arg(long, default_value_t = 1.0)]
     dir_entry_cache: f64,
+    /// Seconds the kernel remembers that a name does not exist. Default: --entry-cache on a
+    /// SQLite volume (one mount at a time, so every creation passes through this kernel), 0
+    /// on a shared volume (a file another mount creates is found at once).
+    #[arg(long)]
+    negative_entry_cache: Option<f64>,
     /// Number of FUSE request loops.
     #[arg(long, default_value_t = 16)]
     threads: usize,
@@ -514,7 +519,8 @@ fn mount(a: MountArgs) -> Result<()> {
     // several mounts share a volume through an engine on a server (Redis).
     let heartbeat = Duration::from_secs(a.heartbeat.max(1));
     session::reap_dead(&*meta, None, heartbeat)?;
-    if meta.engine() == "sqlite3" {
+    let sole_mount = meta.engine() == "sqlite3";
+    if sole_mount {
         if let Some(s) = meta.sessions()?.first() {
             bail!(
                 "volume {} is already mounted at {} by pid {} on {} (one mount per SQLite \
@@ -599,16 +605,16 @@ fn mount(a: MountArgs) -> Result<()> {
         max_readahead: a.max_readahead << 20,
         read_only: a.read_only,
         heartbeat,
-        attr_ttl: Duration::from_secs_f64(a.attr_cache.max(0.0)),
+        attr_ttl: cache_ttl(a.attr_cache),
         commit_interval: Duration::from_secs(a.commit_interval),
         ..VfsOptions::default()
     };
     let vfs = TideVfs::new(data, format.clone(), sid, opts);
     let config = tidefs_fuse::MountConfig {
         fsname: format!("tidefs:{}", format.name),
-        attr_ttl: Duration::from_secs_f64(a.attr_cache.max(0.0)),
-        entry_ttl: Duration::from_secs_f64(a.entry_cache.max(0.0)),
-        dir_entry_ttl: Duration::from_secs_f64(a.dir_entry_cache.max(0.0)),
+        attr_ttl: cache_ttl(a.attr_cache),
+        entry_ttl: cache_ttl(a.entry_cache),
+        dir_entry_ttl: cache_ttl(a.dir_entry_cache),
         threads: a.threads.max(1),
         allow_other: unsafe { libc::geteuid() } == 0,
         read_only: a.read_only,
@@ -616,6 +622,13 @@ fn mount(a: MountArgs) -> Result<()> {
         // Only the disk cache answers reads with spans of its files.
         splice_reads: a.cache_dir != "memory",
         splice_stats,
+        negative_entry_ttl: cache_ttl(a.negative_entry_cache.unwrap_or(if sole_mount {
+            a.entry_cache
+        } else {
+            0.0
+        })),
+        sole_mount,
+        kernel_cache: vfs.kernel_cache(),
     };
     let mounted = match tidefs_fuse::mount(vfs.clone(), &mountpoint, config) {
         Ok(m) => m,
@@ -685,6 +698,12 @@ fn mount(a: MountArgs) -> Result<()> {
 
 /// Re-executes this mount in a new session in the background, and returns once it is mounted
 /// (or reports why it failed, from its log).
+/// A kernel cache timeout of `secs` seconds: negative or NaN is 0, too long for a
+/// [`Duration`] (inf) is the longest one.
+fn cache_ttl(secs: f64) -> Duration {
+    Duration::try_from_secs_f64(secs.max(0.0)).unwrap_or(Duration::MAX)
+}
+
 fn daemonize(a: &MountArgs, mountpoint: &Path) -> Result<()> {
     use std::os::unix::process::CommandExt;
     let log = a

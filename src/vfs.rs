@@ -134,6 +134,8 @@ pub struct TideVfs {
     /// with when: they answer the getattr the kernel sends right after a creation (see
     /// [`TideVfs::getattr`]) or the start of the listing after an opendir.
     fresh_dirs: DashMap<Ino, (Attr, Instant)>,
+    /// Tells the kernel of namespace changes made here on the mount's own initiative.
+    kernel: Arc<tidefs_fuse::KernelCache>,
     /// Kernel requests whose caller got a signal (FUSE_INTERRUPT), with when: a lock wait
     /// of one of them ends with EINTR.
     interrupted: DashMap<u64, Instant>,
@@ -265,6 +267,7 @@ impl TideVfs {
             unprivileged: DashMap::new(),
             lock_owners: DashMap::new(),
             fresh_dirs: DashMap::new(),
+            kernel: Arc::default(),
             interrupted: DashMap::new(),
             dir_batches: DashMap::new(),
             dir_batch_seq: AtomicU64::new(0),
@@ -377,7 +380,9 @@ impl TideVfs {
                     }
                 }
             }
-            match meta.rmdir(TRASH_INO, &hour.name) {
+            let removed = meta.rmdir(TRASH_INO, &hour.name);
+            self.kernel.forget_entry(TRASH_INO, &hour.name);
+            match removed {
                 Ok(()) | Err(MetaError::NotFound | MetaError::NotEmpty) => {}
                 Err(e) => return Err(e.into()),
             }
@@ -570,6 +575,17 @@ impl TideVfs {
     /// A change through this mount other than a creation touched directory `ino`.
     fn dir_changed(&self, ino: Ino) {
         self.fresh_dirs.remove(&ino);
+    }
+
+    /// What the mount uses to tell the kernel of namespace changes it makes on its own
+    /// (give it to [`tidefs_fuse::MountConfig::kernel_cache`]).
+    pub fn kernel_cache(&self) -> Arc<tidefs_fuse::KernelCache> {
+        self.kernel.clone()
+    }
+
+    /// Has the kernel forget entry `name` of `parent`, changed here without a request.
+    pub(crate) fn forget_entry(&self, parent: Ino, name: &[u8]) {
+        self.kernel.forget_entry(parent, name);
     }
 
     /// Removes the non-directory `name` from `parent` as unlink(2) does (an open file stays

@@ -323,6 +323,41 @@ pub struct MountConfig {
     pub splice_reads: bool,
     /// Counts spliced replies.
     pub splice_stats: Arc<SpliceStats>,
+    /// How long the kernel may remember that a name does not exist (zero: it asks again at
+    /// each lookup).
+    pub negative_entry_ttl: Duration,
+    /// No other mount changes the volume, so every change but those the filesystem makes on
+    /// its own (told through [`KernelCache`]) passes through this kernel: it may then keep
+    /// directory listings across opens and checks them against its own view of the
+    /// directory, with no `OPENDIR`/`RELEASEDIR` round trips (`FUSE_NO_OPENDIR_SUPPORT`).
+    pub sole_mount: bool,
+    /// Set up by [`mount`] so that the filesystem can tell the kernel of its own changes.
+    pub kernel_cache: Arc<KernelCache>,
+}
+
+/// Lets the filesystem tell the kernel of namespace changes it makes on its own, not in
+/// answer to a request (`tidefs rmr`, trash purges), so that the kernel drops what it cached
+/// of them. Does nothing until the mount is made.
+#[derive(Debug, Default)]
+pub struct KernelCache {
+    notifier: std::sync::OnceLock<fuser::Notifier>,
+}
+
+impl KernelCache {
+    /// Makes the kernel forget entry `name` of directory `parent` (and every name below it)
+    /// and the cached listing and attributes of `parent`. It must not be called while
+    /// answering a request on `parent` (the kernel holds the directory's lock then).
+    pub fn forget_entry(&self, parent: Ino, name: &[u8]) {
+        let Some(n) = self.notifier.get() else {
+            return;
+        };
+        if let Err(e) = n.inval_entry(INodeNo(parent), OsStr::from_bytes(name)) {
+            tracing::debug!(parent, error = %e, "cannot drop a cached name");
+        }
+        if let Err(e) = n.inval_inode(INodeNo(parent), 0, 0) {
+            tracing::debug!(parent, error = %e, "cannot drop a cached listing");
+        }
+    }
 }
 
 /// Counters of read replies spliced from files.
@@ -347,6 +382,9 @@ impl Default for MountConfig {
             read_ahead_kb: None,
             splice_reads: false,
             splice_stats: Arc::default(),
+            negative_entry_ttl: Duration::ZERO,
+            sole_mount: false,
+            kernel_cache: Arc::default(),
         }
     }
 }
@@ -360,6 +398,9 @@ struct Adapter<V: Vfs> {
     /// The longest read reply to splice from a file (see [`splice_limit`]; 0 without
     /// [`MountConfig::splice_reads`]); lowered below a length whose pipe could not grow.
     splice_max: AtomicUsize,
+    /// The kernel opens directories without asking (set at INIT; see
+    /// [`MountConfig::sole_mount`]).
+    no_opendir: bool,
 }
 
 /// The longest read reply the request loops can splice from a file: what a pipe of this
@@ -533,6 +574,12 @@ impl<V: Vfs> Filesystem for Adapter<V> {
             | InitFlags::FUSE_POSIX_LOCKS
             | InitFlags::FUSE_FLOCK_LOCKS;
         config.add_capabilities(wanted & config.capabilities()).ok();
+        // The kernel takes ENOSYS from OPENDIR as "open directories without asking" only if
+        // it says it can.
+        self.no_opendir = self.config.sole_mount
+            && config
+                .capabilities()
+                .contains(InitFlags::FUSE_NO_OPENDIR_SUPPORT);
         Ok(())
     }
 
@@ -542,7 +589,35 @@ impl<V: Vfs> Filesystem for Adapter<V> {
 
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let _s = tracing::debug_span!("lookup", parent = parent.0).entered();
-        self.entry(reply, self.vfs.lookup(ctx(req), parent.0, name.as_bytes()));
+        match self.vfs.lookup(ctx(req), parent.0, name.as_bytes()) {
+            // A negative entry (node 0): the kernel keeps the name's absence for the TTL.
+            Err(e) if e.errno() == libc::ENOENT && !self.config.negative_entry_ttl.is_zero() => {
+                let absent = FileAttr {
+                    ino: INodeNo(0),
+                    size: 0,
+                    blocks: 0,
+                    atime: std::time::UNIX_EPOCH,
+                    mtime: std::time::UNIX_EPOCH,
+                    ctime: std::time::UNIX_EPOCH,
+                    crtime: std::time::UNIX_EPOCH,
+                    kind: FileType::RegularFile,
+                    perm: 0,
+                    nlink: 0,
+                    uid: 0,
+                    gid: 0,
+                    rdev: 0,
+                    blksize: 4096,
+                    flags: 0,
+                };
+                reply.entry_with_ttls(
+                    &Duration::ZERO,
+                    &self.config.negative_entry_ttl,
+                    &absent,
+                    Generation(0),
+                );
+            }
+            r => self.entry(reply, r),
+        }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -939,6 +1014,12 @@ impl<V: Vfs> Filesystem for Adapter<V> {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let _s = tracing::debug_span!("opendir", ino = ino.0).entered();
+        if self.no_opendir {
+            // Once, at the first opendir: the kernel then opens directories by itself and
+            // keeps their listings (as with FOPEN_KEEP_CACHE | FOPEN_CACHE_DIR), dropping
+            // them when this mount changes the directory.
+            return reply.error(Errno::ENOSYS);
+        }
         match self.vfs.opendir(ino.0) {
             Ok(o) => {
                 // The kernel keeps listings in its page cache; it drops them itself when
@@ -1176,12 +1257,16 @@ pub fn mount<V: Vfs>(vfs: Arc<V>, mountpoint: &Path, config: MountConfig) -> io:
     fuser_config.n_threads = Some(config.threads.max(1));
     fuser_config.clone_fd = true;
     let read_ahead_kb = config.read_ahead_kb;
+    let kernel_cache = config.kernel_cache.clone();
     let adapter = Adapter {
         vfs,
         config,
         splice_max: AtomicUsize::new(splice_max),
+        no_opendir: false,
     };
-    let session = Session::new(adapter, mountpoint, &fuser_config)?.spawn()?;
+    let session = Session::new(adapter, mountpoint, &fuser_config)?;
+    kernel_cache.notifier.set(session.notifier()).ok();
+    let session = session.spawn()?;
     match read_ahead_kb {
         Some(kb) if unsafe { libc::geteuid() } == 0 => set_read_ahead(mountpoint, kb),
         Some(_) => tracing::info!("kernel readahead stays at 128 KiB (raising it needs root)"),

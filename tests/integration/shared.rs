@@ -156,6 +156,11 @@ fn lookups_keep_names_for_the_entry_timeout_not_the_attribute_timeout() {
     std::fs::rename(a.p("f"), a.p("g")).unwrap();
     eventually(5, "B no longer finds the old name", || !b.p("f").exists());
     assert!(b.p("g").exists());
+    // On a shared volume the kernel does not remember absent names: a file A creates is
+    // found on B at once.
+    assert!(!b.p("h").exists());
+    std::fs::write(a.p("h"), b"y").unwrap();
+    assert!(b.p("h").exists());
 }
 
 #[test]
