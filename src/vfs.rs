@@ -381,7 +381,7 @@ impl TideVfs {
                 }
             }
             let removed = meta.rmdir(TRASH_INO, &hour.name);
-            self.kernel.forget_entry(TRASH_INO, &hour.name);
+            self.forget_entry(TRASH_INO, &hour.name);
             match removed {
                 Ok(()) | Err(MetaError::NotFound | MetaError::NotEmpty) => {}
                 Err(e) => return Err(e.into()),

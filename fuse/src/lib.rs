@@ -389,6 +389,25 @@ impl Default for MountConfig {
     }
 }
 
+/// The attributes of a negative entry: node 0 tells the kernel the name does not exist.
+const ABSENT: FileAttr = FileAttr {
+    ino: INodeNo(0),
+    size: 0,
+    blocks: 0,
+    atime: std::time::UNIX_EPOCH,
+    mtime: std::time::UNIX_EPOCH,
+    ctime: std::time::UNIX_EPOCH,
+    crtime: std::time::UNIX_EPOCH,
+    kind: FileType::RegularFile,
+    perm: 0,
+    nlink: 0,
+    uid: 0,
+    gid: 0,
+    rdev: 0,
+    blksize: 0,
+    flags: 0,
+};
+
 /// Largest write the kernel sends in one request.
 pub const MAX_WRITE: u32 = 1 << 20;
 
@@ -592,27 +611,10 @@ impl<V: Vfs> Filesystem for Adapter<V> {
         match self.vfs.lookup(ctx(req), parent.0, name.as_bytes()) {
             // A negative entry (node 0): the kernel keeps the name's absence for the TTL.
             Err(e) if e.errno() == libc::ENOENT && !self.config.negative_entry_ttl.is_zero() => {
-                let absent = FileAttr {
-                    ino: INodeNo(0),
-                    size: 0,
-                    blocks: 0,
-                    atime: std::time::UNIX_EPOCH,
-                    mtime: std::time::UNIX_EPOCH,
-                    ctime: std::time::UNIX_EPOCH,
-                    crtime: std::time::UNIX_EPOCH,
-                    kind: FileType::RegularFile,
-                    perm: 0,
-                    nlink: 0,
-                    uid: 0,
-                    gid: 0,
-                    rdev: 0,
-                    blksize: 4096,
-                    flags: 0,
-                };
                 reply.entry_with_ttls(
                     &Duration::ZERO,
                     &self.config.negative_entry_ttl,
-                    &absent,
+                    &ABSENT,
                     Generation(0),
                 );
             }

@@ -16,15 +16,6 @@ fn eventually(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
-fn names(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
-}
-
 fn assert_fsck_clean(vol: &Volume) {
     let mut args = vec!["fsck", vol.url.as_str()];
     args.extend(vol.store_args.iter().map(String::as_str));
