@@ -575,6 +575,15 @@ NOTES = """## Reading the table
   replies in tidefs), so the cause lies in the VM's memory, not in what either filesystem
   caches. The warm reads still follow the cold sequential read directly: they measure each
   filesystem's cache with its files in the page cache, as a re-read of hot data would.
+* On this VM, memory the guest leaves free for a few seconds goes back to the host
+  (virtio-balloon free page reporting: `/sys/module/page_reporting/parameters/reported_kib`
+  grows), and touching it again costs several microseconds per page. Writing 1 GiB to a
+  new file took 2.2-2.4 s of system time with the page cache dropped 5 s before, and
+  0.24-0.27 s right after another 1 GiB file was deleted (its pages reused). A cold read
+  fills the page cache three times per byte (the server's object files, the cache files,
+  the FUSE file's pages), the ceiling's objbench once; in tidefs's profile of a cold read
+  the cache-file write (`copy_folio_from_iter_atomic`) is 21-29% of the mount's samples.
+  Cold figures therefore vary with how long the memory they get had been free.
 * The durability is not the same. tidefs fsyncs every object file and its directory before
   it commits a slice. JuiceFS's `file` object store writes a temporary file and renames it
   with no fsync, so its data is not durable on power loss even after fsync(2).
