@@ -451,7 +451,9 @@ pub fn prepare_mountpoint(path: &Path) -> Result<PathBuf, VolumeError> {
         why,
     };
     match std::fs::metadata(path) {
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+        // ENOTCONN once the connection is gone; ECONNABORTED for a look that was under way
+        // as its process died (seen 2 ms after a kill -9).
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTCONN | libc::ECONNABORTED)) => {
             let abs = absolute(path);
             tracing::warn!(path = %abs.display(), "detaching a dead mount left by a killed process");
             unmount(&abs, true).map_err(|e| {
