@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 /// Idle buffers a shared pool keeps however long they go unused.
 const SHARED_KEPT: usize = 8;
 /// Bytes of idle buffers a shared pool keeps at most (at least [`SHARED_KEPT`] buffers).
-const SHARED_MAX_BYTES: usize = 256 << 20;
+const SHARED_MAX_BYTES: usize = 64 << 20;
 /// How often a pool frees the idle buffers that went unused for a whole period.
 const DECAY: Duration = Duration::from_secs(5);
 
@@ -84,7 +84,7 @@ impl BufferPool {
 
     /// The pool shared by everything in this process that handles blocks of `size` bytes
     /// (writes and downloads): one pool, so idle memory is bounded once, not per user. It
-    /// keeps up to 256 MiB of idle buffers, and frees those that go unused for 5 s down to
+    /// keeps up to 64 MiB of idle buffers, and frees those that go unused for 5 s down to
     /// 8, also when nothing else uses the pool.
     pub fn shared(size: usize) -> Arc<Self> {
         static POOLS: OnceLock<Mutex<HashMap<usize, Arc<BufferPool>>>> = OnceLock::new();
