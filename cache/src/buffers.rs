@@ -8,10 +8,11 @@
 //! The shared pools follow demand: they keep every buffer that comes back (up to a cap) and
 //! free, every few seconds, the idle buffers that no one took in that time. The buffers a pool
 //! holds, idle or in use, never outnumber the most that were in use at once (a buffer is
-//! allocated only when none is idle), so keeping them raises no peak; it only saves the faults
-//! of allocating them again. A cold sequential read keeps some 30 blocks in flight (downloads,
-//! the memory cache, disk-cache writes); a pool that kept only 8 idle freed and re-allocated a
-//! third of them, 75,000 page faults per GiB read.
+//! allocated only when none is idle). The process can still peak higher, since buffers kept
+//! idle after one phase of work sit beside the memory the next one uses: hence the cap. A cold
+//! sequential read keeps some 30 blocks in flight (downloads, the memory cache, disk-cache
+//! writes); a pool that kept only 8 idle freed and re-allocated a third of them, 63-90k page
+//! faults per GiB read.
 
 use bytes::Bytes;
 use std::collections::HashMap;
@@ -90,7 +91,7 @@ impl BufferPool {
         static POOLS: OnceLock<Mutex<HashMap<usize, Arc<BufferPool>>>> = OnceLock::new();
         let pools = POOLS.get_or_init(|| {
             // One thread decays every shared pool, so that an idle mount gives its buffers
-            // back too. If it cannot start, pools still decay whenever they are used.
+            // back too. If it cannot start, idle buffers still stay within the cap.
             let _ = std::thread::Builder::new()
                 .name("tidefs-buffers".into())
                 .spawn(|| loop {
@@ -148,22 +149,17 @@ impl BufferPool {
             return;
         }
         buf.clear();
-        let now = Instant::now();
-        let shed = {
-            let mut free = lock(&self.free);
-            let shed = free.shed(self.min, now, DECAY);
-            if free.bufs.len() < self.max {
-                free.bufs.push(buf);
-            }
-            shed
-        };
-        drop(shed);
+        let mut free = lock(&self.free);
+        if free.bufs.len() < self.max {
+            free.bufs.push(buf);
+        }
     }
 
     /// Frees the idle buffers beyond the kept minimum that went unused since the last decay,
     /// if that was at least [`DECAY`] ago.
     fn decay(&self, now: Instant) {
-        let shed = lock(&self.free).shed(self.min, now, DECAY);
+        // Freed once the lock is released.
+        let shed = lock(&self.free).shed(self.min, now);
         drop(shed);
     }
 
@@ -175,10 +171,10 @@ impl BufferPool {
 
 impl Free {
     /// The idle buffers beyond `min` that went unused since `since`, taken out, if that was
-    /// at least `period` ago (they are freed by the caller, outside the lock); the oldest go
-    /// first, the most recently used (warmest) stay.
-    fn shed(&mut self, min: usize, now: Instant, period: Duration) -> Vec<Vec<u8>> {
-        if now.saturating_duration_since(self.since) < period {
+    /// at least [`DECAY`] ago (the caller frees them, outside the lock); the oldest go first,
+    /// the most recently used (warmest) stay.
+    fn shed(&mut self, min: usize, now: Instant) -> Vec<Vec<u8>> {
+        if now.saturating_duration_since(self.since) < DECAY {
             return Vec::new();
         }
         let unused = self.low.saturating_sub(min).min(self.bufs.len());
