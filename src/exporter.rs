@@ -157,6 +157,12 @@ impl MountMetrics {
                     "Blocks not cached: disk failing, full or busy.",
                     s.skipped.load(Ordering::Relaxed),
                 ),
+                (
+                    "tidefs_disk_cache_discarded_total",
+                    counter,
+                    "Blocks removed from the disk cache because their objects were deleted.",
+                    s.discarded.load(Ordering::Relaxed),
+                ),
             ]);
         }
         for (name, kind, help, value) in rows {
@@ -184,6 +190,7 @@ impl MountMetrics {
                     "misses": d.stats().misses.load(Ordering::Relaxed),
                     "dropped": d.stats().dropped.load(Ordering::Relaxed),
                     "skipped": d.stats().skipped.load(Ordering::Relaxed),
+                    "discarded": d.stats().discarded.load(Ordering::Relaxed),
                 })),
             },
             "buffer_used_bytes": self.data.buffered.load(Ordering::Relaxed),

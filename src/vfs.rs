@@ -728,7 +728,7 @@ fn background_loop(data: &DataCtx, opts: &VfsOptions, wake: mpsc::Receiver<Wake>
 const DELETE_PAGE: usize = 1000;
 
 /// Deletes the objects of freed slices, one batch request per 1000 keys (sent at once), in one
-/// pass over the deletion queue. A slice leaves the queue only when all its blocks are gone; slices that
+/// pass over the deletion queue, and drops their blocks from the cache. A slice leaves the queue only when all its blocks are gone; slices that
 /// fail stay for the next pass without holding up the ones behind them.
 pub fn delete_freed(data: &DataCtx) -> Result<usize> {
     let mut deleted = 0;
@@ -758,6 +758,9 @@ pub fn delete_freed(data: &DataCtx) -> Result<usize> {
             .into_iter()
             .flatten()
             .collect();
+        // No file refers to these blocks any more, whether or not their deletes went
+        // through: their cached copies only take space from live blocks.
+        data.rt.block_on(data.cache.discard(keys));
         let failed_keys: HashSet<&str> = failed.iter().map(|(k, _)| k.as_str()).collect();
         let failed_ids: HashSet<u64> = owned
             .iter()

@@ -42,6 +42,18 @@ fn fixture_prefetching(
     opts: VfsOptions,
     prefetch_limit: u64,
 ) -> Fixture {
+    fixture_caching(block_size, opts, prefetch_limit, &|_| {
+        BlockCache::new(cache_bytes)
+    })
+}
+
+/// A fixture whose block cache `cache` makes, given the fixture's temporary directory.
+fn fixture_caching(
+    block_size: u32,
+    opts: VfsOptions,
+    prefetch_limit: u64,
+    cache: &dyn Fn(&std::path::Path) -> BlockCache,
+) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let meta = SqliteMeta::open(&dir.path().join("meta.db"), true).unwrap();
     let mut format = tidefs_meta::conformance::sample_format();
@@ -63,7 +75,7 @@ fn fixture_prefetching(
         DataCtx::new(
             meta,
             store.clone(),
-            BlockCache::new(cache_bytes),
+            cache(dir.path()),
             Layout::new(&format.name, block_size),
             rt.handle().clone(),
         )
@@ -333,6 +345,63 @@ fn a_failing_delete_does_not_block_the_queue() {
     // (The mount's background thread may get there first: check the outcome, not the count.)
     tidefs::vfs::delete_freed(&data).unwrap();
     assert!(objects().is_empty());
+}
+
+/// Deleting a file's objects also removes its blocks from the disk cache, so that the blocks
+/// of deleted files (temporary files, a job's scratch data) do not push live ones out.
+#[test]
+fn deleted_blocks_leave_the_disk_cache() {
+    let f = fixture_caching(64 << 10, VfsOptions::default(), 64 << 20, &|dir| {
+        let disk = tidefs_cache::DiskCache::open(&tidefs_cache::DiskCacheConfig {
+            dirs: vec![dir.join("cache")],
+            capacity: 64 << 20,
+            free_ratio: 0.0,
+        })
+        .unwrap();
+        BlockCache::with_disk(1 << 20, disk)
+    });
+    let data = f.vfs.data();
+    let disk = data.cache.disk().unwrap();
+    // Short blocks (here: whole small files) are kept in the disk cache as they are written.
+    let mut inos = Vec::new();
+    for name in [&b"gone"[..], b"kept"] {
+        let (a, fh) = f.vfs.create(CTX, ROOT_INO, name, 0o644, 0).unwrap();
+        f.vfs.write(a.ino, fh, 0, &[7u8; 10_000]).unwrap();
+        f.vfs.release(a.ino, fh).unwrap();
+        inos.push(a.ino);
+    }
+    let key_of = |ino| {
+        let s = &data.meta.read_chunk(ino, 0).unwrap()[0];
+        data.layout.slice_keys(s.id, s.size)[0].clone()
+    };
+    let (gone, kept) = (key_of(inos[0]), key_of(inos[1]));
+    // The cache files are written in the background.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !(disk.contains(&gone) && disk.contains(&kept)) {
+        assert!(std::time::Instant::now() < deadline, "blocks never cached");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    f.vfs.unlink(CTX, ROOT_INO, b"gone").unwrap();
+    // (The mount's background thread may get there first: check the outcome.)
+    tidefs::vfs::delete_freed(&data).unwrap();
+    assert!(!disk.contains(&gone), "a deleted block stays cached");
+    assert!(disk.contains(&kept));
+    assert_eq!(disk.used(), 10_000);
+    let files = walk(&f._dir.path().join("cache"));
+    assert_eq!(files.len(), 1, "{files:?}");
+}
+
+/// Regular files under `dir`, at any depth.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        if e.file_type().unwrap().is_dir() {
+            out.extend(walk(&e.path()));
+        } else {
+            out.push(e.path());
+        }
+    }
+    out
 }
 
 /// The kernel may keep a file's cached pages on a reopen only if the file is unchanged, and

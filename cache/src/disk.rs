@@ -188,6 +188,8 @@ pub struct DiskCacheStats {
     pub dropped: AtomicU64,
     /// Blocks not cached because their directory failed or was short of space.
     pub skipped: AtomicU64,
+    /// Blocks removed because their objects were deleted.
+    pub discarded: AtomicU64,
 }
 
 /// A block cache on local disks; see the module docs. Every call does blocking file I/O.
@@ -629,6 +631,24 @@ impl DiskCache {
         })
     }
 
+    /// Forgets blocks `keys` and removes their files, where cached: for blocks whose objects
+    /// were deleted, which no read can ask for again and which would otherwise hold space
+    /// until evicted. Returns how many were cached.
+    pub fn remove<'a>(&self, keys: impl IntoIterator<Item = &'a str>) -> usize {
+        // The eviction listener removes the files.
+        let removed = keys
+            .into_iter()
+            .filter(|k| self.index.remove(*k).is_some())
+            .count();
+        if removed > 0 {
+            self.index.run_pending_tasks();
+            self.stats
+                .discarded
+                .fetch_add(removed as u64, Ordering::Relaxed);
+        }
+        removed
+    }
+
     /// Whether block `key` is indexed (its file may still turn out damaged).
     pub fn contains(&self, key: &str) -> bool {
         self.index.contains_key(key)
@@ -666,7 +686,7 @@ impl DiskCache {
         self.index.policy().max_capacity().unwrap_or(0)
     }
 
-    /// Hits, misses, drops and skips so far.
+    /// Hits, misses, drops, skips and discards so far.
     pub fn stats(&self) -> &DiskCacheStats {
         &self.stats
     }
@@ -765,6 +785,27 @@ mod tests {
         assert_eq!(c.used(), 20_000);
         assert_eq!(c.get("vol/chunks/0/0/7_0_1000").unwrap(), vec![7u8; 1000]);
         assert!(c.get("vol/chunks/0/0/99_0_1000").is_none());
+    }
+
+    #[test]
+    fn removed_blocks_leave_the_index_and_the_disk() {
+        let tmp = tempfile::tempdir().unwrap();
+        let c = DiskCache::open(&config(tmp.path(), 1 << 20)).unwrap();
+        for i in 0..4 {
+            c.insert(&format!("k{i}"), &[i as u8; 1000]);
+        }
+        assert_eq!(c.remove(["k1", "k2", "never-cached"]), 2);
+        assert_eq!(c.remove(["k2"]), 0, "removed twice");
+        assert_eq!(c.used(), 2000);
+        assert_eq!(files(tmp.path()).len(), 2);
+        assert!(file_of(tmp.path(), "k1").is_none() && file_of(tmp.path(), "k2").is_none());
+        assert!(c.get("k1").is_none());
+        assert_eq!(c.get("k3").unwrap(), vec![3u8; 1000]);
+        assert_eq!(c.stats().discarded.load(Ordering::Relaxed), 2);
+        // A reopen finds only what is left.
+        drop(c);
+        let c = DiskCache::open(&config(tmp.path(), 1 << 20)).unwrap();
+        assert_eq!(c.used(), 2000);
     }
 
     #[test]

@@ -227,6 +227,22 @@ impl BlockCache {
         }
     }
 
+    /// Drops blocks `keys` from every layer: for blocks whose objects were deleted, which no
+    /// read can ask for again. Their disk cache files are removed before this returns (on the
+    /// blocking pool), so the space is free for live blocks instead of waiting for eviction.
+    pub async fn discard(&self, keys: Vec<String>) {
+        if let Some(c) = &self.inner {
+            for k in &keys {
+                c.invalidate(k.as_str()).await;
+            }
+        }
+        if let Some(disk) = self.disk.clone() {
+            let _ =
+                tokio::task::spawn_blocking(move || disk.remove(keys.iter().map(String::as_str)))
+                    .await;
+        }
+    }
+
     /// Bytes currently held (approximate until pending maintenance runs).
     pub fn used(&self) -> u64 {
         self.inner.as_ref().map(|c| c.weighted_size()).unwrap_or(0)
