@@ -450,18 +450,16 @@ pub fn prepare_mountpoint(path: &Path) -> Result<PathBuf, VolumeError> {
         path: path.to_path_buf(),
         why,
     };
+    let detach = |at: &Path| {
+        tracing::warn!(path = %at.display(), "detaching a dead mount left by a killed process");
+        unmount(at, true).map_err(|e| {
+            err(format!(
+                "a dead mount is in the way and could not be detached: {e}"
+            ))
+        })
+    };
     match std::fs::metadata(path) {
-        // ENOTCONN once the connection is gone; ECONNABORTED for a look that was under way
-        // as its process died (seen 2 ms after a kill -9).
-        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTCONN | libc::ECONNABORTED)) => {
-            let abs = absolute(path);
-            tracing::warn!(path = %abs.display(), "detaching a dead mount left by a killed process");
-            unmount(&abs, true).map_err(|e| {
-                err(format!(
-                    "a dead mount is in the way and could not be detached: {e}"
-                ))
-            })?;
-        }
+        Err(e) if is_dead_mount(&e) => detach(&absolute(path))?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Err(err("does not exist".into()))
         }
@@ -471,13 +469,58 @@ pub fn prepare_mountpoint(path: &Path) -> Result<PathBuf, VolumeError> {
     }
     let canonical = std::fs::canonicalize(path).map_err(|e| err(e.to_string()))?;
     if let Some(fs) = mounted_fs(&canonical) {
-        return Err(err(format!("is already mounted ({fs})")));
+        // For a while after its process died, a mount's root still stats fine: the kernel
+        // answers from its attribute cache. statfs(2) is never cached.
+        match statfs_answer(&canonical, MOUNT_PROBE_TIMEOUT) {
+            Some(Err(e)) if is_dead_mount(&e) => {
+                detach(&canonical)?;
+                if let Some(fs) = mounted_fs(&canonical) {
+                    return Err(err(format!("is already mounted ({fs})")));
+                }
+            }
+            Some(_) => return Err(err(format!("is already mounted ({fs})"))),
+            None => {
+                return Err(err(format!(
+                    "is already mounted ({fs}), and that mount does not answer"
+                )))
+            }
+        }
     }
     Ok(canonical)
 }
 
-/// Whether a tidefs filesystem is mounted at `path` (type `fuse` when mounted by root with
-/// mount(2), `fuse.tidefs` through fusermount3).
+/// How long a mount found in the way has to answer statfs(2) before it is taken for live but
+/// hung (and left alone).
+const MOUNT_PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Whether `e` is what a mount whose process is gone answers: ENOTCONN once its connection is
+/// aborted, ECONNABORTED for a request that was under way as the process died (seen 2 ms
+/// after a kill -9).
+fn is_dead_mount(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOTCONN | libc::ECONNABORTED))
+}
+
+/// The outcome of statfs(2) on `path`, or None if it takes longer than `timeout` (the call
+/// goes on in a thread of its own, which a hung mount may keep).
+fn statfs_answer(path: &Path, timeout: std::time::Duration) -> Option<std::io::Result<()>> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("tidefs-probe".into())
+        .spawn(move || {
+            let mut buf = std::mem::MaybeUninit::<libc::statfs>::uninit();
+            // SAFETY: `c` is a NUL-terminated path and `buf` has room for a statfs.
+            let rc = unsafe { libc::statfs(c.as_ptr(), buf.as_mut_ptr()) };
+            let _ = tx.send(if rc == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            });
+        })
+        .ok()?;
+    rx.recv_timeout(timeout).ok()
+}
+
 /// The mount point of the filesystem holding `path` (an absolute, resolved path).
 pub fn mount_point_of(path: &Path) -> Option<PathBuf> {
     path.ancestors()
@@ -485,7 +528,8 @@ pub fn mount_point_of(path: &Path) -> Option<PathBuf> {
         .map(Path::to_path_buf)
 }
 
-/// Whether a tidefs volume is mounted at `path`.
+/// Whether a tidefs volume is mounted at `path` (type `fuse` when mounted by root with
+/// mount(2), `fuse.tidefs` through fusermount3).
 pub fn is_tidefs_mount(path: &Path) -> bool {
     mounted_fs(path).is_some_and(|fs| {
         let (kind, source) = fs.split_once(' ').unwrap_or((&fs, ""));

@@ -88,7 +88,7 @@ fn kill9_in_the_middle_of_writes_loses_nothing_fsynced() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let path = mnt.path.clone();
-    mnt.kill9();
+    let dead = mnt.kill9();
     stop.store(true, Ordering::Relaxed);
     for w in workers {
         w.join().unwrap();
@@ -104,6 +104,37 @@ fn kill9_in_the_middle_of_writes_loses_nothing_fsynced() {
     // And the volume still works.
     fs::write(mnt.p("after"), b"fine").unwrap();
     assert_eq!(fs::read(mnt.p("after")).unwrap(), b"fine");
+    drop(dead);
+    mnt.unmount();
+}
+
+/// Right after a `kill -9` the kernel still answers a stat of the mount point from its
+/// attribute cache, so the dead mount looks alive there; a mount started at once must still
+/// see it is dead and take its place.
+#[test]
+fn a_mount_started_right_after_a_kill9_takes_the_dead_mounts_place() {
+    let vol = Volume::new(64);
+    let mnt = vol.mount_with(&["--attr-cache", "30"]);
+    fs::write(mnt.p("kept"), b"closed before the kill").unwrap();
+    let path = mnt.path.clone();
+    // The root's attributes are now cached for 30 s.
+    fs::metadata(&path).unwrap();
+    let dead = mnt.kill9();
+    assert!(is_mounted(&path));
+    assert!(
+        fs::metadata(&path).is_ok(),
+        "the stat no longer comes from the cache"
+    );
+    let mnt = vol.mount_at(&path, &[], "mount2.log");
+    assert!(
+        mnt.log_text().contains("detaching a dead mount"),
+        "{}",
+        mnt.log_text()
+    );
+    assert_eq!(fs::read(mnt.p("kept")).unwrap(), b"closed before the kill");
+    // The guard leaves the live mount that took the dead one's place alone.
+    drop(dead);
+    assert_eq!(fs::read(mnt.p("kept")).unwrap(), b"closed before the kill");
     mnt.unmount();
 }
 

@@ -173,7 +173,10 @@ impl Volume {
     /// Mounts with extra `tidefs mount` options.
     pub fn mount_with(&self, extra: &[&str]) -> Mount {
         let path = self.dir.path().join("mnt");
-        std::fs::create_dir_all(&path).unwrap();
+        // (A killed mount may still be in the way there, which a stat cannot see through.)
+        if let Err(e) = std::fs::create_dir(&path) {
+            assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists, "{e}");
+        }
         self.mount_at(&path, extra, "mount.log")
     }
 
@@ -228,7 +231,10 @@ pub fn is_mounted(path: &Path) -> bool {
 impl Mount {
     /// Starts `tidefs mount URL PATH EXTRA...` and waits until it is mounted.
     pub fn start(url: &str, path: &Path, extra: &[&str], log: PathBuf) -> Mount {
-        let path = std::fs::canonicalize(path).unwrap();
+        // Through the parent: a dead mount at `path` itself cannot be resolved.
+        let path = std::fs::canonicalize(path.parent().unwrap())
+            .unwrap()
+            .join(path.file_name().unwrap());
         let logfile = std::fs::File::create(&log).unwrap();
         let child = Command::new(TIDEFS)
             .arg("mount")
@@ -251,7 +257,8 @@ impl Mount {
 
     fn wait_mounted(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !is_mounted(&self.path) {
+        // A dead mount left in the way by a kill does not count.
+        while !(is_mounted(&self.path) && answers(&self.path)) {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("mount exited early ({status}): {}", self.log_text());
             }
@@ -309,11 +316,16 @@ impl Mount {
         }
     }
 
-    /// Kills the mount process with SIGKILL, leaving a dead mount behind.
-    pub fn kill9(mut self) {
+    /// Kills the mount process with SIGKILL. Its dead mount stays in place, as after a real
+    /// crash, while the returned guard lives (dropping it at once detaches it).
+    pub fn kill9(mut self) -> DeadMount {
         let mut child = self.child.take().unwrap();
         child.kill().unwrap();
         child.wait().unwrap();
+        // Taken, so that dropping `self` leaves the mount alone.
+        DeadMount {
+            path: std::mem::take(&mut self.path),
+        }
     }
 
     /// Sends `signal` to the mount process.
@@ -337,6 +349,29 @@ impl Drop for Mount {
             let _ = c.wait();
         }
     }
+}
+
+/// The mount point of a killed mount. Dropped, it detaches the dead mount unless a live one
+/// has taken its place.
+pub struct DeadMount {
+    path: PathBuf,
+}
+
+impl Drop for DeadMount {
+    fn drop(&mut self) {
+        if is_mounted(&self.path) && !answers(&self.path) {
+            let _ = tidefs(&["umount", "--force", self.path.to_str().unwrap()]);
+        }
+    }
+}
+
+/// Whether the filesystem at `path` answers statfs(2), which the kernel never answers from a
+/// cache: false for a dead mount.
+fn answers(path: &Path) -> bool {
+    let c = cpath(path);
+    let mut buf = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: `c` is a NUL-terminated path and `buf` has room for a statfs.
+    unsafe { libc::statfs(c.as_ptr(), buf.as_mut_ptr()) == 0 }
 }
 
 /// `sh -c script`, to run as user `nobody` (uid/gid 65534).

@@ -374,7 +374,7 @@ fn a_mount_killed_while_deleting_leaks_nothing() {
     while vol.objects().len() == total && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(2));
     }
-    mnt.kill9();
+    let _dead = mnt.kill9();
     let left = vol.objects().len();
     eprintln!(
         "{} of {} freed objects were deleted before the kill",
