@@ -443,15 +443,15 @@ pub fn mounted_fs(path: &Path) -> Option<String> {
 }
 
 /// Checks that `path` can be mounted on: it exists, is a directory and nothing is mounted
-/// there. A dead tidefs mount left by a killed process is detached first. Returns the
-/// canonical path.
+/// there. A dead mount in the way (one whose process is gone: a killed tidefs, or another
+/// FUSE filesystem's) is detached first. Returns the canonical path.
 pub fn prepare_mountpoint(path: &Path) -> Result<PathBuf, VolumeError> {
     let err = |why: String| VolumeError::Mountpoint {
         path: path.to_path_buf(),
         why,
     };
     let detach = |at: &Path| {
-        tracing::warn!(path = %at.display(), "detaching a dead mount left by a killed process");
+        tracing::warn!(path = %at.display(), "detaching a dead mount (its process is gone)");
         unmount(at, true).map_err(|e| {
             err(format!(
                 "a dead mount is in the way and could not be detached: {e}"
@@ -467,12 +467,20 @@ pub fn prepare_mountpoint(path: &Path) -> Result<PathBuf, VolumeError> {
         Ok(m) if !m.is_dir() => return Err(err("is not a directory".into())),
         Ok(_) => {}
     }
-    let canonical = std::fs::canonicalize(path).map_err(|e| err(e.to_string()))?;
+    let canonical = match std::fs::canonicalize(path) {
+        // The cached attributes of a dead mount's root ran out since the stat above.
+        Err(e) if is_dead_mount(&e) => {
+            detach(&absolute(path))?;
+            std::fs::canonicalize(path)
+        }
+        found => found,
+    }
+    .map_err(|e| err(e.to_string()))?;
     if let Some(fs) = mounted_fs(&canonical) {
         // For a while after its process died, a mount's root still stats fine: the kernel
         // answers from its attribute cache. statfs(2) is never cached.
         match statfs_answer(&canonical, MOUNT_PROBE_TIMEOUT) {
-            Some(Err(e)) if is_dead_mount(&e) => {
+            Some(Err(e)) if is_dead_mount(&e) && fs.starts_with("fuse") => {
                 detach(&canonical)?;
                 if let Some(fs) = mounted_fs(&canonical) {
                     return Err(err(format!("is already mounted ({fs})")));
