@@ -696,14 +696,14 @@ fn mount(a: MountArgs) -> Result<()> {
     Ok(())
 }
 
-/// Re-executes this mount in a new session in the background, and returns once it is mounted
-/// (or reports why it failed, from its log).
 /// A kernel cache timeout of `secs` seconds: negative or NaN is 0, too long for a
 /// [`Duration`] (inf) is the longest one.
 fn cache_ttl(secs: f64) -> Duration {
     Duration::try_from_secs_f64(secs.max(0.0)).unwrap_or(Duration::MAX)
 }
 
+/// Re-executes this mount in a new session in the background, and returns once it is mounted
+/// (or reports why it failed, from its log).
 fn daemonize(a: &MountArgs, mountpoint: &Path) -> Result<()> {
     use std::os::unix::process::CommandExt;
     let log = a

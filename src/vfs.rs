@@ -728,8 +728,9 @@ fn background_loop(data: &DataCtx, opts: &VfsOptions, wake: mpsc::Receiver<Wake>
 const DELETE_PAGE: usize = 1000;
 
 /// Deletes the objects of freed slices, one batch request per 1000 keys (sent at once), in one
-/// pass over the deletion queue, and drops their blocks from the cache. A slice leaves the queue only when all its blocks are gone; slices that
-/// fail stay for the next pass without holding up the ones behind them.
+/// pass over the deletion queue, and drops their blocks from the cache. A slice leaves the
+/// queue only when all its blocks are gone; slices that fail stay for the next pass without
+/// holding up the ones behind them.
 pub fn delete_freed(data: &DataCtx) -> Result<usize> {
     let mut deleted = 0;
     let mut after = 0;

@@ -508,9 +508,10 @@ fn is_dead_mount(e: &std::io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::ENOTCONN | libc::ECONNABORTED))
 }
 
-/// The outcome of statfs(2) on `path`, or None if it takes longer than `timeout` (the call
+/// The outcome of statfs(2) on `path`, which the kernel never answers from a cache (so a dead
+/// FUSE mount answers ENOTCONN at once), or None if it takes longer than `timeout` (the call
 /// goes on in a thread of its own, which a hung mount may keep).
-fn statfs_answer(path: &Path, timeout: std::time::Duration) -> Option<std::io::Result<()>> {
+pub fn statfs_answer(path: &Path, timeout: std::time::Duration) -> Option<std::io::Result<()>> {
     let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::Builder::new()

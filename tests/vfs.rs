@@ -91,6 +91,20 @@ fn fixture_caching(
 }
 
 impl Fixture {
+    /// Creates files `names` in the root, each holding `len` bytes of `byte`, and closes them;
+    /// their inode numbers.
+    fn write_files(&self, names: &[&[u8]], byte: u8, len: usize) -> Vec<u64> {
+        names
+            .iter()
+            .map(|name| {
+                let (a, fh) = self.vfs.create(CTX, ROOT_INO, name, 0o644, 0).unwrap();
+                self.vfs.write(a.ino, fh, 0, &vec![byte; len]).unwrap();
+                self.vfs.release(a.ino, fh).unwrap();
+                a.ino
+            })
+            .collect()
+    }
+
     fn store_objects(&self, prefix: &str) -> Vec<String> {
         self._rt
             .block_on(self.store.list(prefix, None, 10_000))
@@ -320,13 +334,7 @@ fn cached_reads_follow_changes() {
 #[test]
 fn a_failing_delete_does_not_block_the_queue() {
     let f = fixture(64 << 10);
-    let mut inos = Vec::new();
-    for name in [&b"stuck"[..], b"a", b"b"] {
-        let (a, fh) = f.vfs.create(CTX, ROOT_INO, name, 0o644, 0).unwrap();
-        f.vfs.write(a.ino, fh, 0, &[3u8; 100_000]).unwrap();
-        f.vfs.release(a.ino, fh).unwrap();
-        inos.push(a.ino);
-    }
+    let inos = f.write_files(&[&b"stuck"[..], b"a", b"b"], 3, 100_000);
     let data = f.vfs.data();
     let objects = || f.store_objects(&data.layout.prefix());
     assert_eq!(objects().len(), 6);
@@ -363,13 +371,7 @@ fn deleted_blocks_leave_the_disk_cache() {
     let data = f.vfs.data();
     let disk = data.cache.disk().unwrap();
     // Short blocks (here: whole small files) are kept in the disk cache as they are written.
-    let mut inos = Vec::new();
-    for name in [&b"gone"[..], b"kept"] {
-        let (a, fh) = f.vfs.create(CTX, ROOT_INO, name, 0o644, 0).unwrap();
-        f.vfs.write(a.ino, fh, 0, &[7u8; 10_000]).unwrap();
-        f.vfs.release(a.ino, fh).unwrap();
-        inos.push(a.ino);
-    }
+    let inos = f.write_files(&[&b"gone"[..], b"kept"], 7, 10_000);
     let key_of = |ino| {
         let s = &data.meta.read_chunk(ino, 0).unwrap()[0];
         data.layout.slice_keys(s.id, s.size)[0].clone()
@@ -718,13 +720,7 @@ fn trash_is_purged_after_its_days() {
     format.trash_days = 2;
     data.meta.format(&format, 0, 0).unwrap();
     let objects = || f.store_objects(&data.layout.prefix());
-    let mut inos = Vec::new();
-    for name in [&b"a"[..], b"b"] {
-        let (a, fh) = f.vfs.create(CTX, ROOT_INO, name, 0o644, 0).unwrap();
-        f.vfs.write(a.ino, fh, 0, &[7u8; 100_000]).unwrap();
-        f.vfs.release(a.ino, fh).unwrap();
-        inos.push(a.ino);
-    }
+    let inos = f.write_files(&[&b"a"[..], b"b"], 7, 100_000);
     let held = f.vfs.open(CTX, inos[1], libc::O_RDONLY).unwrap().fh;
     for name in [&b"a"[..], b"b"] {
         f.vfs.unlink(CTX, ROOT_INO, name).unwrap();

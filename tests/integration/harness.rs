@@ -365,18 +365,10 @@ impl Drop for DeadMount {
     }
 }
 
-/// Whether the filesystem at `path` answers statfs(2), which the kernel never answers from a
-/// cache, within 2 s: false for a dead mount (and for one stuck before it serves, whose
-/// caller's deadline must still fire; the call goes on in a thread of its own).
+/// Whether the filesystem at `path` answers statfs(2) within 2 s: false for a dead mount (and
+/// for one stuck before it serves, so that the caller's deadline still fires).
 fn answers(path: &Path) -> bool {
-    let c = cpath(path);
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut buf = std::mem::MaybeUninit::<libc::statfs>::uninit();
-        // SAFETY: `c` is a NUL-terminated path and `buf` has room for a statfs.
-        let _ = tx.send(unsafe { libc::statfs(c.as_ptr(), buf.as_mut_ptr()) } == 0);
-    });
-    rx.recv_timeout(Duration::from_secs(2)).unwrap_or(false)
+    tidefs::volume::statfs_answer(path, Duration::from_secs(2)).is_some_and(|r| r.is_ok())
 }
 
 /// `sh -c script`, to run as user `nobody` (uid/gid 65534).
