@@ -779,6 +779,10 @@ struct WriterState {
     err_seq: u64,
     /// The last commit failure.
     last_error: Option<String>,
+    /// How many of the failures some handle has reported. A handle opening while some
+    /// failure went unreported will report it (as Linux's `errseq_sample`), so a failure of a
+    /// commit that ends after the last close still reaches the file's next user.
+    err_reported: u64,
     /// When the oldest write not yet taken for commit was made.
     pending_since: Option<std::time::Instant>,
 }
@@ -927,9 +931,33 @@ impl FileWriter {
         st.slices.is_empty() && st.committing.is_empty()
     }
 
-    /// The number of commit failures so far, for a handle opening now.
-    pub fn err_seq(&self) -> u64 {
-        self.lock().err_seq
+    /// The number of commit failures a handle opening now counts as seen: all but those no
+    /// handle has reported yet.
+    pub fn seen_at_open(&self) -> u64 {
+        self.lock().err_reported
+    }
+
+    /// Whether a commit failed and no handle has reported it yet.
+    pub fn has_unreported_failure(&self) -> bool {
+        let st = self.lock();
+        st.err_reported < st.err_seq
+    }
+
+    /// Fails if a commit failed since the handle that has seen `seen` failures last heard,
+    /// which then counts as told (of this and every earlier failure).
+    pub fn take_unreported(&self, seen: &AtomicU64) -> Result<(), FsError> {
+        Self::report(&mut self.lock(), seen)
+    }
+
+    fn report(st: &mut WriterState, seen: &AtomicU64) -> Result<(), FsError> {
+        st.err_reported = st.err_seq;
+        if seen.swap(st.err_seq, Ordering::Relaxed) < st.err_seq {
+            let e = st.last_error.clone().unwrap_or_default();
+            return Err(FsError::Data(format!(
+                "an earlier write could not be committed: {e}"
+            )));
+        }
+        Ok(())
     }
 
     /// Uploads what is buffered and waits until every write made before this call is durable
@@ -979,15 +1007,8 @@ impl FileWriter {
             st.mtime = None;
         }
         // Whatever this call reports, the handle has now heard of every failure so far.
-        let unreported = seen.is_some_and(|s| s.swap(st.err_seq, Ordering::Relaxed) < st.err_seq);
-        own?;
-        if unreported {
-            let e = st.last_error.clone().unwrap_or_default();
-            return Err(FsError::Data(format!(
-                "an earlier write could not be committed: {e}"
-            )));
-        }
-        Ok(())
+        let unreported = seen.map_or(Ok(()), |seen| Self::report(&mut st, seen));
+        own.and(unreported)
     }
 
     /// Waits, with the state locked as `st`, until no batch taken before batch `gen` is

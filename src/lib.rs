@@ -9,6 +9,7 @@
 //! - [`volume`]: formatting and opening volumes, the default volume;
 //! - [`objbench`]: measuring an object store.
 
+pub mod closing;
 pub mod compact;
 pub mod control;
 pub mod data;

@@ -310,6 +310,12 @@ struct MountArgs {
     /// others; give every mount of a volume the same value.
     #[arg(long, default_value_t = session::DEFAULT_HEARTBEAT)]
     heartbeat: u64,
+    /// Make close(2) wait until the file's writes are uploaded and committed, as it always
+    /// does on a shared volume. By default a SQLite volume's mount returns from close at once
+    /// and commits in the background: the data reads back at once through the mount, and
+    /// fsync(2) of the file (or of any directory, for every file closed before) waits for it.
+    #[arg(long)]
+    commit_on_close: bool,
     /// Mount read-only.
     #[arg(long)]
     read_only: bool,
@@ -607,6 +613,7 @@ fn mount(a: MountArgs) -> Result<()> {
         heartbeat,
         attr_ttl: cache_ttl(a.attr_cache),
         commit_interval: Duration::from_secs(a.commit_interval),
+        close_behind: sole_mount && !a.commit_on_close,
         ..VfsOptions::default()
     };
     let vfs = TideVfs::new(data, format.clone(), sid, opts);

@@ -5,6 +5,7 @@
 //! writes first, so another open after a close sees every byte (close-to-open), and fsync
 //! returns only when data is in the object store and metadata is durable.
 
+use crate::closing::Closing;
 use crate::compact;
 use crate::control::{self, ControlSession, CONTROL_INO, CONTROL_NAME};
 use crate::data::{
@@ -55,6 +56,10 @@ pub struct VfsOptions {
     /// that this mount's last creation in it left are answered for as long (see
     /// [`TideVfs::getattr`]).
     pub attr_ttl: Duration,
+    /// close(2) returns without waiting for the file's upload and commit, which the release
+    /// that follows runs in the background (see [`crate::closing`]). Only for a sole mount:
+    /// other mounts would not see a closed file's data until it commits.
+    pub close_behind: bool,
 }
 
 impl Default for VfsOptions {
@@ -68,9 +73,14 @@ impl Default for VfsOptions {
             trash_purge_interval: Duration::from_secs(3600),
             read_only: false,
             attr_ttl: Duration::from_secs(1),
+            close_behind: false,
         }
     }
 }
+
+/// Releases of written files finishing in the background before closes wait (see
+/// [`crate::closing`]): enough to keep the object store busy with small files.
+const CLOSES_BEHIND: usize = 64;
 
 /// Entries of a directory fetched from the engine in one call, kept for the rest of a listing.
 struct DirBatch {
@@ -152,6 +162,8 @@ pub struct TideVfs {
     helpers: Mutex<Vec<JoinHandle<()>>>,
     /// This VFS, for control commands that outlive the request starting them.
     me: Weak<TideVfs>,
+    /// Releases finishing in the background, with close-behind.
+    closing: Closing,
 }
 
 impl std::fmt::Debug for TideVfs {
@@ -252,6 +264,7 @@ impl TideVfs {
         let vfs = Arc::new_cyclic(|me| TideVfs {
             deleter,
             me: me.clone(),
+            closing: Closing::new(CLOSES_BEHIND),
             controls: DashMap::new(),
             helpers: Mutex::new(Vec::new()),
             data,
@@ -487,6 +500,43 @@ impl TideVfs {
         r
     }
 
+    /// Commits the file's writes and, at its last release here, lets go of it. A failure to
+    /// commit is told to `handle` (counted as reported) or, without one, left for the file's
+    /// next close or fsync; close(2) reported what it had to through flush, and the kernel
+    /// ignores release errors.
+    fn finish_release(&self, ino: Ino, handle: Option<&OpenHandle>) -> Result<()> {
+        if let Err(e) = self.flush_inode(ino, handle) {
+            tracing::warn!(ino, error = %e, "flush at release failed");
+        }
+        let mut last = false;
+        self.open_counts.remove_if_mut(&ino, |_, n| {
+            *n -= 1;
+            last = *n == 0;
+            last
+        });
+        if !last {
+            return Ok(());
+        }
+        // A writer is dropped only when idle and no handle is open, so a write through a
+        // handle opened meanwhile never lands in a dropped writer; and not while a failure
+        // of its commits is unreported, so the file's next close or fsync reports it.
+        self.writers.remove_if(&ino, |_, w| {
+            w.is_idle() && !self.is_open(ino) && !w.has_unreported_failure()
+        });
+        if !self.is_open(ino) {
+            self.data.forget(ino);
+            // The next open checks again anyway: no need to keep it for every file ever
+            // created here.
+            self.unprivileged.remove(&ino);
+        }
+        // If reopened meanwhile (e.g. through /proc/PID/fd), the new handle keeps it alive.
+        if !self.is_open(ino) && self.sustained.remove(&ino).is_some() {
+            self.data.meta.release(ino, self.sid)?;
+            self.wake_deleter();
+        }
+        Ok(())
+    }
+
     fn handle(&self, fh: u64) -> Option<Arc<OpenHandle>> {
         self.handles.get(&fh).map(|h| h.clone())
     }
@@ -637,7 +687,11 @@ impl TideVfs {
     fn open_handle(&self, ino: Ino) -> u64 {
         *self.open_counts.entry(ino).or_insert(0) += 1;
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        let err_seq = self.writers.get(&ino).map(|w| w.err_seq()).unwrap_or(0);
+        let err_seq = self
+            .writers
+            .get(&ino)
+            .map(|w| w.seen_at_open())
+            .unwrap_or(0);
         let handle = OpenHandle {
             readahead: Readahead::default(),
             err_seen: AtomicU64::new(err_seq),
@@ -1066,7 +1120,18 @@ impl tidefs_fuse::Vfs for TideVfs {
         if ino == CONTROL_INO {
             return Ok(());
         }
-        self.flush_inode(ino, self.handle(fh).as_deref())
+        let handle = self.handle(fh);
+        if self.opts.close_behind {
+            // The writes commit at the release that follows (in the background); a close
+            // reports the failures before it and waits only for room among those releases.
+            self.closing.wait_for_room();
+            let writer = self.writers.get(&ino).map(|w| w.clone());
+            return match (writer, handle) {
+                (Some(w), Some(h)) => w.take_unreported(&h.err_seen),
+                _ => Ok(()),
+            };
+        }
+        self.flush_inode(ino, handle.as_deref())
     }
 
     fn getlk(&self, ino: Ino, _fh: u64, owner: u64, lock: FileLock) -> Result<Option<FileLock>> {
@@ -1195,36 +1260,22 @@ impl tidefs_fuse::Vfs for TideVfs {
             }
             return Ok(());
         }
-        // close(2) already reported through flush; the kernel ignores release errors.
         let handle = self.handles.remove(&fh).map(|(_, h)| h);
-        if let Err(e) = self.flush_inode(ino, handle.as_deref()) {
-            tracing::warn!(ino, error = %e, "flush at release failed");
+        let busy = self.writers.get(&ino).is_some_and(|w| !w.is_idle());
+        if self.opts.close_behind && busy {
+            if let Some(vfs) = self.me.upgrade() {
+                let number = self.closing.begin();
+                self.data.rt.spawn_blocking(move || {
+                    let _ticket = vfs.closing.ticket(number);
+                    let _s = tracing::debug_span!("release_behind", ino).entered();
+                    if let Err(e) = vfs.finish_release(ino, None) {
+                        tracing::warn!(ino, error = %e, "release failed");
+                    }
+                });
+                return Ok(());
+            }
         }
-        let mut last = false;
-        self.open_counts.remove_if_mut(&ino, |_, n| {
-            *n -= 1;
-            last = *n == 0;
-            last
-        });
-        if !last {
-            return Ok(());
-        }
-        // A writer is dropped only when idle and no handle is open, so a write through a
-        // handle opened meanwhile never lands in a dropped writer.
-        self.writers
-            .remove_if(&ino, |_, w| w.is_idle() && !self.is_open(ino));
-        if !self.is_open(ino) {
-            self.data.forget(ino);
-            // The next open checks again anyway: no need to keep it for every file ever
-            // created here.
-            self.unprivileged.remove(&ino);
-        }
-        // If reopened meanwhile (e.g. through /proc/PID/fd), the new handle keeps it alive.
-        if !self.is_open(ino) && self.sustained.remove(&ino).is_some() {
-            self.data.meta.release(ino, self.sid)?;
-            self.wake_deleter();
-        }
-        Ok(())
+        self.finish_release(ino, handle.as_deref())
     }
 
     fn fsync(&self, ino: Ino, fh: u64, _datasync: bool) -> Result<()> {
@@ -1236,6 +1287,14 @@ impl tidefs_fuse::Vfs for TideVfs {
     }
 
     fn fsyncdir(&self, _ino: Ino) -> Result<()> {
+        if self.opts.close_behind {
+            // Files closed before it, whose commits may still be finishing in the background
+            // (or whose release has not even arrived), are durable when it returns: which
+            // directory they are in is not tracked, so every file's writes are committed, as
+            // syncfs(2) would.
+            self.closing.wait_for_earlier();
+            self.flush_all()?;
+        }
         Ok(self.data.meta.sync()?)
     }
 
@@ -1468,6 +1527,7 @@ impl tidefs_fuse::Vfs for TideVfs {
         for h in helpers {
             let _ = h.join();
         }
+        self.closing.wait_for_earlier();
         if let Err(e) = self.flush_all() {
             tracing::error!(error = %e, "flushing writes at unmount failed");
         }

@@ -355,6 +355,78 @@ fn a_failing_delete_does_not_block_the_queue() {
     assert!(objects().is_empty());
 }
 
+/// A fixture whose closes commit in the background (a sole mount's default).
+fn closing_behind() -> Fixture {
+    let opts = VfsOptions {
+        close_behind: true,
+        ..VfsOptions::default()
+    };
+    fixture_with(64 << 10, 64 << 20, opts)
+}
+
+/// With close-behind a close does not wait for the upload, so it cannot report its failure;
+/// the file's next users do, each once, as Linux reports a writeback error no one has seen.
+#[test]
+fn close_behind_leaves_a_failed_commit_for_the_files_next_users() {
+    let f = closing_behind();
+    let (a, fh) = f.vfs.create(CTX, ROOT_INO, b"f", 0o644, 0).unwrap();
+    f.store.fail_puts(1000);
+    f.vfs.write(a.ino, fh, 0, &[7u8; 100_000]).unwrap();
+    f.vfs.flush(a.ino, fh).unwrap();
+    f.vfs.release(a.ino, fh).unwrap();
+    // Waits for the closes before it: the commit has failed now.
+    f.vfs.fsyncdir(ROOT_INO).unwrap();
+    f.store.fail_puts(0);
+    assert_eq!(f.vfs.getattr(a.ino).unwrap().length, 0);
+    let fh2 = f.vfs.open(CTX, a.ino, libc::O_RDWR).unwrap().fh;
+    let fh3 = f.vfs.open(CTX, a.ino, libc::O_RDONLY).unwrap().fh;
+    assert_eq!(errno(f.vfs.flush(a.ino, fh2)), libc::EIO);
+    f.vfs.flush(a.ino, fh2).unwrap();
+    // Opened before anyone reported it: hears of it too, through fsync.
+    assert_eq!(errno(f.vfs.fsync(a.ino, fh3, false)), libc::EIO);
+    // Opened after it was reported: does not inherit it.
+    let fh4 = f.vfs.open(CTX, a.ino, libc::O_RDWR).unwrap().fh;
+    f.vfs.flush(a.ino, fh4).unwrap();
+    for fh in [fh2, fh3, fh4] {
+        f.vfs.release(a.ino, fh).unwrap();
+    }
+    // Nothing is left to report: the next user hears nothing.
+    f.vfs.fsyncdir(ROOT_INO).unwrap();
+    let fh5 = f.vfs.open(CTX, a.ino, libc::O_RDWR).unwrap().fh;
+    f.vfs.flush(a.ino, fh5).unwrap();
+    f.vfs.release(a.ino, fh5).unwrap();
+}
+
+/// Files closed while their uploads are still under way read back whole at once, a file
+/// removed before its commit ended leaves no object behind, and fsync of a directory returns
+/// once every file closed before it is in the store.
+#[test]
+fn close_behind_files_read_back_at_once_and_removed_ones_leave_nothing() {
+    let f = closing_behind();
+    f.store.delay_puts(Duration::from_millis(300));
+    let names: Vec<&[u8]> = vec![b"a", b"b", b"c", b"d", b"gone"];
+    let inos = f.write_files(&names, 9, 100_000);
+    for &ino in &inos {
+        assert_eq!(f.vfs.getattr(ino).unwrap().length, 100_000);
+        let fh = f.vfs.open(CTX, ino, libc::O_RDONLY).unwrap().fh;
+        let back = f.vfs.read(ino, fh, 0, 200_000).unwrap();
+        assert!(back.len() == 100_000 && back.iter().all(|&b| b == 9));
+        f.vfs.release(ino, fh).unwrap();
+    }
+    f.vfs.unlink(CTX, ROOT_INO, b"gone").unwrap();
+    f.vfs.fsyncdir(ROOT_INO).unwrap();
+    f.store.delay_puts(Duration::ZERO);
+    let data = f.vfs.data();
+    let objects = || f.store_objects(&data.layout.prefix());
+    // (The mount's background thread may delete first: check the outcome.)
+    tidefs::vfs::delete_freed(&data).unwrap();
+    // Two blocks (64 KiB and the rest) for each file left.
+    assert_eq!(objects().len(), 8, "{:?}", objects());
+    for &ino in &inos[..4] {
+        assert_eq!(data.meta.read_chunk(ino, 0).unwrap().len(), 1);
+    }
+}
+
 /// Deleting a file's objects also removes its blocks from the disk cache, so that the blocks
 /// of deleted files (temporary files, a job's scratch data) do not push live ones out.
 #[test]

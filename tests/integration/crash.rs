@@ -115,7 +115,8 @@ fn kill9_in_the_middle_of_writes_loses_nothing_fsynced() {
 fn a_mount_started_right_after_a_kill9_takes_the_dead_mounts_place() {
     let vol = Volume::new(64);
     let mnt = vol.mount_with(&["--attr-cache", "30"]);
-    fs::write(mnt.p("kept"), b"closed before the kill").unwrap();
+    fs::write(mnt.p("kept"), b"synced before the kill").unwrap();
+    mnt.settle();
     let path = mnt.path.clone();
     // The root's attributes are now cached for 30 s.
     fs::metadata(&path).unwrap();
@@ -131,10 +132,10 @@ fn a_mount_started_right_after_a_kill9_takes_the_dead_mounts_place() {
         "{}",
         mnt.log_text()
     );
-    assert_eq!(fs::read(mnt.p("kept")).unwrap(), b"closed before the kill");
+    assert_eq!(fs::read(mnt.p("kept")).unwrap(), b"synced before the kill");
     // The guard leaves the live mount that took the dead one's place alone.
     drop(dead);
-    assert_eq!(fs::read(mnt.p("kept")).unwrap(), b"closed before the kill");
+    assert_eq!(fs::read(mnt.p("kept")).unwrap(), b"synced before the kill");
     mnt.unmount();
 }
 

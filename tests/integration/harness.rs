@@ -276,6 +276,13 @@ impl Mount {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Waits until the files closed so far are committed, their blocks in the store: a
+    /// SQLite volume's mount commits them after close returns (close-behind), and an fsync of
+    /// any directory waits for that.
+    pub fn settle(&self) {
+        std::fs::File::open(&self.path).unwrap().sync_all().unwrap();
+    }
+
     /// A path inside the mount.
     pub fn p(&self, rel: &str) -> PathBuf {
         self.path.join(rel)

@@ -51,6 +51,7 @@ fn gc_removes_exactly_the_unreferenced_objects() {
     for i in 0..5 {
         std::fs::write(mnt.p(&format!("f{i}")), vec![i as u8; 150_000]).unwrap();
     }
+    mnt.settle();
     // A write killed before its commit leaves uploaded blocks no metadata references.
     let mut f = std::fs::File::create(mnt.p("unfinished")).unwrap();
     f.write_all(&vec![9u8; 2 << 20]).unwrap();
@@ -366,6 +367,7 @@ fn a_mount_killed_while_deleting_leaks_nothing() {
     for i in 0..400 {
         std::fs::write(mnt.p(&format!("gone/{i}")), vec![1u8; 70_000]).unwrap();
     }
+    mnt.settle();
     let total = vol.objects().len();
     assert_eq!(total, 4 + 400 * 2);
     std::fs::remove_dir_all(mnt.p("gone")).unwrap();
