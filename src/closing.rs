@@ -6,7 +6,7 @@
 //! ones begun before them.
 
 use std::collections::BTreeSet;
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 /// The releases finishing in the background.
 #[derive(Debug)]
@@ -26,8 +26,8 @@ struct State {
 
 /// One release under way; it ends when this is dropped.
 #[derive(Debug)]
-pub struct Ticket<'a> {
-    closing: &'a Closing,
+pub struct Ticket {
+    closing: Arc<Closing>,
     number: u64,
 }
 
@@ -45,26 +45,21 @@ impl Closing {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Counts a release as under way until [`Closing::end`] is called with the number
-    /// returned.
-    pub fn begin(&self) -> u64 {
+    /// Counts a release as under way until the ticket is dropped (also when the release
+    /// panics, or its task is dropped without running).
+    pub fn begin(self: &Arc<Self>) -> Ticket {
         let mut st = self.lock();
         let number = st.next;
         st.next += 1;
         st.under_way.insert(number);
-        number
-    }
-
-    /// Ends release `number`, begun with [`Closing::begin`], on a thread of its own: the
-    /// ticket ends it when dropped, also when the release panics.
-    pub fn ticket(&self, number: u64) -> Ticket<'_> {
         Ticket {
-            closing: self,
+            closing: self.clone(),
             number,
         }
     }
 
-    /// Waits while `limit` releases or more are under way.
+    /// Waits while `limit` releases or more are under way (a soft limit: releases begun
+    /// meanwhile by other threads may pass it).
     pub fn wait_for_room(&self) {
         let mut st = self.lock();
         while st.under_way.len() >= self.limit {
@@ -78,7 +73,7 @@ impl Closing {
         self.wait_for_begun_before(mark);
     }
 
-    /// Waits until every release numbered below `mark` (from [`Closing::begin`]) has ended.
+    /// Waits until every release numbered below `mark` (see [`Ticket::number`]) has ended.
     fn wait_for_begun_before(&self, mark: u64) {
         let mut st = self.lock();
         while st.under_way.first().is_some_and(|&n| n < mark) {
@@ -97,7 +92,14 @@ impl Closing {
     }
 }
 
-impl Drop for Ticket<'_> {
+impl Ticket {
+    /// The order in which the release began.
+    pub fn number(&self) -> u64 {
+        self.number
+    }
+}
+
+impl Drop for Ticket {
     fn drop(&mut self) {
         self.closing.end(self.number);
     }
@@ -115,21 +117,22 @@ mod tests {
         let first = c.begin();
         // Begun after the waiter's call: it must not hold the waiter back.
         let later = c.begin();
+        let mark = later.number();
         let (tx, rx) = std::sync::mpsc::channel();
         let waiter = {
             let c = c.clone();
             std::thread::spawn(move || {
-                c.wait_for_begun_before(later);
+                c.wait_for_begun_before(mark);
                 tx.send(()).unwrap();
             })
         };
         assert!(rx.recv_timeout(Duration::from_millis(100)).is_err());
-        drop(c.ticket(first));
+        drop(first);
         rx.recv_timeout(Duration::from_secs(5))
             .expect("the waiter saw the first release end");
         waiter.join().unwrap();
         assert_eq!(c.under_way(), 1);
-        drop(c.ticket(later));
+        drop(later);
         assert_eq!(c.under_way(), 0);
     }
 
@@ -146,10 +149,10 @@ mod tests {
             })
         };
         assert!(rx.recv_timeout(Duration::from_millis(100)).is_err());
-        drop(c.ticket(a));
+        drop(a);
         rx.recv_timeout(Duration::from_secs(5))
             .expect("room was made");
         closer.join().unwrap();
-        drop(c.ticket(b));
+        drop(b);
     }
 }

@@ -91,6 +91,8 @@ pub struct DataCtx {
     prefetches: Arc<tokio::sync::Semaphore>,
     /// File reads being served (at most one per FUSE request loop).
     pub reads: InFlight,
+    /// Commits of written data that failed, over all files, since the mount began.
+    pub commit_failures: AtomicU64,
 }
 
 /// Read-side metadata of one file, cached between changes.
@@ -157,6 +159,7 @@ impl DataCtx {
             cache_large_writes: false,
             prefetches,
             reads: InFlight::default(),
+            commit_failures: AtomicU64::new(0),
         }
     }
 
@@ -894,7 +897,8 @@ impl FileWriter {
         {
             return PendingRead::CommitFirst;
         }
-        if st.slices.is_empty() {
+        // While a batch commits the file may be longer than its committed length says.
+        if st.slices.is_empty() && st.committing.is_empty() {
             return PendingRead::Nothing;
         }
         let mut parts = Vec::new();
@@ -994,6 +998,7 @@ impl FileWriter {
         if !slices.is_empty() {
             st.committing.retain(|(g, _)| *g != gen);
             if let Err(e) = &own {
+                data.commit_failures.fetch_add(1, Ordering::Relaxed);
                 st.err_seq += 1;
                 st.last_error = Some(e.to_string());
             }

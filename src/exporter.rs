@@ -71,6 +71,12 @@ impl MountMetrics {
                 self.data.buffered.load(Ordering::Relaxed),
             ),
             (
+                "tidefs_commit_failures_total",
+                counter,
+                "Commits of written data that failed (reported to the files' handles).",
+                self.data.commit_failures.load(Ordering::Relaxed),
+            ),
+            (
                 "tidefs_reads_in_flight",
                 gauge,
                 "File reads under way.",
@@ -194,6 +200,7 @@ impl MountMetrics {
                 })),
             },
             "buffer_used_bytes": self.data.buffered.load(Ordering::Relaxed),
+            "commit_failures": self.data.commit_failures.load(Ordering::Relaxed),
             "reads": {
                 "in_flight": self.data.reads.now(),
                 "most_at_once": self.data.reads.most(),

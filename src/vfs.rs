@@ -163,7 +163,9 @@ pub struct TideVfs {
     /// This VFS, for control commands that outlive the request starting them.
     me: Weak<TideVfs>,
     /// Releases finishing in the background, with close-behind.
-    closing: Closing,
+    closing: Arc<Closing>,
+    /// [`DataCtx::commit_failures`] as the last fsync of a directory reported them.
+    failures_dir_synced: AtomicU64,
 }
 
 impl std::fmt::Debug for TideVfs {
@@ -264,7 +266,8 @@ impl TideVfs {
         let vfs = Arc::new_cyclic(|me| TideVfs {
             deleter,
             me: me.clone(),
-            closing: Closing::new(CLOSES_BEHIND),
+            closing: Arc::new(Closing::new(CLOSES_BEHIND)),
+            failures_dir_synced: AtomicU64::new(0),
             controls: DashMap::new(),
             helpers: Mutex::new(Vec::new()),
             data,
@@ -469,17 +472,28 @@ impl TideVfs {
         changed.notify_all();
     }
 
-    fn with_overlay(&self, mut a: Attr) -> Attr {
-        if a.kind == FileKind::File {
-            if let Some(w) = self.writers.get(&a.ino).map(|w| w.clone()) {
-                if let Some((length, mtime)) = w.overlay() {
-                    a.length = a.length.max(length);
-                    a.mtime = mtime;
-                    a.ctime = a.ctime.max(mtime);
-                }
-            }
+    /// The attributes of `ino` as the engine gives them, with the file's uncommitted writes
+    /// laid over them. The writes are looked at first: a commit ending in between only moves
+    /// them into the engine's answer, it cannot hide them.
+    fn attr_of(&self, ino: Ino) -> Result<Attr> {
+        let pending = self.writers.get(&ino).and_then(|w| w.overlay());
+        Ok(lay_over(self.data.meta.getattr(ino)?, pending))
+    }
+
+    /// Attributes the engine gave before the inode was known (lookup, link, setattr), with
+    /// the file's uncommitted writes laid over them. A file with a writer but nothing
+    /// pending may have committed since the engine answered: it is asked again.
+    fn with_overlay(&self, a: Attr) -> Result<Attr> {
+        if a.kind != FileKind::File {
+            return Ok(a);
         }
-        a
+        let Some(w) = self.writers.get(&a.ino).map(|w| w.clone()) else {
+            return Ok(a);
+        };
+        match w.overlay() {
+            Some(pending) => Ok(lay_over(a, Some(pending))),
+            None => self.attr_of(a.ino),
+        }
     }
 
     /// Commits the buffered writes of `ino`, waiting until they are durable and committed.
@@ -500,12 +514,11 @@ impl TideVfs {
         r
     }
 
-    /// Commits the file's writes and, at its last release here, lets go of it. A failure to
-    /// commit is told to `handle` (counted as reported) or, without one, left for the file's
-    /// next close or fsync; close(2) reported what it had to through flush, and the kernel
-    /// ignores release errors.
-    fn finish_release(&self, ino: Ino, handle: Option<&OpenHandle>) -> Result<()> {
-        if let Err(e) = self.flush_inode(ino, handle) {
+    /// Commits the file's writes and, at its last release here, lets go of it. The kernel
+    /// ignores release errors, so a failure to commit is left for the file's next close or
+    /// fsync (and logged).
+    fn finish_release(&self, ino: Ino) -> Result<()> {
+        if let Err(e) = self.flush_inode(ino, None) {
             tracing::warn!(ino, error = %e, "flush at release failed");
         }
         let mut last = false;
@@ -872,6 +885,16 @@ fn check_xattr_name(name: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// `a` with a file's uncommitted writes, `(length, mtime)`, laid over it.
+fn lay_over(mut a: Attr, pending: Option<(u64, Timestamp)>) -> Attr {
+    if let (FileKind::File, Some((length, mtime))) = (a.kind, pending) {
+        a.length = a.length.max(length);
+        a.mtime = mtime;
+        a.ctime = a.ctime.max(mtime);
+    }
+    a
+}
+
 impl tidefs_fuse::Vfs for TideVfs {
     type Error = FsError;
 
@@ -880,7 +903,7 @@ impl tidefs_fuse::Vfs for TideVfs {
             Err(MetaError::NotFound) if parent == tidefs_meta::ROOT_INO && name == CONTROL_NAME => {
                 Ok(control::control_attr())
             }
-            r => Ok(self.with_overlay(r?)),
+            r => self.with_overlay(r?),
         }
     }
 
@@ -895,7 +918,7 @@ impl tidefs_fuse::Vfs for TideVfs {
         if let Some(a) = self.take_fresh_dir(ino) {
             return Ok(a);
         }
-        Ok(self.with_overlay(self.data.meta.getattr(ino)?))
+        self.attr_of(ino)
     }
 
     fn setattr(&self, _ctx: Ctx, ino: Ino, set: SetAttr, size: Option<u64>) -> Result<Attr> {
@@ -941,7 +964,7 @@ impl tidefs_fuse::Vfs for TideVfs {
             // Newer (by ctime) than whatever a creation racing this call may keep.
             self.note_dir(attr.clone());
         }
-        Ok(self.with_overlay(attr))
+        self.with_overlay(attr)
     }
 
     fn readlink(&self, ino: Ino) -> Result<Vec<u8>> {
@@ -1018,7 +1041,7 @@ impl tidefs_fuse::Vfs for TideVfs {
     fn link(&self, _ctx: Ctx, ino: Ino, new_parent: Ino, name: &[u8]) -> Result<Attr> {
         let linked = self.data.meta.link(ino, new_parent, name);
         self.dir_changed(new_parent);
-        Ok(self.with_overlay(linked?))
+        self.with_overlay(linked?)
     }
 
     fn open(&self, ctx: Ctx, ino: Ino, _flags: i32) -> Result<Opened> {
@@ -1037,7 +1060,7 @@ impl tidefs_fuse::Vfs for TideVfs {
         // chmod u+s).
         self.data.invalidate(ino);
         self.unprivileged.remove(&ino);
-        let a = self.with_overlay(self.data.meta.getattr(ino)?);
+        let a = self.attr_of(ino)?;
         if a.kind == FileKind::Dir {
             return Err(FsError::refused(
                 libc::EISDIR,
@@ -1260,22 +1283,23 @@ impl tidefs_fuse::Vfs for TideVfs {
             }
             return Ok(());
         }
-        let handle = self.handles.remove(&fh).map(|(_, h)| h);
+        self.handles.remove(&fh);
         let busy = self.writers.get(&ino).is_some_and(|w| !w.is_idle());
         if self.opts.close_behind && busy {
             if let Some(vfs) = self.me.upgrade() {
-                let number = self.closing.begin();
+                // Ends the release when dropped, even if the task never runs.
+                let ticket = self.closing.begin();
                 self.data.rt.spawn_blocking(move || {
-                    let _ticket = vfs.closing.ticket(number);
+                    let _ticket = ticket;
                     let _s = tracing::debug_span!("release_behind", ino).entered();
-                    if let Err(e) = vfs.finish_release(ino, None) {
+                    if let Err(e) = vfs.finish_release(ino) {
                         tracing::warn!(ino, error = %e, "release failed");
                     }
                 });
                 return Ok(());
             }
         }
-        self.finish_release(ino, handle.as_deref())
+        self.finish_release(ino)
     }
 
     fn fsync(&self, ino: Ino, fh: u64, _datasync: bool) -> Result<()> {
@@ -1291,9 +1315,19 @@ impl tidefs_fuse::Vfs for TideVfs {
             // Files closed before it, whose commits may still be finishing in the background
             // (or whose release has not even arrived), are durable when it returns: which
             // directory they are in is not tracked, so every file's writes are committed, as
-            // syncfs(2) would.
+            // syncfs(2) would; and, as syncfs does, it fails if a commit failed since the
+            // last one (the files' own handles still hear of it, too).
             self.closing.wait_for_earlier();
-            self.flush_all()?;
+            let flushed = self.flush_all();
+            let failures = self.data.commit_failures.load(Ordering::Relaxed);
+            let earlier = self.failures_dir_synced.swap(failures, Ordering::Relaxed);
+            flushed?;
+            if earlier < failures {
+                return Err(FsError::Data(format!(
+                    "{} commits of closed files failed since the last directory fsync (see the log)",
+                    failures - earlier
+                )));
+            }
         }
         Ok(self.data.meta.sync()?)
     }

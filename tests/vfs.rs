@@ -374,7 +374,9 @@ fn close_behind_leaves_a_failed_commit_for_the_files_next_users() {
     f.vfs.write(a.ino, fh, 0, &[7u8; 100_000]).unwrap();
     f.vfs.flush(a.ino, fh).unwrap();
     f.vfs.release(a.ino, fh).unwrap();
-    // Waits for the closes before it: the commit has failed now.
+    // Waits for the closes before it: the commit has failed now, and it says so, once (as
+    // syncfs(2) does).
+    assert_eq!(errno(f.vfs.fsyncdir(ROOT_INO)), libc::EIO);
     f.vfs.fsyncdir(ROOT_INO).unwrap();
     f.store.fail_puts(0);
     assert_eq!(f.vfs.getattr(a.ino).unwrap().length, 0);
@@ -395,6 +397,29 @@ fn close_behind_leaves_a_failed_commit_for_the_files_next_users() {
     let fh5 = f.vfs.open(CTX, a.ino, libc::O_RDWR).unwrap().fh;
     f.vfs.flush(a.ino, fh5).unwrap();
     f.vfs.release(a.ino, fh5).unwrap();
+}
+
+/// While a file's writes commit (here: a close's, behind it), a read elsewhere in the file does
+/// not wait for the commit and still sees the file's whole length: a read of a hole between
+/// two written ranges reads zeros, not a short file.
+#[test]
+fn a_read_of_a_hole_while_its_file_commits_sees_the_whole_length() {
+    let f = closing_behind();
+    let (a, fh) = f.vfs.create(CTX, ROOT_INO, b"f", 0o644, 0).unwrap();
+    f.vfs.write(a.ino, fh, 0, &[1u8; 10]).unwrap();
+    f.vfs.write(a.ino, fh, 200_000, &[2u8; 10]).unwrap();
+    f.store.delay_puts(Duration::from_millis(500));
+    f.vfs.flush(a.ino, fh).unwrap();
+    f.vfs.release(a.ino, fh).unwrap();
+    // The release's commit is under way now (its uploads take 500 ms).
+    std::thread::sleep(Duration::from_millis(100));
+    let reader = f.vfs.open(CTX, a.ino, libc::O_RDONLY).unwrap().fh;
+    let hole = f.vfs.read(a.ino, reader, 100_000, 100).unwrap();
+    assert_eq!(&hole[..], &[0u8; 100][..]);
+    assert_eq!(f.vfs.getattr(a.ino).unwrap().length, 200_010);
+    let tail = f.vfs.read(a.ino, reader, 200_000, 100).unwrap();
+    assert_eq!(&tail[..], &[2u8; 10][..]);
+    f.vfs.release(a.ino, reader).unwrap();
 }
 
 /// Files closed while their uploads are still under way read back whole at once, a file
