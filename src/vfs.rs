@@ -476,7 +476,8 @@ impl TideVfs {
     /// laid over them. The writes are looked at first: a commit ending in between only moves
     /// them into the engine's answer, it cannot hide them.
     fn attr_of(&self, ino: Ino) -> Result<Attr> {
-        let pending = self.writers.get(&ino).and_then(|w| w.overlay());
+        let writer = self.writers.get(&ino).map(|w| w.clone());
+        let pending = writer.and_then(|w| w.overlay());
         Ok(lay_over(self.data.meta.getattr(ino)?, pending))
     }
 
@@ -1284,7 +1285,8 @@ impl tidefs_fuse::Vfs for TideVfs {
             return Ok(());
         }
         self.handles.remove(&fh);
-        let busy = self.writers.get(&ino).is_some_and(|w| !w.is_idle());
+        let writer = self.writers.get(&ino).map(|w| w.clone());
+        let busy = writer.is_some_and(|w| !w.is_idle());
         if self.opts.close_behind && busy {
             if let Some(vfs) = self.me.upgrade() {
                 // Ends the release when dropped, even if the task never runs.
