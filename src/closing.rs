@@ -73,7 +73,7 @@ impl Closing {
         self.wait_for_begun_before(mark);
     }
 
-    /// Waits until every release numbered below `mark` (see [`Ticket::number`]) has ended.
+    /// Waits until every release numbered below `mark` (in the order they began) has ended.
     fn wait_for_begun_before(&self, mark: u64) {
         let mut st = self.lock();
         while st.under_way.first().is_some_and(|&n| n < mark) {
@@ -81,21 +81,14 @@ impl Closing {
         }
     }
 
-    /// Releases under way now.
-    pub fn under_way(&self) -> usize {
+    #[cfg(test)]
+    fn under_way(&self) -> usize {
         self.lock().under_way.len()
     }
 
     fn end(&self, number: u64) {
         self.lock().under_way.remove(&number);
         self.changed.notify_all();
-    }
-}
-
-impl Ticket {
-    /// The order in which the release began.
-    pub fn number(&self) -> u64 {
-        self.number
     }
 }
 
@@ -108,8 +101,20 @@ impl Drop for Ticket {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::mpsc::Receiver;
     use std::sync::Arc;
+    use std::thread::JoinHandle;
     use std::time::Duration;
+
+    /// Runs `wait` on a thread of its own; the receiver hears when it returns.
+    fn waiting(wait: impl FnOnce() + Send + 'static) -> (JoinHandle<()>, Receiver<()>) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            wait();
+            tx.send(()).unwrap();
+        });
+        (thread, rx)
+    }
 
     #[test]
     fn waiting_for_earlier_releases_ignores_later_ones() {
@@ -117,15 +122,8 @@ mod tests {
         let first = c.begin();
         // Begun after the waiter's call: it must not hold the waiter back.
         let later = c.begin();
-        let mark = later.number();
-        let (tx, rx) = std::sync::mpsc::channel();
-        let waiter = {
-            let c = c.clone();
-            std::thread::spawn(move || {
-                c.wait_for_begun_before(mark);
-                tx.send(()).unwrap();
-            })
-        };
+        let (mark, waiting_on) = (later.number, c.clone());
+        let (waiter, rx) = waiting(move || waiting_on.wait_for_begun_before(mark));
         assert!(rx.recv_timeout(Duration::from_millis(100)).is_err());
         drop(first);
         rx.recv_timeout(Duration::from_secs(5))
@@ -140,14 +138,8 @@ mod tests {
     fn closes_wait_for_room_at_the_limit() {
         let c = Arc::new(Closing::new(2));
         let (a, b) = (c.begin(), c.begin());
-        let (tx, rx) = std::sync::mpsc::channel();
-        let closer = {
-            let c = c.clone();
-            std::thread::spawn(move || {
-                c.wait_for_room();
-                tx.send(()).unwrap();
-            })
-        };
+        let closing = c.clone();
+        let (closer, rx) = waiting(move || closing.wait_for_room());
         assert!(rx.recv_timeout(Duration::from_millis(100)).is_err());
         drop(a);
         rx.recv_timeout(Duration::from_secs(5))

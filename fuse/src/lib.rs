@@ -232,7 +232,9 @@ pub trait Vfs: Send + Sync + 'static {
     /// CAP_FSETID, or any chown) its setuid bit and the setgid bit of a group-executable
     /// file. Called before each such change, so it must be cheap once nothing is left.
     fn drop_privileges(&self, ino: Ino, suidgid: bool) -> Result<(), Self::Error>;
-    /// Called at each close(2) of a descriptor: makes written data durable and committed.
+    /// Called at each close(2) of a descriptor; its result is close's. How much of the
+    /// written data is committed first is the VFS's choice (tidefs: all of it, unless the
+    /// mount commits behind the close).
     fn flush(&self, ino: Ino, fh: u64) -> Result<(), Self::Error>;
     /// Called when the last descriptor of a handle goes away.
     fn release(&self, ino: Ino, fh: u64) -> Result<(), Self::Error>;

@@ -230,9 +230,6 @@ fn removing_files_frees_their_objects() {
     mnt.unmount();
 }
 
-/// Data written and closed is there after an unmount and a new mount; fsync'd data too.
-/// A volume formatted with `--shards` spreads one file's blocks over the prefixes, reads them
-/// back after a remount, and frees them all.
 /// On a SQLite volume a close returns before its file commits (close-behind): the files read
 /// back whole at once, and an fsync of a directory returns once they are all in the store.
 /// With `--commit-on-close` (as on a shared volume) they are there when close returns.
@@ -268,6 +265,8 @@ fn closed_files_read_back_at_once_and_fsyncdir_or_commit_on_close_stores_them() 
     }
 }
 
+/// A volume formatted with `--shards` spreads one file's blocks over the prefixes, reads them
+/// back after a remount, and frees them all.
 #[test]
 fn sharded_volume_spreads_reads_and_frees_blocks() {
     let vol = Volume::formatted_with(64, &["--shards", "4"]);
@@ -303,6 +302,7 @@ fn sharded_volume_spreads_reads_and_frees_blocks() {
     mnt.unmount();
 }
 
+/// Data written and closed is there after an unmount and a new mount; fsync'd data too.
 #[test]
 fn data_survives_remount() {
     let vol = Volume::new(4096);
