@@ -1,27 +1,46 @@
 //! Releases of written files that finish after close(2) has returned ("close-behind").
 //!
 //! On a sole mount a close does not wait for its file's upload and commit: the release that
-//! follows it hands them to a background thread. [`Closing`] keeps count of those, so that
-//! closes wait once too many are under way, and fsync of a directory and unmount wait for the
-//! ones begun before them.
+//! follows it hands them to a background thread, at once, or — for a small file still all in
+//! memory — after a short delay, so that a file removed or replaced within it is never
+//! uploaded at all. [`Closing`] keeps these releases in order: closes wait once too many are
+//! running or waiting, and fsync of a directory and unmount finish the ones begun before them.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use tidefs_meta::Ino;
 
-/// The releases finishing in the background.
+/// The releases finishing in the background, running or deferred.
 #[derive(Debug)]
 pub struct Closing {
     state: Mutex<State>,
     changed: Condvar,
-    limit: usize,
+    limits: Limits,
+}
+
+/// How many releases run and wait at once, and how long deferred ones wait.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Releases running at once past which closes wait, and up to which deferred releases
+    /// are started.
+    pub running: usize,
+    /// Deferred releases past which closes wait; past half of it the oldest start early.
+    pub deferred: usize,
+    /// How long a deferred release waits before it starts.
+    pub delay: Duration,
 }
 
 #[derive(Debug, Default)]
 struct State {
     /// The next ticket to hand out.
     next: u64,
-    /// Tickets of the releases under way.
+    /// Tickets of the releases not ended, running or deferred.
     under_way: BTreeSet<u64>,
+    /// Tickets of the releases running.
+    running: usize,
+    /// Deferred releases, oldest first: when each is due, and its file.
+    deferred: VecDeque<(Instant, Ino, Ticket)>,
 }
 
 /// One release under way; it ends when this is dropped.
@@ -29,15 +48,23 @@ struct State {
 pub struct Ticket {
     closing: Arc<Closing>,
     number: u64,
+    running: bool,
 }
 
+/// Deferred releases to run now, with their files.
+pub type Due = Vec<(Ino, Ticket)>;
+
 impl Closing {
-    /// Lets at most `limit` (at least 1) releases run at once before closes wait.
-    pub fn new(limit: usize) -> Self {
+    /// Releases kept within `limits` (each limit at least 1).
+    pub fn new(limits: Limits) -> Self {
         Closing {
             state: Mutex::default(),
             changed: Condvar::new(),
-            limit: limit.max(1),
+            limits: Limits {
+                running: limits.running.max(1),
+                deferred: limits.deferred.max(1),
+                delay: limits.delay,
+            },
         }
     }
 
@@ -45,40 +72,118 @@ impl Closing {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Counts a release as under way until the ticket is dropped (also when the release
-    /// panics, or its task is dropped without running).
-    pub fn begin(self: &Arc<Self>) -> Ticket {
-        let mut st = self.lock();
+    fn ticket(self: &Arc<Self>, st: &mut State, running: bool) -> Ticket {
         let number = st.next;
         st.next += 1;
         st.under_way.insert(number);
+        st.running += usize::from(running);
         Ticket {
             closing: self.clone(),
             number,
+            running,
         }
     }
 
-    /// Waits while `limit` releases or more are under way (a soft limit: releases begun
-    /// meanwhile by other threads may pass it).
+    /// Counts a release that runs now as under way until the ticket is dropped (also when
+    /// the release panics, or its task is dropped without running).
+    pub fn begin(self: &Arc<Self>) -> Ticket {
+        let mut st = self.lock();
+        self.ticket(&mut st, true)
+    }
+
+    /// Defers the release of `ino`: [`Closing::take_due`] hands it out once the delay has
+    /// passed (or earlier, under pressure), [`Closing::take_begun_before`] at once.
+    pub fn defer(self: &Arc<Self>, ino: Ino) {
+        let mut st = self.lock();
+        let ticket = self.ticket(&mut st, false);
+        st.deferred
+            .push_back((Instant::now() + self.limits.delay, ino, ticket));
+        drop(st);
+        self.changed.notify_all();
+    }
+
+    /// Waits up to `timeout` for deferred releases that are due, and takes them, now
+    /// counted as running, oldest first, while fewer than the running limit run. A release
+    /// is due when its delay has passed, when more than half the deferred limit wait, or,
+    /// with `pressure`, at once.
+    pub fn take_due(&self, pressure: bool, timeout: Duration) -> Due {
+        let deadline = Instant::now() + timeout;
+        let mut st = self.lock();
+        loop {
+            let now = Instant::now();
+            let mut due = Vec::new();
+            while st.running < self.limits.running {
+                let Some((at, ..)) = st.deferred.front() else {
+                    break;
+                };
+                if !(pressure || *at <= now || st.deferred.len() > self.limits.deferred / 2) {
+                    break;
+                }
+                let (_, ino, ticket) = st.deferred.pop_front().expect("a front");
+                due.push((ino, Self::start(&mut st, ticket)));
+            }
+            if !due.is_empty() || now >= deadline {
+                return due;
+            }
+            let next = st.deferred.front().map_or(deadline, |(at, ..)| *at);
+            let wait = next.min(deadline).saturating_duration_since(now);
+            st = self
+                .changed
+                .wait_timeout(st, wait.max(Duration::from_millis(1)))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    fn start(st: &mut State, mut ticket: Ticket) -> Ticket {
+        ticket.running = true;
+        st.running += 1;
+        ticket
+    }
+
+    /// The mark of releases begun so far, for [`Closing::take_begun_before`] and
+    /// [`Closing::wait_for_begun_before`].
+    pub fn mark(&self) -> u64 {
+        self.lock().next
+    }
+
+    /// Takes every deferred release begun before `mark`, due or not, now counted as running.
+    pub fn take_begun_before(&self, mark: u64) -> Due {
+        let mut st = self.lock();
+        let mut taken = Vec::new();
+        let mut kept = VecDeque::new();
+        while let Some((at, ino, ticket)) = st.deferred.pop_front() {
+            if ticket.number < mark {
+                taken.push((ino, Self::start(&mut st, ticket)));
+            } else {
+                kept.push_back((at, ino, ticket));
+            }
+        }
+        st.deferred = kept;
+        taken
+    }
+
+    /// Waits while the running limit is reached or the deferred limit is (soft limits:
+    /// releases begun meanwhile by other threads may pass them).
     pub fn wait_for_room(&self) {
         let mut st = self.lock();
-        while st.under_way.len() >= self.limit {
+        while st.running >= self.limits.running || st.deferred.len() >= self.limits.deferred {
             st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
         }
     }
 
-    /// Waits until every release begun before this call has ended (later ones may go on).
-    pub fn wait_for_earlier(&self) {
-        let mark = self.lock().next;
-        self.wait_for_begun_before(mark);
-    }
-
-    /// Waits until every release numbered below `mark` (in the order they began) has ended.
-    fn wait_for_begun_before(&self, mark: u64) {
+    /// Waits until every release numbered below `mark` (in the order they began) has ended
+    /// (later ones may go on). Deferred ones among them must have been taken to run.
+    pub fn wait_for_begun_before(&self, mark: u64) {
         let mut st = self.lock();
         while st.under_way.first().is_some_and(|&n| n < mark) {
             st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
         }
+    }
+
+    /// Whether no release is deferred.
+    pub fn nothing_deferred(&self) -> bool {
+        self.lock().deferred.is_empty()
     }
 
     #[cfg(test)]
@@ -86,15 +191,18 @@ impl Closing {
         self.lock().under_way.len()
     }
 
-    fn end(&self, number: u64) {
-        self.lock().under_way.remove(&number);
+    fn end(&self, number: u64, running: bool) {
+        let mut st = self.lock();
+        st.under_way.remove(&number);
+        st.running -= usize::from(running);
+        drop(st);
         self.changed.notify_all();
     }
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        self.closing.end(self.number);
+        self.closing.end(self.number, self.running);
     }
 }
 
@@ -104,7 +212,6 @@ mod tests {
     use std::sync::mpsc::Receiver;
     use std::sync::Arc;
     use std::thread::JoinHandle;
-    use std::time::Duration;
 
     /// Runs `wait` on a thread of its own; the receiver hears when it returns.
     fn waiting(wait: impl FnOnce() + Send + 'static) -> (JoinHandle<()>, Receiver<()>) {
@@ -116,13 +223,26 @@ mod tests {
         (thread, rx)
     }
 
+    fn closing(running: usize, deferred: usize, delay_ms: u64) -> Arc<Closing> {
+        Arc::new(Closing::new(Limits {
+            running,
+            deferred,
+            delay: Duration::from_millis(delay_ms),
+        }))
+    }
+
+    fn inos(due: &Due) -> Vec<Ino> {
+        due.iter().map(|(ino, _)| *ino).collect()
+    }
+
     #[test]
     fn waiting_for_earlier_releases_ignores_later_ones() {
-        let c = Arc::new(Closing::new(8));
+        let c = closing(8, 8, 0);
         let first = c.begin();
-        // Begun after the waiter's call: it must not hold the waiter back.
+        // Begun after the waiter's mark: it must not hold the waiter back.
+        let mark = c.mark();
         let later = c.begin();
-        let (mark, waiting_on) = (later.number, c.clone());
+        let waiting_on = c.clone();
         let (waiter, rx) = waiting(move || waiting_on.wait_for_begun_before(mark));
         assert!(rx.recv_timeout(Duration::from_millis(100)).is_err());
         drop(first);
@@ -135,8 +255,8 @@ mod tests {
     }
 
     #[test]
-    fn closes_wait_for_room_at_the_limit() {
-        let c = Arc::new(Closing::new(2));
+    fn closes_wait_for_room_at_the_running_limit() {
+        let c = closing(2, 8, 0);
         let (a, b) = (c.begin(), c.begin());
         let closing = c.clone();
         let (closer, rx) = waiting(move || closing.wait_for_room());
@@ -146,5 +266,62 @@ mod tests {
             .expect("room was made");
         closer.join().unwrap();
         drop(b);
+    }
+
+    /// A deferred release waits out its delay, unless pressure or a long queue makes it due
+    /// early; it is taken only while fewer than the running limit run, and then counts as
+    /// running until its ticket is dropped.
+    #[test]
+    fn deferred_releases_come_due_after_the_delay_or_under_pressure() {
+        let c = closing(2, 4, 300);
+        c.defer(1);
+        let started = Instant::now();
+        assert!(c.take_due(false, Duration::from_millis(50)).is_empty());
+        let due = c.take_due(false, Duration::from_secs(5));
+        assert_eq!(inos(&due), [1]);
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        // Pressure: due at once, but only up to the running limit (one runs already).
+        c.defer(2);
+        c.defer(3);
+        let more = c.take_due(true, Duration::from_millis(10));
+        assert_eq!(inos(&more), [2]);
+        assert!(c.take_due(true, Duration::from_millis(10)).is_empty());
+        drop(due);
+        assert_eq!(inos(&c.take_due(true, Duration::from_millis(10))), [3]);
+        drop(more);
+        // More than half the deferred limit waiting: the oldest are due at once.
+        for ino in 4..7 {
+            c.defer(ino);
+        }
+        assert_eq!(inos(&c.take_due(false, Duration::from_millis(10))), [4]);
+        assert_eq!(c.under_way(), 2);
+    }
+
+    /// Closes wait while the deferred limit is reached; taking deferred releases begun before
+    /// a mark takes them all, due or not, and leaves later ones deferred.
+    #[test]
+    fn deferred_releases_before_a_mark_are_taken_at_once() {
+        let c = closing(8, 2, 60_000);
+        c.defer(1);
+        c.defer(2);
+        let closing = c.clone();
+        let (closer, rx) = waiting(move || closing.wait_for_room());
+        assert!(rx.recv_timeout(Duration::from_millis(100)).is_err());
+        let mark = c.mark();
+        c.defer(3);
+        let taken = c.take_begun_before(mark);
+        assert_eq!(inos(&taken), [1, 2]);
+        rx.recv_timeout(Duration::from_secs(5))
+            .expect("room was made");
+        closer.join().unwrap();
+        let waiting_on = c.clone();
+        let (waiter, rx) = waiting(move || waiting_on.wait_for_begun_before(mark));
+        assert!(rx.recv_timeout(Duration::from_millis(100)).is_err());
+        drop(taken);
+        rx.recv_timeout(Duration::from_secs(5))
+            .expect("the earlier releases ended");
+        waiter.join().unwrap();
+        assert!(!c.nothing_deferred());
+        assert_eq!(c.under_way(), 1);
     }
 }

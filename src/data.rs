@@ -707,6 +707,10 @@ fn append(buf: &mut Vec<u8>, bytes: &[u8], pool: &BufferPool) {
     buf.extend_from_slice(bytes);
 }
 
+/// Most bytes of buffers a file's pending writes may hold for
+/// [`FileWriter::is_small_and_in_memory`]: small files, whose commits can wait in numbers.
+pub const DEFERRABLE_BYTES: usize = POOLED_SLICE_MIN;
+
 /// A slice being written: bytes `[0, uploaded)` are in flight to the store as whole blocks,
 /// bytes `[uploaded, len)` are in `buf`, which holds less than a block.
 struct PendingSlice {
@@ -853,6 +857,22 @@ impl FileWriter {
                         .fetch_add((s.len - old) as u64, Ordering::Relaxed);
                     s.push(&part[overlap..], data);
                 }
+                // A write that ends inside or right at the start of the newest slice, all of
+                // it still in memory, joins it: "write the last byte, then the whole file"
+                // or "write a header after the body" makes one object, not two.
+                Some(s) if s.uploaded == 0 && pos < s.pos && pos + n as u32 >= s.pos => {
+                    let end = s.end().max(pos + n as u32);
+                    let mut joined = Vec::with_capacity((end - pos) as usize);
+                    joined.extend_from_slice(part);
+                    let kept_from = (pos + n as u32).clamp(s.pos, s.end());
+                    joined.extend_from_slice(&s.buf[(kept_from - s.pos) as usize..]);
+                    data.buffered
+                        .fetch_add(u64::from(end - pos - s.len), Ordering::Relaxed);
+                    s.buf.clear();
+                    s.pos = pos;
+                    s.len = end - pos;
+                    s.push(&joined, data);
+                }
                 _ => {
                     let id = data.next_slice_id()?;
                     let mut s = PendingSlice {
@@ -933,6 +953,33 @@ impl FileWriter {
     pub fn is_idle(&self) -> bool {
         let st = self.lock();
         st.slices.is_empty() && st.committing.is_empty()
+    }
+
+    /// Whether the pending writes are small and all in memory (nothing uploading or
+    /// committing, at most [`DEFERRABLE_BYTES`] of buffers): their commit may wait a little,
+    /// and they may be [discarded](FileWriter::discard) if nobody can read them any more.
+    pub fn is_small_and_in_memory(&self) -> bool {
+        let st = self.lock();
+        !st.slices.is_empty()
+            && st.committing.is_empty()
+            && st.slices.iter().all(|s| s.uploaded == 0)
+            && st.slices.iter().map(|s| s.buf.capacity()).sum::<usize>() <= DEFERRABLE_BYTES
+    }
+
+    /// Drops the pending writes, unless some are uploading or committing; whether it did (or
+    /// nothing was pending). For a file that has lost its last name and is open nowhere: its
+    /// pending bytes could never be read.
+    pub fn discard(&self, data: &DataCtx) -> bool {
+        let mut st = self.lock();
+        if !st.committing.is_empty() || st.slices.iter().any(|s| s.uploaded > 0) {
+            return false;
+        }
+        let bytes: u64 = st.slices.drain(..).map(|s| u64::from(s.len)).sum();
+        data.buffered.fetch_sub(bytes, Ordering::SeqCst);
+        st.pending_since = None;
+        st.length = 0;
+        st.mtime = None;
+        true
     }
 
     /// The number of commit failures a handle opening now counts as seen: all but those no
@@ -1077,6 +1124,100 @@ impl FileWriter {
 mod tests {
     use super::*;
 
+    /// A data path over a fresh SQLite volume and local store in a temporary directory, with
+    /// blocks of `block` bytes. Uploads run only when the test drives the returned runtime.
+    fn data_ctx(
+        block: u32,
+    ) -> (
+        tempfile::TempDir,
+        tokio::runtime::Runtime,
+        Arc<dyn ObjectStore>,
+        DataCtx,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = tidefs_meta::SqliteMeta::open(&dir.path().join("meta.db"), true).unwrap();
+        let mut format = tidefs_meta::conformance::sample_format();
+        format.block_size = block;
+        meta.format(&format, 0, 0).unwrap();
+        let store: Arc<dyn ObjectStore> =
+            Arc::new(crate::object::LocalStore::open(&dir.path().join("objects")).unwrap());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let data = DataCtx::new(
+            Arc::new(meta),
+            store.clone(),
+            BlockCache::new(0),
+            Layout::new(&format.name, block),
+            rt.handle().clone(),
+        );
+        (dir, rt, store, data)
+    }
+
+    /// Writes as `writes` would leave a file of `len` zero bytes.
+    fn model(len: usize, writes: &[(usize, Vec<u8>)]) -> Vec<u8> {
+        let mut file = vec![0u8; len];
+        for (at, bytes) in writes {
+            file[*at..at + bytes.len()].copy_from_slice(bytes);
+        }
+        file
+    }
+
+    /// A write that ends inside or at the start of the newest slice, still all in memory,
+    /// becomes part of it (one object, not two); one that leaves a gap does not, and the
+    /// pending bytes read back as written either way, also when the joined slice passes a
+    /// block's end and starts uploading it.
+    #[test]
+    fn a_write_ending_in_the_newest_slice_joins_it() {
+        const BLOCK: u32 = 64 << 10;
+        let (_dir, rt, store, data) = data_ctx(BLOCK);
+        let w = FileWriter::default();
+        let fill = |n: usize, seed: u8| -> Vec<u8> { (0..n).map(|i| seed ^ i as u8).collect() };
+        let writes = vec![
+            (65_534, vec![7u8]),
+            (0, fill(65_534, 1)),
+            (70_000, fill(10, 2)),
+            (60_000, fill(10_010, 3)),
+        ];
+        let mut counts = Vec::new();
+        for (at, bytes) in &writes {
+            counts.push(w.write(&data, *at as u64, bytes).unwrap());
+        }
+        assert_eq!(counts, [1, 1, 2, 2]);
+        let want = model(70_010, &writes);
+        let PendingRead::Overlay { length, parts } = w.pending_read(0, 70_010) else {
+            panic!("everything is in memory");
+        };
+        let mut got = vec![0u8; length as usize];
+        for (at, bytes) in parts {
+            got[at as usize..at as usize + bytes.len()].copy_from_slice(&bytes);
+        }
+        assert!(got == want);
+        assert_eq!(data.buffered.load(Ordering::Relaxed), 65_535 + 10_010);
+
+        // Joined past a block's end: the first block uploads, the rest stays in memory.
+        let w = FileWriter::default();
+        let writes = vec![(200_000, fill(1_000, 4)), (100_000, fill(101_000, 5))];
+        for (at, bytes) in &writes {
+            assert_eq!(w.write(&data, *at as u64, bytes).unwrap(), 1);
+        }
+        let want = model(201_000, &writes);
+        let (id, uploads) = {
+            let mut st = w.lock();
+            let s = &mut st.slices[0];
+            assert_eq!((s.pos, s.len, s.uploaded), (100_000, 101_000, BLOCK));
+            assert!(s.buf[..] == want[100_000 + BLOCK as usize..]);
+            (s.id, std::mem::take(&mut s.uploads))
+        };
+        for u in uploads {
+            rt.block_on(u).unwrap().unwrap();
+        }
+        let key = data.layout.block_key(id, 0, BLOCK);
+        let block = rt.block_on(store.get(&key, None)).unwrap();
+        assert!(block[..] == want[100_000..100_000 + BLOCK as usize]);
+    }
+
     #[test]
     fn a_growing_slice_moves_into_a_block_buffer_once() {
         const BLOCK: usize = 1 << 20;
@@ -1123,26 +1264,7 @@ mod tests {
     fn writes_across_block_ends_fill_block_buffers_exactly() {
         // A block size no other test of this binary uses: the pool is per size and shared.
         const BLOCK: u32 = 512 << 10;
-        let dir = tempfile::tempdir().unwrap();
-        let meta = tidefs_meta::SqliteMeta::open(&dir.path().join("meta.db"), true).unwrap();
-        let mut format = tidefs_meta::conformance::sample_format();
-        format.block_size = BLOCK;
-        meta.format(&format, 0, 0).unwrap();
-        let store: Arc<dyn ObjectStore> =
-            Arc::new(crate::object::LocalStore::open(&dir.path().join("objects")).unwrap());
-        // Uploads run only when the test drives the runtime, after all the writes: every
-        // block then has a buffer of its own, and all of them must come back.
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let data = DataCtx::new(
-            Arc::new(meta),
-            store.clone(),
-            BlockCache::new(0),
-            Layout::new(&format.name, BLOCK),
-            rt.handle().clone(),
-        );
+        let (_dir, rt, store, data) = data_ctx(BLOCK);
         let content: Vec<u8> = (0..3 * BLOCK + 1000).map(|i| (i % 253) as u8).collect();
         let writer = FileWriter::default();
         // 100,000-byte writes: most blocks end inside a write.

@@ -5,7 +5,7 @@
 //! writes first, so another open after a close sees every byte (close-to-open), and fsync
 //! returns only when data is in the object store and metadata is durable.
 
-use crate::closing::Closing;
+use crate::closing::{self, Closing};
 use crate::compact;
 use crate::control::{self, ControlSession, CONTROL_INO, CONTROL_NAME};
 use crate::data::{
@@ -60,6 +60,10 @@ pub struct VfsOptions {
     /// that follows runs in the background (see [`crate::closing`]). Only for a sole mount:
     /// other mounts would not see a closed file's data until it commits.
     pub close_behind: bool,
+    /// With close-behind, how long the commit of a small file closed with all its writes in
+    /// memory waits (see [`crate::closing`]): if the file is removed or replaced meanwhile,
+    /// its data is never uploaded.
+    pub close_delay: Duration,
 }
 
 impl Default for VfsOptions {
@@ -74,6 +78,7 @@ impl Default for VfsOptions {
             read_only: false,
             attr_ttl: Duration::from_secs(1),
             close_behind: false,
+            close_delay: CLOSE_DELAY,
         }
     }
 }
@@ -81,6 +86,14 @@ impl Default for VfsOptions {
 /// Releases of written files finishing in the background before closes wait (see
 /// [`crate::closing`]): enough to keep the object store busy with small files.
 const CLOSES_BEHIND: usize = 64;
+
+/// Deferred releases of small files before closes wait: with at most
+/// [`crate::data::DEFERRABLE_BYTES`] each, they hold at most 32 MiB.
+const CLOSES_DEFERRED: usize = 512;
+
+/// The default [`VfsOptions::close_delay`]: most temporary files a build, a test suite or a
+/// file server (dbench's load) removes are gone within it.
+pub const CLOSE_DELAY: Duration = Duration::from_secs(2);
 
 /// Entries of a directory fetched from the engine in one call, kept for the rest of a listing.
 struct DirBatch {
@@ -266,7 +279,11 @@ impl TideVfs {
         let vfs = Arc::new_cyclic(|me| TideVfs {
             deleter,
             me: me.clone(),
-            closing: Arc::new(Closing::new(CLOSES_BEHIND)),
+            closing: Arc::new(Closing::new(closing::Limits {
+                running: CLOSES_BEHIND,
+                deferred: CLOSES_DEFERRED,
+                delay: opts.close_delay,
+            })),
             failures_dir_synced: AtomicU64::new(0),
             controls: DashMap::new(),
             helpers: Mutex::new(Vec::new()),
@@ -308,6 +325,22 @@ impl TideVfs {
                 vfs.commit_old_writes();
             }
         });
+        if vfs.opts.close_behind {
+            // Starts deferred releases as they come due; unmount finishes the rest.
+            vfs.spawn_helper("tidefs-closer", |weak| loop {
+                let Some(vfs) = weak.upgrade() else {
+                    return;
+                };
+                if vfs.destroyed.load(Ordering::SeqCst) {
+                    return;
+                }
+                // Written data in memory past half the buffer: deferred small files stop
+                // waiting, so that writers need not.
+                let pressure = vfs.data.buffered.load(Ordering::Relaxed) > vfs.opts.buffer_size / 2;
+                let due = vfs.closing.take_due(pressure, Duration::from_millis(100));
+                vfs.finish_releases(due);
+            });
+        }
         // The heartbeat has a thread of its own, so that neither slow deletes nor slow
         // commits make a live mount look dead to the others.
         let heartbeat = vfs.opts.heartbeat;
@@ -519,8 +552,16 @@ impl TideVfs {
     /// ignores release errors, so a failure to commit is left for the file's next close or
     /// fsync (and logged).
     fn finish_release(&self, ino: Ino) -> Result<()> {
-        if let Err(e) = self.flush_inode(ino, None) {
-            tracing::warn!(ino, error = %e, "flush at release failed");
+        // A file that has lost its last name and is open nowhere else can never be read:
+        // its writes still in memory are dropped, not uploaded (a temporary file).
+        let unreadable = self.sustained.contains_key(&ino)
+            && self.open_counts.get(&ino).is_some_and(|n| *n == 1);
+        let writer = self.writers.get(&ino).map(|w| w.clone());
+        let discarded = unreadable && writer.is_some_and(|w| w.discard(&self.data));
+        if !discarded {
+            if let Err(e) = self.flush_inode(ino, None) {
+                tracing::warn!(ino, error = %e, "flush at release failed");
+            }
         }
         let mut last = false;
         self.open_counts.remove_if_mut(&ino, |_, n| {
@@ -549,6 +590,31 @@ impl TideVfs {
             self.wake_deleter();
         }
         Ok(())
+    }
+
+    /// Runs [`TideVfs::finish_release`] for each of `due` on the runtime's blocking pool,
+    /// ending each ticket after it.
+    fn finish_releases(&self, due: closing::Due) {
+        for (ino, ticket) in due {
+            let Some(vfs) = self.me.upgrade() else {
+                return;
+            };
+            self.data.rt.spawn_blocking(move || {
+                let _ticket = ticket;
+                let _s = tracing::debug_span!("release_behind", ino).entered();
+                if let Err(e) = vfs.finish_release(ino) {
+                    tracing::warn!(ino, error = %e, "release failed");
+                }
+            });
+        }
+    }
+
+    /// Finishes every release begun before this call, deferred ones at once, and waits for
+    /// them; later ones may go on.
+    fn finish_earlier_releases(&self) {
+        let mark = self.closing.mark();
+        self.finish_releases(self.closing.take_begun_before(mark));
+        self.closing.wait_for_begun_before(mark);
     }
 
     fn handle(&self, fh: u64) -> Option<Arc<OpenHandle>> {
@@ -1286,22 +1352,18 @@ impl tidefs_fuse::Vfs for TideVfs {
         }
         self.handles.remove(&fh);
         let writer = self.writers.get(&ino).map(|w| w.clone());
-        let busy = writer.is_some_and(|w| !w.is_idle());
-        if self.opts.close_behind && busy {
-            if let Some(vfs) = self.me.upgrade() {
-                // Ends the release when dropped, even if the task never runs.
-                let ticket = self.closing.begin();
-                self.data.rt.spawn_blocking(move || {
-                    let _ticket = ticket;
-                    let _s = tracing::debug_span!("release_behind", ino).entered();
-                    if let Err(e) = vfs.finish_release(ino) {
-                        tracing::warn!(ino, error = %e, "release failed");
-                    }
-                });
-                return Ok(());
+        match writer {
+            Some(w) if self.opts.close_behind && !w.is_idle() => {
+                if w.is_small_and_in_memory() {
+                    self.closing.defer(ino);
+                } else {
+                    // Ends the release when dropped, even if the task never runs.
+                    self.finish_releases(vec![(ino, self.closing.begin())]);
+                }
+                Ok(())
             }
+            _ => self.finish_release(ino),
         }
-        self.finish_release(ino)
     }
 
     fn fsync(&self, ino: Ino, fh: u64, _datasync: bool) -> Result<()> {
@@ -1319,7 +1381,7 @@ impl tidefs_fuse::Vfs for TideVfs {
             // directory they are in is not tracked, so every file's writes are committed, as
             // syncfs(2) would; and, as syncfs does, it fails if a commit failed since the
             // last one (the files' own handles still hear of it, too).
-            self.closing.wait_for_earlier();
+            self.finish_earlier_releases();
             let flushed = self.flush_all();
             let failures = self.data.commit_failures.load(Ordering::Relaxed);
             let earlier = self.failures_dir_synced.swap(failures, Ordering::Relaxed);
@@ -1563,7 +1625,7 @@ impl tidefs_fuse::Vfs for TideVfs {
         for h in helpers {
             let _ = h.join();
         }
-        self.closing.wait_for_earlier();
+        self.finish_earlier_releases();
         if let Err(e) = self.flush_all() {
             tracing::error!(error = %e, "flushing writes at unmount failed");
         }

@@ -9,7 +9,7 @@ use tidefs::object::{FaultyStore, LocalStore, ObjectStore};
 use tidefs::vfs::{TideVfs, VfsOptions};
 use tidefs_cache::BlockCache;
 use tidefs_fuse::{Ctx, ToErrno, Vfs};
-use tidefs_meta::{Meta, SetAttr, SqliteMeta, Timestamp, ROOT_INO};
+use tidefs_meta::{Meta, RenameFlags, SetAttr, SqliteMeta, Timestamp, ROOT_INO};
 
 struct Fixture {
     vfs: Arc<TideVfs>,
@@ -450,6 +450,76 @@ fn close_behind_files_read_back_at_once_and_removed_ones_leave_nothing() {
     for &ino in &inos[..4] {
         assert_eq!(data.meta.read_chunk(ino, 0).unwrap().len(), 1);
     }
+}
+
+/// With close-behind, a small file closed with all its writes in memory commits after the
+/// close delay, with no fsync; removed, or replaced by a rename, before that, its data is never
+/// uploaded (a temporary file). Closing a file again, or fsync of a directory, changes nothing
+/// about that, and a file whose blocks are already uploading commits at once.
+#[test]
+fn close_behind_small_files_commit_after_a_delay_and_removed_ones_never_upload() {
+    let delay = tidefs::vfs::CLOSE_DELAY;
+    let opts = VfsOptions {
+        close_behind: true,
+        ..VfsOptions::default()
+    };
+    let f = fixture_with(64 << 10, 64 << 20, opts);
+    let data = f.vfs.data();
+    let closed = std::time::Instant::now();
+    let small: Vec<&[u8]> = vec![b"kept", b"gone", b"old", b"new"];
+    let inos = f.write_files(&small, 3, 10_000);
+    let large = f.write_files(&[&b"large"[..]], 4, 100_000)[0];
+    f.vfs.unlink(CTX, ROOT_INO, b"gone").unwrap();
+    let flags = RenameFlags::default();
+    f.vfs
+        .rename(CTX, ROOT_INO, b"new", ROOT_INO, b"old", flags)
+        .unwrap();
+    // The large file (two blocks of 64 KiB) did not wait; the small ones all do.
+    let deadline = closed + Duration::from_secs(10);
+    while data.meta.read_chunk(large, 0).unwrap().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "never committed");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let stored: Vec<bool> = inos
+        .iter()
+        .map(|&ino| !data.meta.read_chunk(ino, 0).unwrap().is_empty())
+        .collect();
+    let puts = f.store.puts();
+    // (Unless this machine was too slow to get here within the delay.)
+    if closed.elapsed() < delay {
+        assert_eq!((stored, puts), (vec![false; 4], 2));
+    }
+    let kept = f.vfs.lookup(CTX, ROOT_INO, b"kept").unwrap();
+    assert_eq!(kept.length, 10_000);
+    // Past the delay, with nothing asking: the two files left are stored, one object each.
+    let deadline = closed + delay + Duration::from_secs(10);
+    while [inos[0], inos[3]]
+        .iter()
+        .any(|&ino| data.meta.read_chunk(ino, 0).unwrap().is_empty())
+    {
+        assert!(std::time::Instant::now() < deadline, "never committed");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(closed.elapsed() >= delay);
+    f.vfs.fsyncdir(ROOT_INO).unwrap();
+    assert_eq!(f.store.puts(), 4);
+    for name in [&b"kept"[..], b"old"] {
+        let a = f.vfs.lookup(CTX, ROOT_INO, name).unwrap();
+        let fh = f.vfs.open(CTX, a.ino, libc::O_RDONLY).unwrap().fh;
+        let back = f.vfs.read(a.ino, fh, 0, 20_000).unwrap();
+        assert!(back.len() == 10_000 && back.iter().all(|&b| b == 3));
+        f.vfs.release(a.ino, fh).unwrap();
+    }
+    // A file written again and closed twice, then synced through its directory: stored at
+    // once, with the second write.
+    let fh = f.vfs.open(CTX, kept.ino, libc::O_RDWR).unwrap().fh;
+    f.vfs.write(kept.ino, fh, 0, &[9u8; 100]).unwrap();
+    let fh2 = f.vfs.open(CTX, kept.ino, libc::O_RDONLY).unwrap().fh;
+    f.vfs.release(kept.ino, fh).unwrap();
+    f.vfs.release(kept.ino, fh2).unwrap();
+    f.vfs.fsyncdir(ROOT_INO).unwrap();
+    assert_eq!(f.store.puts(), 5);
+    assert_eq!(data.meta.read_chunk(kept.ino, 0).unwrap().len(), 2);
 }
 
 /// Deleting a file's objects also removes its blocks from the disk cache, so that the blocks

@@ -19,6 +19,8 @@ pub struct FaultyStore {
     put_delay_ms: AtomicU64,
     failing_deletes: std::sync::Mutex<Option<String>>,
     got_bytes: AtomicU64,
+    /// Puts that reached the wrapped store.
+    puts: AtomicU64,
     /// Gets under way now, and the most there ever were at once.
     gets_in_flight: (AtomicU64, AtomicU64),
 }
@@ -47,6 +49,7 @@ impl FaultyStore {
             put_delay_ms: AtomicU64::new(0),
             failing_deletes: std::sync::Mutex::new(None),
             got_bytes: AtomicU64::new(0),
+            puts: AtomicU64::new(0),
             gets_in_flight: (AtomicU64::new(0), AtomicU64::new(0)),
         }
     }
@@ -54,6 +57,11 @@ impl FaultyStore {
     /// Bytes returned by successful gets so far.
     pub fn got_bytes(&self) -> u64 {
         self.got_bytes.load(Ordering::SeqCst)
+    }
+
+    /// Puts passed on to the wrapped store so far (failed ones not counted).
+    pub fn puts(&self) -> u64 {
+        self.puts.load(Ordering::SeqCst)
     }
 
     /// The most gets that were under way at once so far.
@@ -106,6 +114,7 @@ impl ObjectStore for FaultyStore {
         if take(&self.failing_puts) {
             return Err(injected(key));
         }
+        self.puts.fetch_add(1, Ordering::SeqCst);
         self.inner.put(key, data).await
     }
 
