@@ -592,12 +592,16 @@ impl TideVfs {
         Ok(())
     }
 
-    /// Runs [`TideVfs::finish_release`] for each of `due` on the runtime's blocking pool,
-    /// ending each ticket after it.
+    /// Runs [`TideVfs::finish_release`] for each of `due` on the runtime's blocking pool
+    /// (here, if the VFS is being dropped), ending each ticket after it.
     fn finish_releases(&self, due: closing::Due) {
         for (ino, ticket) in due {
             let Some(vfs) = self.me.upgrade() else {
-                return;
+                if let Err(e) = self.finish_release(ino) {
+                    tracing::warn!(ino, error = %e, "release failed");
+                }
+                drop(ticket);
+                continue;
             };
             self.data.rt.spawn_blocking(move || {
                 let _ticket = ticket;
