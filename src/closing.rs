@@ -122,7 +122,13 @@ impl Closing {
                 let (_, ino, ticket) = st.deferred.pop_front().expect("a front");
                 due.push((ino, Self::start(&mut st, ticket)));
             }
-            if !due.is_empty() || now >= deadline {
+            if !due.is_empty() {
+                // Closes waiting for room among deferred releases may go on.
+                drop(st);
+                self.changed.notify_all();
+                return due;
+            }
+            if now >= deadline {
                 return due;
             }
             let next = st.deferred.front().map_or(deadline, |(at, ..)| *at);
@@ -160,6 +166,8 @@ impl Closing {
             }
         }
         st.deferred = kept;
+        drop(st);
+        self.changed.notify_all();
         taken
     }
 
