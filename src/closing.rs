@@ -189,14 +189,14 @@ impl Closing {
         }
     }
 
-    /// Whether no release is deferred.
-    pub fn nothing_deferred(&self) -> bool {
-        self.lock().deferred.is_empty()
-    }
-
     #[cfg(test)]
     fn under_way(&self) -> usize {
         self.lock().under_way.len()
+    }
+
+    #[cfg(test)]
+    fn deferred(&self) -> usize {
+        self.lock().deferred.len()
     }
 
     fn end(&self, number: u64, running: bool) {
@@ -217,18 +217,29 @@ impl Drop for Ticket {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::mpsc::Receiver;
     use std::sync::Arc;
-    use std::thread::JoinHandle;
 
-    /// Runs `wait` on a thread of its own; the receiver hears when it returns.
-    fn waiting(wait: impl FnOnce() + Send + 'static) -> (JoinHandle<()>, Receiver<()>) {
+    /// Runs `wait` on a thread of its own and checks that it still waits 100 ms later; then
+    /// runs `unblock` and checks that the wait ends (`what` says why it should), giving back
+    /// what `unblock` returned.
+    fn blocks_until<T>(
+        wait: impl FnOnce() + Send + 'static,
+        unblock: impl FnOnce() -> T,
+        what: &str,
+    ) -> T {
         let (tx, rx) = std::sync::mpsc::channel();
         let thread = std::thread::spawn(move || {
             wait();
             tx.send(()).unwrap();
         });
-        (thread, rx)
+        assert!(
+            rx.recv_timeout(Duration::from_millis(100)).is_err(),
+            "did not wait"
+        );
+        let out = unblock();
+        rx.recv_timeout(Duration::from_secs(5)).expect(what);
+        thread.join().unwrap();
+        out
     }
 
     fn closing(running: usize, deferred: usize, delay_ms: u64) -> Arc<Closing> {
@@ -251,12 +262,11 @@ mod tests {
         let mark = c.mark();
         let later = c.begin();
         let waiting_on = c.clone();
-        let (waiter, rx) = waiting(move || waiting_on.wait_for_begun_before(mark));
-        assert!(rx.recv_timeout(Duration::from_millis(100)).is_err());
-        drop(first);
-        rx.recv_timeout(Duration::from_secs(5))
-            .expect("the waiter saw the first release end");
-        waiter.join().unwrap();
+        blocks_until(
+            move || waiting_on.wait_for_begun_before(mark),
+            || drop(first),
+            "the waiter saw the first release end",
+        );
         assert_eq!(c.under_way(), 1);
         drop(later);
         assert_eq!(c.under_way(), 0);
@@ -267,12 +277,7 @@ mod tests {
         let c = closing(2, 8, 0);
         let (a, b) = (c.begin(), c.begin());
         let closing = c.clone();
-        let (closer, rx) = waiting(move || closing.wait_for_room());
-        assert!(rx.recv_timeout(Duration::from_millis(100)).is_err());
-        drop(a);
-        rx.recv_timeout(Duration::from_secs(5))
-            .expect("room was made");
-        closer.join().unwrap();
+        blocks_until(move || closing.wait_for_room(), || drop(a), "room was made");
         drop(b);
     }
 
@@ -312,24 +317,22 @@ mod tests {
         let c = closing(8, 2, 60_000);
         c.defer(1);
         c.defer(2);
-        let closing = c.clone();
-        let (closer, rx) = waiting(move || closing.wait_for_room());
-        assert!(rx.recv_timeout(Duration::from_millis(100)).is_err());
         let mark = c.mark();
         c.defer(3);
-        let taken = c.take_begun_before(mark);
+        // (Nothing but the taking may wake the waiter: its wait must not end by chance.)
+        let closing = c.clone();
+        let taken = blocks_until(
+            move || closing.wait_for_room(),
+            || c.take_begun_before(mark),
+            "room was made",
+        );
         assert_eq!(inos(&taken), [1, 2]);
-        rx.recv_timeout(Duration::from_secs(5))
-            .expect("room was made");
-        closer.join().unwrap();
         let waiting_on = c.clone();
-        let (waiter, rx) = waiting(move || waiting_on.wait_for_begun_before(mark));
-        assert!(rx.recv_timeout(Duration::from_millis(100)).is_err());
-        drop(taken);
-        rx.recv_timeout(Duration::from_secs(5))
-            .expect("the earlier releases ended");
-        waiter.join().unwrap();
-        assert!(!c.nothing_deferred());
-        assert_eq!(c.under_way(), 1);
+        blocks_until(
+            move || waiting_on.wait_for_begun_before(mark),
+            || drop(taken),
+            "the earlier releases ended",
+        );
+        assert_eq!((c.deferred(), c.under_way()), (1, 1));
     }
 }

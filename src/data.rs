@@ -862,16 +862,16 @@ impl FileWriter {
                 // or "write a header after the body" makes one object, not two.
                 Some(s) if s.uploaded == 0 && pos < s.pos && pos + n as u32 >= s.pos => {
                     let end = s.end().max(pos + n as u32);
-                    let mut joined = Vec::with_capacity((end - pos) as usize);
-                    joined.extend_from_slice(part);
+                    // Only the slice's bytes past the write are kept (none, most often).
                     let kept_from = (pos + n as u32).clamp(s.pos, s.end());
-                    joined.extend_from_slice(&s.buf[(kept_from - s.pos) as usize..]);
+                    let kept = s.buf.split_off((kept_from - s.pos) as usize);
                     data.buffered
                         .fetch_add(u64::from(end - pos - s.len), Ordering::Relaxed);
                     s.buf.clear();
                     s.pos = pos;
                     s.len = end - pos;
-                    s.push(&joined, data);
+                    s.push(part, data);
+                    s.push(&kept, data);
                 }
                 _ => {
                     let id = data.next_slice_id()?;

@@ -596,20 +596,19 @@ impl TideVfs {
     /// (here, if the VFS is being dropped), ending each ticket after it.
     fn finish_releases(&self, due: closing::Due) {
         for (ino, ticket) in due {
-            let Some(vfs) = self.me.upgrade() else {
-                if let Err(e) = self.finish_release(ino) {
-                    tracing::warn!(ino, error = %e, "release failed");
-                }
-                drop(ticket);
-                continue;
-            };
-            self.data.rt.spawn_blocking(move || {
+            let finish = move |vfs: &TideVfs| {
                 let _ticket = ticket;
                 let _s = tracing::debug_span!("release_behind", ino).entered();
                 if let Err(e) = vfs.finish_release(ino) {
                     tracing::warn!(ino, error = %e, "release failed");
                 }
-            });
+            };
+            match self.me.upgrade() {
+                Some(vfs) => {
+                    self.data.rt.spawn_blocking(move || finish(&vfs));
+                }
+                None => finish(self),
+            }
         }
     }
 

@@ -454,8 +454,9 @@ fn close_behind_files_read_back_at_once_and_removed_ones_leave_nothing() {
 
 /// With close-behind, a small file closed with all its writes in memory commits after the
 /// close delay, with no fsync; removed, or replaced by a rename, before that, its data is never
-/// uploaded (a temporary file). Closing a file again, or fsync of a directory, changes nothing
-/// about that, and a file whose blocks are already uploading commits at once.
+/// uploaded (a temporary file). A file whose blocks are already uploading commits at once, and
+/// one written again and released through two handles is stored by the next fsync of a
+/// directory, in one more object.
 #[test]
 fn close_behind_small_files_commit_after_a_delay_and_removed_ones_never_upload() {
     let delay = tidefs::vfs::CLOSE_DELAY;
