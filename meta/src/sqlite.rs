@@ -28,7 +28,7 @@ use rusqlite::{
     params, Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior,
 };
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -157,6 +157,11 @@ pub struct SqliteMeta {
     pool: Mutex<Vec<Connection>>,
     /// The writer connection and its counts; holding it is this process's turn to write.
     writer: Mutex<Writer>,
+    /// Write transactions of this process that have ended, committed or not.
+    ended: AtomicU64,
+    /// Held by whoever of this process syncs: how many of [`Self::ended`] the last sync made
+    /// durable. A sync that waited for another finds its commits covered by it.
+    synced: Mutex<u64>,
     /// When the WAL is checkpointed.
     checkpoints: Checkpoints,
     /// Set by the checkpointing thread when the WAL has grown past the cap.
@@ -952,6 +957,8 @@ impl SqliteMeta {
             path: path.to_path_buf(),
             pool: Mutex::new(Vec::new()),
             writer: Mutex::new(Writer::default()),
+            ended: AtomicU64::new(0),
+            synced: Mutex::new(0),
             checkpoints: Checkpoints {
                 every: checkpoints.every.max(1),
                 ..checkpoints
@@ -1050,6 +1057,7 @@ impl SqliteMeta {
             None => turn.conn.insert(connect(&self.path, false)?),
         };
         let result = f(conn);
+        self.ended.fetch_add(1, Ordering::Release);
         turn.commits += 1;
         turn.since_own_checkpoint += 1;
         if !conn.is_autocommit() {
@@ -1959,18 +1967,31 @@ impl Meta for SqliteMeta {
     }
 
     fn sync(&self) -> Result<()> {
+        // Commits that ended before this call; a sync begun after them covers them.
+        let wanted = self.ended.load(Ordering::Acquire);
+        let mut synced = self.synced.lock().unwrap_or_else(|e| e.into_inner());
+        if *synced >= wanted {
+            // Nothing committed since a sync, or a sync that began while this one waited for
+            // its turn made them durable: several files' fsyncs at once share one WAL fsync.
+            return Ok(());
+        }
         // A commit with synchronous=FULL fsyncs the WAL, and with it every earlier commit.
         // It must write something: an empty transaction writes no frame and syncs nothing.
         self.with_writer(|conn| {
+            // Holding the writer, no other commit ends until this one has: every commit
+            // counted here is in the WAL before it, this one is the next.
+            let covered = self.ended.load(Ordering::Acquire) + 1;
             conn.pragma_update(None, "synchronous", "FULL")?;
-            let synced = (|| {
+            let committed: Result<()> = (|| {
                 let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
                 bump_counter(&tx, "syncs", 1)?;
                 tx.commit()?;
                 Ok(())
             })();
             conn.pragma_update(None, "synchronous", "NORMAL")?;
-            synced
+            committed?;
+            *synced = covered;
+            Ok(())
         })
     }
 
@@ -2073,6 +2094,52 @@ impl Meta for SqliteMeta {
 mod tests {
     use super::*;
     use crate::conformance::{node, sample_format};
+
+    /// A sync fsyncs the WAL (one more commit with synchronous=FULL) only if some commit of
+    /// this process ended since the last one began: an fsync with nothing new to make durable,
+    /// or one whose commits another sync covered while it waited, costs no WAL fsync.
+    #[test]
+    fn a_sync_with_nothing_new_committed_does_not_fsync_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = SqliteMeta::open(&dir.path().join("meta.db"), true).unwrap();
+        meta.format(&sample_format(), 0, 0).unwrap();
+        let syncs = || meta.read(|tx| counter(tx, "syncs")).unwrap();
+        meta.sync().unwrap();
+        let first = syncs();
+        meta.sync().unwrap();
+        meta.sync().unwrap();
+        assert_eq!(syncs(), first, "syncs with nothing committed between them");
+        meta.mknod(ROOT_INO, b"f", &node(FileKind::File, 0o644))
+            .unwrap();
+        meta.sync().unwrap();
+        assert_eq!(syncs(), first + 1, "a commit since the last sync is synced");
+        // Many threads committing and syncing at once: every sync still returns after its
+        // own commit is durable, and they share fsyncs as far as they overlap.
+        std::thread::scope(|s| {
+            for t in 0..4 {
+                let meta = &meta;
+                s.spawn(move || {
+                    for i in 0..50 {
+                        meta.mknod(
+                            ROOT_INO,
+                            format!("g{t}-{i}").as_bytes(),
+                            &node(FileKind::File, 0o644),
+                        )
+                        .unwrap();
+                        meta.sync().unwrap();
+                    }
+                });
+            }
+        });
+        let after = syncs();
+        assert!(after > first + 1 && after <= first + 201, "{after} syncs");
+        meta.sync().unwrap();
+        assert_eq!(
+            syncs(),
+            after,
+            "the last thread's sync covered every commit"
+        );
+    }
 
     /// Writers that never pause leave a checkpoint running beside them no moment to empty the
     /// WAL; the cap must still keep it bounded, and every write must stay.
