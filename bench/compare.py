@@ -596,6 +596,13 @@ NOTES = """## Reading the table
   ~34 ms (1.3 ms with the option set on the server's sockets), a lone 4 MiB GET ~63 ms
   (24 ms), and both filesystems' objbench agree (JuiceFS: 31 ms per small GET). Parallel
   GETs hide much of it; the ceiling and both filesystems meet it alike.
+* s3s-fs keeps each object in a file of its own, so small-file workloads make it create
+  and delete files by the thousand on the host's ext4. After many such runs, ext4's inode
+  allocator scans past recently deleted inodes (`recently_deleted` and
+  `find_get_block_common` were 18% of the server's samples under dbench), and the same
+  30 s dbench run cost the server 18-31 CPU-s of the machine's 60, varying from run to run
+  with nothing else changed, against 12 CPU-s with its data on tmpfs. Both filesystems
+  meet it alike; it is part of why small-file figures swing between runs.
 * The machine has 2 cores and is shared, so figures vary between runs by 10-30%. Compare
   ratios within one run. Each round runs the three targets in a rotated order, each after
   a sync and a pause, so none is always the one measured while earlier writes flush.
