@@ -2113,8 +2113,8 @@ mod tests {
             .unwrap();
         meta.sync().unwrap();
         assert_eq!(syncs(), first + 1, "a commit since the last sync is synced");
-        // Many threads committing and syncing at once: every sync still returns after its
-        // own commit is durable, and they share fsyncs as far as they overlap.
+        // Many threads committing and syncing at once: they share WAL fsyncs as far as they
+        // overlap, never take more than one per call, and the last one leaves none to do.
         std::thread::scope(|s| {
             for t in 0..4 {
                 let meta = &meta;
