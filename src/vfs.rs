@@ -135,6 +135,9 @@ pub struct TideVfs {
     handles: DashMap<u64, Arc<OpenHandle>>,
     next_fh: AtomicU64,
     open_counts: DashMap<Ino, u32>,
+    /// Of each file's [`Self::open_counts`], the handles already closed whose release has not
+    /// finished (deferred or under way): they can never read the file again.
+    closed_counts: DashMap<Ino, u32>,
     /// Files unlinked while open here, kept alive by this session.
     sustained: DashMap<Ino, ()>,
     writers: DashMap<Ino, Arc<FileWriter>>,
@@ -294,6 +297,7 @@ impl TideVfs {
             handles: DashMap::new(),
             next_fh: AtomicU64::new(1),
             open_counts: DashMap::new(),
+            closed_counts: DashMap::new(),
             sustained: DashMap::new(),
             writers: DashMap::new(),
             seen_versions: DashMap::new(),
@@ -552,10 +556,14 @@ impl TideVfs {
     /// ignores release errors, so a failure to commit is left for the file's next close or
     /// fsync (and logged).
     fn finish_release(&self, ino: Ino) -> Result<()> {
-        // A file that has lost its last name and is open nowhere else can never be read:
-        // its writes still in memory are dropped, not uploaded (a temporary file).
-        let unreadable = self.sustained.contains_key(&ino)
-            && self.open_counts.get(&ino).is_some_and(|n| *n == 1);
+        // A file that has lost its last name and whose every handle is closed (this one, and
+        // others whose release waits or is under way) can never be read: its writes still in
+        // memory are dropped, not uploaded (a temporary file).
+        // Open count first, closed count second, and below the other way round: a release
+        // finishing in between can only make `closed` look smaller than it is.
+        let open = self.open_counts.get(&ino).map(|n| *n).unwrap_or(0);
+        let closed = self.closed_counts.get(&ino).map(|n| *n).unwrap_or(0);
+        let unreadable = self.sustained.contains_key(&ino) && open > 0 && closed >= open;
         let writer = self.writers.get(&ino).map(|w| w.clone());
         let discarded = unreadable && writer.is_some_and(|w| w.discard(&self.data));
         if !discarded {
@@ -563,6 +571,10 @@ impl TideVfs {
                 tracing::warn!(ino, error = %e, "flush at release failed");
             }
         }
+        self.closed_counts.remove_if_mut(&ino, |_, n| {
+            *n -= 1;
+            *n == 0
+        });
         let mut last = false;
         self.open_counts.remove_if_mut(&ino, |_, n| {
             *n -= 1;
@@ -1354,6 +1366,7 @@ impl tidefs_fuse::Vfs for TideVfs {
             return Ok(());
         }
         self.handles.remove(&fh);
+        *self.closed_counts.entry(ino).or_insert(0) += 1;
         let writer = self.writers.get(&ino).map(|w| w.clone());
         match writer {
             Some(w) if self.opts.close_behind && !w.is_idle() => {

@@ -456,7 +456,8 @@ fn close_behind_files_read_back_at_once_and_removed_ones_leave_nothing() {
 /// close delay, with no fsync; removed, or replaced by a rename, before that, its data is never
 /// uploaded (a temporary file). A file whose blocks are already uploading commits at once, and
 /// one written again and released through two handles is stored by the next fsync of a
-/// directory, in one more object.
+/// directory, in one more object; one removed after all of its handles closed is never
+/// uploaded either.
 #[test]
 fn close_behind_small_files_commit_after_a_delay_and_removed_ones_never_upload() {
     let delay = tidefs::vfs::CLOSE_DELAY;
@@ -521,6 +522,21 @@ fn close_behind_small_files_commit_after_a_delay_and_removed_ones_never_upload()
     f.vfs.fsyncdir(ROOT_INO).unwrap();
     assert_eq!(f.store.puts(), 5);
     assert_eq!(data.meta.read_chunk(kept.ino, 0).unwrap().len(), 2);
+    // A temporary file written through one handle and opened through another, both closed,
+    // then removed: every handle of it is closed, so neither release uploads it.
+    let (tmp, fh) = f.vfs.create(CTX, ROOT_INO, b"twice", 0o644, 0).unwrap();
+    f.vfs.write(tmp.ino, fh, 0, &[5u8; 1000]).unwrap();
+    let fh2 = f.vfs.open(CTX, tmp.ino, libc::O_RDONLY).unwrap().fh;
+    let closed = std::time::Instant::now();
+    f.vfs.release(tmp.ino, fh2).unwrap();
+    f.vfs.release(tmp.ino, fh).unwrap();
+    f.vfs.unlink(CTX, ROOT_INO, b"twice").unwrap();
+    let removed_in_time = closed.elapsed() < delay;
+    f.vfs.fsyncdir(ROOT_INO).unwrap();
+    // (Unless this machine was too slow to remove it within the delay.)
+    if removed_in_time {
+        assert_eq!(f.store.puts(), 5);
+    }
 }
 
 /// Deleting a file's objects also removes its blocks from the disk cache, so that the blocks
