@@ -26,12 +26,10 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -53,19 +51,13 @@ def fmt(value):
     return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:,.1f}"
 
 
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def one_run(binary, args, server, label, round_no):
     """Figures of one dbench run on a fresh volume mounted by `binary`."""
     tmp = tempfile.mkdtemp(prefix="tidefs-ab-")
     mnt, cache = os.path.join(tmp, "mnt"), os.path.join(tmp, "cache")
     os.makedirs(mnt)
     url = f"sqlite3://{tmp}/meta.db"
-    metrics = f"127.0.0.1:{free_port()}"
+    metrics = f"127.0.0.1:{compare.free_port()}"
     proc = None
     try:
         compare.run([binary, "format", url, "bench-ab", "--storage", "s3", "--bucket",

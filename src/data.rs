@@ -967,8 +967,8 @@ impl FileWriter {
     }
 
     /// Drops the pending writes, unless some are uploading or committing; whether it did (or
-    /// nothing was pending). For a file that has lost its last name and is open nowhere: its
-    /// pending bytes could never be read.
+    /// nothing was pending). For a file that has lost its last name and whose every handle
+    /// is closed: its pending bytes could never be read.
     pub fn discard(&self, data: &DataCtx) -> bool {
         let mut st = self.lock();
         if !st.committing.is_empty() || st.slices.iter().any(|s| s.uploaded > 0) {

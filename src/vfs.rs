@@ -95,6 +95,16 @@ const CLOSES_DEFERRED: usize = 512;
 /// file server (dbench's load) removes are gone within it.
 pub const CLOSE_DELAY: Duration = Duration::from_secs(2);
 
+/// The handles of a file open here.
+#[derive(Clone, Copy, Debug, Default)]
+struct Opens {
+    /// Handles opened whose release has not finished; the file stays alive while any is.
+    handles: u32,
+    /// Of those, the ones already closed, whose release waits or is under way: they can
+    /// never read the file again.
+    closed: u32,
+}
+
 /// Entries of a directory fetched from the engine in one call, kept for the rest of a listing.
 struct DirBatch {
     /// Orders batches by when their read began: an older read never replaces a newer one.
@@ -134,10 +144,7 @@ pub struct TideVfs {
     opts: VfsOptions,
     handles: DashMap<u64, Arc<OpenHandle>>,
     next_fh: AtomicU64,
-    open_counts: DashMap<Ino, u32>,
-    /// Of each file's [`Self::open_counts`], the handles already closed whose release has not
-    /// finished (deferred or under way): they can never read the file again.
-    closed_counts: DashMap<Ino, u32>,
+    open_counts: DashMap<Ino, Opens>,
     /// Files unlinked while open here, kept alive by this session.
     sustained: DashMap<Ino, ()>,
     writers: DashMap<Ino, Arc<FileWriter>>,
@@ -297,7 +304,6 @@ impl TideVfs {
             handles: DashMap::new(),
             next_fh: AtomicU64::new(1),
             open_counts: DashMap::new(),
-            closed_counts: DashMap::new(),
             sustained: DashMap::new(),
             writers: DashMap::new(),
             seen_versions: DashMap::new(),
@@ -559,11 +565,11 @@ impl TideVfs {
         // A file that has lost its last name and whose every handle is closed (this one, and
         // others whose release waits or is under way) can never be read: its writes still in
         // memory are dropped, not uploaded (a temporary file).
-        // Open count first, closed count second, and below the other way round: a release
-        // finishing in between can only make `closed` look smaller than it is.
-        let open = self.open_counts.get(&ino).map(|n| *n).unwrap_or(0);
-        let closed = self.closed_counts.get(&ino).map(|n| *n).unwrap_or(0);
-        let unreadable = self.sustained.contains_key(&ino) && open > 0 && closed >= open;
+        let unreadable = self.sustained.contains_key(&ino)
+            && self
+                .open_counts
+                .get(&ino)
+                .is_some_and(|o| o.closed == o.handles);
         let writer = self.writers.get(&ino).map(|w| w.clone());
         let discarded = unreadable && writer.is_some_and(|w| w.discard(&self.data));
         if !discarded {
@@ -571,14 +577,11 @@ impl TideVfs {
                 tracing::warn!(ino, error = %e, "flush at release failed");
             }
         }
-        self.closed_counts.remove_if_mut(&ino, |_, n| {
-            *n -= 1;
-            *n == 0
-        });
         let mut last = false;
-        self.open_counts.remove_if_mut(&ino, |_, n| {
-            *n -= 1;
-            last = *n == 0;
+        self.open_counts.remove_if_mut(&ino, |_, o| {
+            o.handles -= 1;
+            o.closed = o.closed.saturating_sub(1);
+            last = o.handles == 0;
             last
         });
         if !last {
@@ -780,7 +783,7 @@ impl TideVfs {
     }
 
     fn open_handle(&self, ino: Ino) -> u64 {
-        *self.open_counts.entry(ino).or_insert(0) += 1;
+        self.open_counts.entry(ino).or_default().handles += 1;
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let err_seq = self
             .writers
@@ -1366,7 +1369,9 @@ impl tidefs_fuse::Vfs for TideVfs {
             return Ok(());
         }
         self.handles.remove(&fh);
-        *self.closed_counts.entry(ino).or_insert(0) += 1;
+        if let Some(mut opens) = self.open_counts.get_mut(&ino) {
+            opens.closed += 1;
+        }
         let writer = self.writers.get(&ino).map(|w| w.clone());
         match writer {
             Some(w) if self.opts.close_behind && !w.is_idle() => {
