@@ -19,7 +19,8 @@ macro_rules! meta_conformance_tests {
             rename_into_own_subtree_fails, setattr_and_times, setgid_directories, xattrs,
             slices_and_length, truncate_clips_slices, fallocate_modes, readdir_cookies_are_stable,
             sessions_free_kept_files, slice_ids_are_unique, usage_counts, limits_are_enforced,
-            referenced_slices_page_in_id_order, namespace_check_passes_after_every_kind_of_change,
+            referenced_slices_page_in_id_order, packed_slices_are_freed_with_their_last_file,
+            namespace_check_passes_after_every_kind_of_change,
             trash_keeps_removed_files_without_bending_link_counts,
             slices_apply_in_commit_order_and_compact_safely,
             posix_locks_conflict_across_sessions);
@@ -823,6 +824,94 @@ pub fn limits_are_enforced(m: &dyn Meta) {
         err(m.mknod(ROOT_INO, b"c", &node(FileKind::File, 0o644))),
         libc::ENOSPC
     );
+}
+
+/// Several files written in one call may share a slice (a packed object): each reads its own
+/// part, the slice is listed once, and its objects are queued for deletion only when the last
+/// file drops it, whichever way (unlink, overwrite, truncate). A call with a bad file changes
+/// nothing.
+pub fn packed_slices_are_freed_with_their_last_file(m: &dyn Meta) {
+    formatted(m);
+    let files: Vec<Attr> = ["a", "b", "c", "d"]
+        .iter()
+        .map(|n| file(m, ROOT_INO, n))
+        .collect();
+    let pack = m.next_slice_ids(1).unwrap();
+    let part = |i: u32| Slice {
+        id: pack,
+        size: 400,
+        off: i * 100,
+        len: 100,
+        pos: 0,
+    };
+    let mtime = Timestamp { sec: 5, nsec: 6 };
+    let writes: Vec<FileWrite> = (0..4)
+        .map(|i| FileWrite {
+            ino: files[i as usize].ino,
+            slices: vec![ChunkSlice {
+                chunk: 0,
+                slice: part(i),
+            }],
+            mtime,
+        })
+        .collect();
+    let attrs = m.write_files(&writes).unwrap();
+    assert_eq!(
+        attrs
+            .iter()
+            .map(|a| (a.ino, a.length, a.mtime))
+            .collect::<Vec<_>>(),
+        files
+            .iter()
+            .map(|f| (f.ino, 100, mtime))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(m.read_chunk(files[1].ino, 0).unwrap(), vec![part(1)]);
+    let refs = m.referenced_slices(0, 100).unwrap();
+    assert_eq!(
+        refs.iter().map(|r| (r.id, r.size)).collect::<Vec<_>>(),
+        [(pack, 400)]
+    );
+    let queued = || m.pending_deletions(0, 10).unwrap();
+    // Unlinked, overwritten, truncated away: others still reference it.
+    m.unlink(ROOT_INO, b"a", 1, &closed).unwrap();
+    let over = m.next_slice_ids(1).unwrap();
+    let chunk = |slice| [ChunkSlice { chunk: 0, slice }];
+    m.write_slices(files[1].ino, &chunk(data_slice(over, 0, 100)), mtime)
+        .unwrap();
+    m.truncate(files[2].ino, 0, mtime).unwrap();
+    assert_eq!(queued(), vec![]);
+    assert_eq!(m.read_chunk(files[3].ino, 0).unwrap(), vec![part(3)]);
+    m.unlink(ROOT_INO, b"d", 1, &closed).unwrap();
+    assert_eq!(
+        queued(),
+        vec![FreedSlice {
+            id: pack,
+            size: 400
+        }]
+    );
+    assert_eq!(
+        m.referenced_slices(0, 100).unwrap(),
+        vec![SliceRef {
+            id: over,
+            size: 100,
+            ino: files[1].ino
+        }]
+    );
+    // All or nothing: a directory among the files fails the call before anything is written.
+    let e = file(m, ROOT_INO, "e");
+    let d = dir(m, ROOT_INO, "dir");
+    let next = m.next_slice_ids(1).unwrap();
+    let bad = [e.ino, d.ino].map(|ino| FileWrite {
+        ino,
+        slices: chunk(data_slice(next, 0, 10)).to_vec(),
+        mtime,
+    });
+    assert_eq!(err(m.write_files(&bad)), libc::EINVAL);
+    assert_eq!(m.getattr(e.ino).unwrap().length, 0);
+    assert!(m.read_chunk(e.ino, 0).unwrap().is_empty());
+    assert_eq!(m.write_files(&[]).unwrap(), vec![]);
+    assert_eq!(m.check_namespace(false).unwrap(), vec![]);
 }
 
 /// Referenced slices come once each, in id order, without zero slices, and leave when freed.

@@ -125,6 +125,10 @@ pub trait Meta: Send + Sync {
     /// them and setting mtime and ctime. They apply after every slice committed before, in
     /// the order given.
     fn write_slices(&self, ino: Ino, slices: &[ChunkSlice], mtime: Timestamp) -> Result<Attr>;
+    /// [`Meta::write_slices`] for several files in one transaction: all of them, in the order
+    /// given, or none. Files may share a slice id (a packed object holding several small
+    /// files): a slice's objects go to the deletion queue only when no file references it.
+    fn write_files(&self, files: &[FileWrite]) -> Result<Vec<Attr>>;
     /// Replaces `replaced`, the first slices of chunk `chunk` of file `ino` in the order
     /// [`Meta::read_chunk`] gave them, by `new`, which holds the same bytes and is durable;
     /// the replaced slices go to the deletion queue. If the chunk changed meanwhile so that

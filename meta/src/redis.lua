@@ -158,11 +158,14 @@ local function queue_free(id, size)
   if size > 0 then redis.call('ZADD', 'freed', id, id .. ':' .. int(size)) end
 end
 
--- Slice `s` of `ino` lost its only reference: its objects go to the deletion queue.
+-- Slice `s` of `ino` is dropped: if no other file references it (a packed slice is shared by
+-- several), its objects go to the deletion queue.
 local function free_slice(ino, s)
   if s.size > 0 then
     redis.call('ZREM', 'refs', s.id .. ':' .. int(s.size) .. ':' .. ino)
-    queue_free(s.id, s.size)
+    if #redis.call('ZRANGEBYSCORE', 'refs', s.id, s.id, 'LIMIT', 0, 1) == 0 then
+      queue_free(s.id, s.size)
+    end
   end
 end
 
@@ -694,31 +697,74 @@ function ops.removexattr(now, ino, name)
   return 'ok'
 end
 
--- Arguments after the times: groups of chunk, id, size, off, len, pos.
-function ops.write_slices(now, ino, mtime_s, mtime_n, ...)
-  local args = { ... }
-  local a = must_node(ino)
-  if a.kind ~= FILE then fail('EINVAL') end
-  local pieces, fin = {}, a.length
-  for i = 1, #args, 6 do
+-- The slices of args[from..to], groups of chunk, id, size, off, len, pos, and the length of a
+-- file of `length` bytes once they are in.
+local function parse_pieces(args, from, to, length)
+  local pieces, fin = {}, length
+  for i = from, to, 6 do
     local s = { id = args[i + 1], size = tonumber(args[i + 2]), off = tonumber(args[i + 3]),
       len = tonumber(args[i + 4]), pos = tonumber(args[i + 5]) }
     pieces[#pieces + 1] = { chunk = args[i], s = s }
     fin = math.max(fin, tonumber(args[i]) * CHUNK + s.pos + s.len)
   end
-  local delta = round_space(fin) - round_space(a.length)
-  check_space(delta)
+  return pieces, fin
+end
+
+-- Adds `pieces` to file `a` (checked: it exists, it is a file, the space is there).
+local function apply_write(a, pieces, fin, mtime_s, mtime_n)
+  local ino = a.ino
   local chunks = {}
   for _, p in ipairs(pieces) do
     append_slice(ino, p.chunk, p.s)
     chunks[p.chunk] = true
   end
-  bump('used_space', delta)
+  bump('used_space', round_space(fin) - round_space(a.length))
   for chunk in pairs(chunks) do drop_hidden(ino, chunk) end
   a.length = fin
   a.ms, a.mn, a.cs, a.cn = mtime_s, mtime_n, mtime_s, mtime_n
   put(a)
   return attr_reply(a)
+end
+
+local function must_file(ino)
+  local a = must_node(ino)
+  if a.kind ~= FILE then fail('EINVAL') end
+  return a
+end
+
+-- Arguments after the times: groups of chunk, id, size, off, len, pos.
+function ops.write_slices(now, ino, mtime_s, mtime_n, ...)
+  local args = { ... }
+  local a = must_file(ino)
+  local pieces, fin = parse_pieces(args, 1, #args, a.length)
+  check_space(round_space(fin) - round_space(a.length))
+  return apply_write(a, pieces, fin, mtime_s, mtime_n)
+end
+
+-- Arguments: for each file, its inode, mtime (two values), number of slices, then the
+-- slices as for write_slices. Every check comes before the first change (a script that fails
+-- part way keeps what it did), so the files are written all or none.
+function ops.write_files(now, ...)
+  local args = { ... }
+  local files, delta, i = {}, 0, 1
+  while i <= #args do
+    local n = tonumber(args[i + 3])
+    local a = must_file(args[i])
+    local pieces, fin = parse_pieces(args, i + 4, i + 3 + 6 * n, a.length)
+    delta = delta + round_space(fin) - round_space(a.length)
+    files[#files + 1] = { ino = args[i], ms = args[i + 1], mn = args[i + 2], from = i + 4,
+      to = i + 3 + 6 * n }
+    i = i + 4 + 6 * n
+  end
+  check_space(delta)
+  local out = {}
+  for _, f in ipairs(files) do
+    -- Read again: a file given twice sees its first write.
+    local a = must_node(f.ino)
+    local pieces, fin = parse_pieces(args, f.from, f.to, a.length)
+    out[#out + 1] = apply_write(a, pieces, fin, f.ms, f.mn)
+  end
+  return out
 end
 
 -- Arguments: the new slice (id, size, off, len, pos), then the replaced ones likewise.

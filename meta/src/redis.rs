@@ -945,6 +945,26 @@ impl Meta for RedisMeta {
         attr_reply(self.call(&call)?)
     }
 
+    fn write_files(&self, files: &[FileWrite]) -> Result<Vec<Attr>> {
+        if files.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut call = Call::new("write_files");
+        for f in files {
+            call.arg(f.ino).time(Some(f.mtime)).arg(f.slices.len());
+            for cs in &f.slices {
+                call.arg(cs.chunk);
+                for v in slice_args(&cs.slice) {
+                    call.arg(v);
+                }
+            }
+        }
+        items(self.call(&call)?)?
+            .into_iter()
+            .map(attr_reply)
+            .collect()
+    }
+
     fn compact_chunk(&self, ino: Ino, chunk: u32, replaced: &[Slice], new: Slice) -> Result<bool> {
         let mut call = Call::new("compact_chunk");
         call.arg(ino).arg(chunk);
@@ -1004,17 +1024,21 @@ impl Meta for RedisMeta {
     }
 
     fn referenced_slices(&self, after: u64, limit: usize) -> Result<Vec<SliceRef>> {
-        self.ids_after("refs", after, limit)?
-            .iter()
-            .map(|r| match numbers(r, "slice reference")?.as_slice() {
-                &[id, size, ino] => Ok(SliceRef {
+        let mut out: Vec<SliceRef> = Vec::new();
+        for r in self.ids_after("refs", after, limit)? {
+            let &[id, size, ino] = numbers(&r, "slice reference")?.as_slice() else {
+                return Err(corrupt("slice reference", &r));
+            };
+            // A packed slice has one reference per file, in a row (they share the score).
+            if out.last().is_none_or(|l| l.id != id) {
+                out.push(SliceRef {
                     id,
                     size: size as u32,
                     ino,
-                }),
-                _ => Err(corrupt("slice reference", r)),
-            })
-            .collect()
+                });
+            }
+        }
+        Ok(out)
     }
 
     fn check_namespace(&self, repair: bool) -> Result<Vec<Problem>> {

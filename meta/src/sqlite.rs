@@ -375,8 +375,8 @@ fn insert_slice(tx: &Connection, ino: Ino, chunk: u32, s: &Slice, seq: i64) -> R
     Ok(())
 }
 
-/// Removes slice `id` from chunk `chunk` of `ino` and queues its objects (if it has any) for
-/// deletion: one slice has one reference, so dropping it frees it.
+/// Removes slice `id` from chunk `chunk` of `ino` and, if that was its last reference (a
+/// packed slice is shared by several files), queues its objects (if it has any) for deletion.
 fn drop_slice(tx: &Connection, ino: Ino, chunk: u32, id: i64, size: i64) -> Result<()> {
     tx.exec(
         "DELETE FROM slice WHERE ino = ?1 AND chunk = ?2 AND id = ?3",
@@ -384,7 +384,8 @@ fn drop_slice(tx: &Connection, ino: Ino, chunk: u32, id: i64, size: i64) -> Resu
     )?;
     if size > 0 {
         tx.exec(
-            "INSERT OR IGNORE INTO deleted_slice (id, size) VALUES (?1, ?2)",
+            "INSERT OR IGNORE INTO deleted_slice (id, size)
+             SELECT ?1, ?2 WHERE NOT EXISTS (SELECT 1 FROM slice WHERE id = ?1)",
             params![id, size],
         )?;
     }
@@ -430,9 +431,11 @@ fn drop_hidden_slices(tx: &Connection, ino: Ino, chunk: u32) -> Result<()> {
 /// Deletes inode `ino` and everything it owns; its slices go to the deletion queue.
 fn free_inode(tx: &Connection, a: &Attr) -> Result<()> {
     let ino = a.ino as i64;
+    // A packed slice that other files still reference stays.
     tx.exec(
         "INSERT OR IGNORE INTO deleted_slice (id, size)
-         SELECT id, size FROM slice WHERE ino = ?1 AND size > 0",
+         SELECT id, size FROM slice s WHERE ino = ?1 AND size > 0
+         AND NOT EXISTS (SELECT 1 FROM slice o WHERE o.id = s.id AND o.ino != ?1)",
         [ino],
     )?;
     tx.exec("DELETE FROM slice WHERE ino = ?1", [ino])?;
@@ -1018,6 +1021,41 @@ impl SqliteMeta {
     }
 
     /// Fails with [`MetaError::NoSpace`] if growing usage by `delta` bytes passes the capacity.
+    /// [`Meta::write_slices`] within transaction `tx`.
+    fn write_file_slices(
+        &self,
+        tx: &Connection,
+        ino: Ino,
+        slices: &[ChunkSlice],
+        mtime: Timestamp,
+    ) -> Result<Attr> {
+        let mut a = get_node(tx, ino)?;
+        if a.kind != FileKind::File {
+            return Err(MetaError::Invalid);
+        }
+        let mut end = a.length;
+        let first = next_seq(tx, slices.len())?;
+        for (seq, cs) in (first..).zip(slices) {
+            let s = cs.slice;
+            insert_slice(tx, ino, cs.chunk, &s, seq)?;
+            end = end.max(cs.chunk as u64 * CHUNK_SIZE + s.pos as u64 + s.len as u64);
+        }
+        let delta = round_space(end) - round_space(a.length);
+        self.check_space(tx, delta)?;
+        bump_counter(tx, "used_space", delta)?;
+        let mut chunks: Vec<u32> = slices.iter().map(|cs| cs.chunk).collect();
+        chunks.sort_unstable();
+        chunks.dedup();
+        for chunk in chunks {
+            drop_hidden_slices(tx, ino, chunk)?;
+        }
+        a.length = end;
+        a.mtime = mtime;
+        a.ctime = mtime;
+        put_node(tx, &a)?;
+        Ok(a)
+    }
+
     fn check_space(&self, tx: &Connection, delta: i64) -> Result<()> {
         let capacity = self.limits(tx)?.capacity;
         if delta > 0 && capacity > 0 && counter(tx, "used_space")? + delta > capacity as i64 {
@@ -1819,32 +1857,15 @@ impl Meta for SqliteMeta {
     }
 
     fn write_slices(&self, ino: Ino, slices: &[ChunkSlice], mtime: Timestamp) -> Result<Attr> {
+        self.write(|tx| self.write_file_slices(tx, ino, slices, mtime))
+    }
+
+    fn write_files(&self, files: &[FileWrite]) -> Result<Vec<Attr>> {
         self.write(|tx| {
-            let mut a = get_node(tx, ino)?;
-            if a.kind != FileKind::File {
-                return Err(MetaError::Invalid);
-            }
-            let mut end = a.length;
-            let first = next_seq(tx, slices.len())?;
-            for (seq, cs) in (first..).zip(slices) {
-                let s = cs.slice;
-                insert_slice(tx, ino, cs.chunk, &s, seq)?;
-                end = end.max(cs.chunk as u64 * CHUNK_SIZE + s.pos as u64 + s.len as u64);
-            }
-            let delta = round_space(end) - round_space(a.length);
-            self.check_space(tx, delta)?;
-            bump_counter(tx, "used_space", delta)?;
-            let mut chunks: Vec<u32> = slices.iter().map(|cs| cs.chunk).collect();
-            chunks.sort_unstable();
-            chunks.dedup();
-            for chunk in chunks {
-                drop_hidden_slices(tx, ino, chunk)?;
-            }
-            a.length = end;
-            a.mtime = mtime;
-            a.ctime = mtime;
-            put_node(tx, &a)?;
-            Ok(a)
+            files
+                .iter()
+                .map(|f| self.write_file_slices(tx, f.ino, &f.slices, f.mtime))
+                .collect()
         })
     }
 

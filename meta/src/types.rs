@@ -289,6 +289,17 @@ impl Slice {
     }
 }
 
+/// Slices to commit into one file, as [`crate::Meta::write_slices`] takes them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileWrite {
+    /// The file.
+    pub ino: Ino,
+    /// Its slices, in the order they apply.
+    pub slices: Vec<ChunkSlice>,
+    /// Its new mtime and ctime.
+    pub mtime: Timestamp,
+}
+
 /// A slice waiting to be committed into chunk `chunk` of a file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ChunkSlice {
