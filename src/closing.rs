@@ -25,10 +25,14 @@ pub struct Limits {
     /// Releases running at once past which closes wait, and up to which deferred releases
     /// are started.
     pub running: usize,
-    /// Deferred releases past which closes wait; past half of it the oldest start early.
+    /// Deferred releases past which closes wait; past half of it the oldest start early,
+    /// down to a quarter of it.
     pub deferred: usize,
     /// How long a deferred release waits before it starts.
     pub delay: Duration,
+    /// Deferred releases due within this of the first one taken come with it, so that their
+    /// small files can share one object (see [`crate::data::DataCtx::commit_packed`]).
+    pub batch: Duration,
 }
 
 #[derive(Debug, Default)]
@@ -64,6 +68,7 @@ impl Closing {
                 running: limits.running.max(1),
                 deferred: limits.deferred.max(1),
                 delay: limits.delay,
+                batch: limits.batch,
             },
         }
     }
@@ -104,8 +109,10 @@ impl Closing {
 
     /// Waits up to `timeout` for deferred releases that are due, and takes them, now
     /// counted as running, oldest first, while fewer than the running limit run. A release
-    /// is due when its delay has passed, when more than half the deferred limit wait, or,
-    /// with `pressure`, at once.
+    /// is due when its delay has passed, when more than half the deferred limit wait (then
+    /// more are taken while over a quarter wait), or, with `pressure`, at once; once one is
+    /// taken, those due within the batch window come with it. So releases start in batches,
+    /// whose small files can share objects.
     pub fn take_due(&self, pressure: bool, timeout: Duration) -> Due {
         let deadline = Instant::now() + timeout;
         let mut st = self.lock();
@@ -116,7 +123,12 @@ impl Closing {
                 let Some((at, ..)) = st.deferred.front() else {
                     break;
                 };
-                if !(pressure || *at <= now || st.deferred.len() > self.limits.deferred / 2) {
+                let (horizon, crowd) = if due.is_empty() {
+                    (now, self.limits.deferred / 2)
+                } else {
+                    (now + self.limits.batch, self.limits.deferred / 4)
+                };
+                if !(pressure || *at <= horizon || st.deferred.len() > crowd) {
                     break;
                 }
                 let (_, ino, ticket) = st.deferred.pop_front().expect("a front");
@@ -247,6 +259,7 @@ mod tests {
             running,
             deferred,
             delay: Duration::from_millis(delay_ms),
+            batch: Duration::ZERO,
         }))
     }
 
@@ -302,12 +315,46 @@ mod tests {
         drop(due);
         assert_eq!(inos(&c.take_due(true, Duration::from_millis(10))), [3]);
         drop(more);
-        // More than half the deferred limit waiting: the oldest are due at once.
+        // More than half the deferred limit waiting: the oldest are due at once, down to a
+        // quarter of it (here up to the running limit).
         for ino in 4..7 {
             c.defer(ino);
         }
-        assert_eq!(inos(&c.take_due(false, Duration::from_millis(10))), [4]);
-        assert_eq!(c.under_way(), 2);
+        let crowded = c.take_due(false, Duration::from_millis(10));
+        assert_eq!(inos(&crowded), [4, 5]);
+        assert_eq!(c.under_way(), 3);
+        // With room to run: 5 of 8 waiting, so the oldest 3 go, leaving a quarter (2).
+        let c = closing(8, 8, 60_000);
+        for ino in 1..=5 {
+            c.defer(ino);
+        }
+        assert_eq!(inos(&c.take_due(false, Duration::ZERO)), [1, 2, 3]);
+        assert_eq!(c.deferred(), 2);
+    }
+
+    /// Releases due within the batch window of the first one due come with it, and no later
+    /// ones; none comes before the first is due.
+    #[test]
+    fn releases_due_soon_after_the_first_come_with_it() {
+        let c = Arc::new(Closing::new(Limits {
+            running: 8,
+            deferred: 100,
+            delay: Duration::from_millis(500),
+            batch: Duration::from_millis(200),
+        }));
+        // Due at 500, 600 and 850 ms.
+        c.defer(1);
+        std::thread::sleep(Duration::from_millis(100));
+        c.defer(2);
+        std::thread::sleep(Duration::from_millis(250));
+        c.defer(3);
+        // None is due yet, though 2 will be within 200 ms of 1.
+        assert!(c.take_due(false, Duration::ZERO).is_empty());
+        let due = c.take_due(false, Duration::from_secs(5));
+        // 1 was due and 2 within 200 ms of it; 3 is 250 ms behind 2, so it comes on its own.
+        assert_eq!(inos(&due), [1, 2]);
+        assert_eq!(c.deferred(), 1);
+        assert_eq!(inos(&c.take_due(false, Duration::from_secs(5))), [3]);
     }
 
     /// Closes wait while the deferred limit is reached; taking deferred releases begun before

@@ -19,7 +19,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use tidefs_cache::BlockCache;
 use tidefs_cache::BufferPool;
 use tidefs_fuse::ReadData;
-use tidefs_meta::{ChunkSlice, Ino, Meta, Slice, Timestamp};
+use tidefs_meta::{ChunkSlice, FileWrite, Ino, Meta, Slice, Timestamp};
 use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
 
@@ -373,6 +373,93 @@ impl DataCtx {
         self.buffered.load(Ordering::SeqCst) <= limit
     }
 
+    /// Commits the pending writes of several files, packing those of small files into shared
+    /// objects: each file whose writes are one slice, all in memory (see
+    /// [`FileWriter::take_packable`]), goes into an object of at most [`PACK_BYTES`] with
+    /// others, stored with one PUT and committed for all of them in one transaction
+    /// ([`Meta::write_files`]), so that no file's reference can be freed before another's is
+    /// written. Other files are left as they are. Returns the files whose commit failed (the
+    /// failure also reaches their handles, as any commit failure does).
+    pub fn commit_packed(&self, files: &[(Ino, Arc<FileWriter>)]) -> Vec<(Ino, String)> {
+        let max = PACK_BYTES.min(self.layout.block_size());
+        let taken: Vec<_> = files
+            .iter()
+            .filter_map(|(ino, w)| w.take_packable(max).map(|t| (*ino, w, t)))
+            .collect();
+        let mut failed = Vec::new();
+        let mut rest = &taken[..];
+        while !rest.is_empty() {
+            // As many files as fit, and always one.
+            let mut bytes = 0;
+            let n = rest
+                .iter()
+                .take_while(|(_, _, (s, ..))| {
+                    bytes += s.len;
+                    bytes <= max
+                })
+                .count()
+                .max(1);
+            let (pack, after) = rest.split_at(n);
+            rest = after;
+            let members: Vec<_> = pack
+                .iter()
+                .map(|(ino, _, (s, m, _))| (*ino, s, *m))
+                .collect();
+            let result = self.commit_pack(&members);
+            for (ino, w, (.., gen)) in pack {
+                drop(w.end_batch(self, *gen, true, result.as_ref().err()));
+                if let Err(e) = &result {
+                    failed.push((*ino, e.to_string()));
+                }
+            }
+        }
+        failed
+    }
+
+    /// Stores `members`' slices as one object and commits each file's part of it.
+    fn commit_pack(&self, members: &[(Ino, &PendingSlice, Timestamp)]) -> Result<(), FsError> {
+        let size: u32 = members.iter().map(|(_, s, _)| s.len).sum();
+        let id = match self.next_slice_id() {
+            Ok(id) => id,
+            Err(e) => {
+                // Never handed to an upload, which would have uncounted them.
+                self.buffered.fetch_sub(size as u64, Ordering::SeqCst);
+                return Err(e);
+            }
+        };
+        let mut object = Vec::with_capacity(size as usize);
+        let mut writes = Vec::with_capacity(members.len());
+        for (ino, s, mtime) in members {
+            let off = object.len() as u32;
+            object.extend_from_slice(&s.buf);
+            writes.push(FileWrite {
+                ino: *ino,
+                slices: vec![ChunkSlice {
+                    chunk: s.chunk,
+                    slice: Slice {
+                        id,
+                        size,
+                        off,
+                        len: s.len,
+                        pos: s.pos,
+                    },
+                }],
+                mtime: *mtime,
+            });
+        }
+        let key = self.layout.block_key(id, 0, size);
+        self.wait_uploads(vec![self.upload(key, Bytes::from(object))])?;
+        let written = self.meta.write_files(&writes);
+        for w in &writes {
+            self.invalidate(w.ino);
+        }
+        written?;
+        for w in &writes {
+            self.hint_compaction(w.ino, w.slices[0].chunk);
+        }
+        Ok(())
+    }
+
     /// Fetches block `key` of `len` bytes through the cache; concurrent callers share a fetch.
     async fn block(&self, key: &str, len: u32) -> Result<Bytes, ReadError> {
         fetch_block(self.store.clone(), &self.cache, key, len)
@@ -711,6 +798,10 @@ fn append(buf: &mut Vec<u8>, bytes: &[u8], pool: &BufferPool) {
 /// [`FileWriter::is_small_and_in_memory`]: small files, whose commits can wait in numbers.
 pub const DEFERRABLE_BYTES: usize = POOLED_SLICE_MIN;
 
+/// Most bytes of one packed object ([`DataCtx::commit_packed`]): a read that misses the
+/// cache fetches it whole, as it would a block.
+pub const PACK_BYTES: u32 = 1 << 20;
+
 /// A slice being written: bytes `[0, uploaded)` are in flight to the store as whole blocks,
 /// bytes `[uploaded, len)` are in `buf`, which holds less than a block.
 struct PendingSlice {
@@ -1018,49 +1109,78 @@ impl FileWriter {
     /// any failure since (updating it), so a close or fsync reports every lost write even when
     /// another thread's flush committed it.
     pub fn flush(&self, data: &DataCtx, ino: Ino, seen: Option<&AtomicU64>) -> Result<(), FsError> {
-        let (mut slices, mtime, gen) = {
-            let mut st = self.lock();
-            let slices = std::mem::take(&mut st.slices);
-            st.pending_since = None;
-            st.taken += 1;
-            let gen = st.taken;
-            if !slices.is_empty() {
-                let ranges = slices
-                    .iter()
-                    .map(|s| {
-                        let start = s.chunk as u64 * CHUNK_SIZE + s.pos as u64;
-                        start..start + s.len as u64
-                    })
-                    .collect();
-                st.committing.push((gen, ranges));
-            }
-            (slices, st.mtime.unwrap_or_else(Timestamp::now), gen)
-        };
+        let (mut slices, mtime, gen) = Self::take_batch(&mut self.lock());
         let own = if slices.is_empty() {
             Ok(())
         } else {
             self.commit(data, ino, &mut slices, mtime, gen)
         };
-        let mut st = self.lock();
+        let mut st = self.end_batch(data, gen, !slices.is_empty(), own.as_ref().err());
+        // Whatever this call reports, the handle has now heard of every failure so far.
+        let unreported = seen.map_or(Ok(()), |seen| Self::report(&mut st, seen));
+        own.and(unreported)
+    }
+
+    /// Takes every pending slice for commit as a new batch: the slices, their mtime and the
+    /// batch's generation. Reads of their ranges commit first (wait) until the batch ends.
+    fn take_batch(st: &mut WriterState) -> (Vec<PendingSlice>, Timestamp, u64) {
+        let slices = std::mem::take(&mut st.slices);
+        st.pending_since = None;
+        st.taken += 1;
+        let gen = st.taken;
         if !slices.is_empty() {
+            let ranges = slices
+                .iter()
+                .map(|s| {
+                    let start = s.chunk as u64 * CHUNK_SIZE + s.pos as u64;
+                    start..start + s.len as u64
+                })
+                .collect();
+            st.committing.push((gen, ranges));
+        }
+        (slices, st.mtime.unwrap_or_else(Timestamp::now), gen)
+    }
+
+    /// Ends batch `gen` (`had_slices`: it was not empty), which failed with `failure` if
+    /// any, and waits for the batches taken before it, so that every earlier write is then
+    /// committed (later ones may keep going).
+    fn end_batch(
+        &self,
+        data: &DataCtx,
+        gen: u64,
+        had_slices: bool,
+        failure: Option<&FsError>,
+    ) -> std::sync::MutexGuard<'_, WriterState> {
+        let mut st = self.lock();
+        if had_slices {
             st.committing.retain(|(g, _)| *g != gen);
-            if let Err(e) = &own {
+            if let Some(e) = failure {
                 data.commit_failures.fetch_add(1, Ordering::Relaxed);
                 st.err_seq += 1;
                 st.last_error = Some(e.to_string());
             }
             self.idle.notify_all();
         }
-        // Wait for the commits taken before this one, so that this returns only when every
-        // earlier write is committed (later ones may keep going).
         let mut st = self.wait_for_earlier(st, gen);
         if st.slices.is_empty() && st.committing.is_empty() {
             st.length = 0;
             st.mtime = None;
         }
-        // Whatever this call reports, the handle has now heard of every failure so far.
-        let unreported = seen.map_or(Ok(()), |seen| Self::report(&mut st, seen));
-        own.and(unreported)
+        st
+    }
+
+    /// Takes the pending writes for a packed commit ([`DataCtx::commit_packed`]) if they
+    /// are one slice of at most `max` bytes, all in memory, with no batch committing: the
+    /// slice, its mtime and its batch, which [`FileWriter::end_batch`] must end.
+    fn take_packable(&self, max: u32) -> Option<(PendingSlice, Timestamp, u64)> {
+        let mut st = self.lock();
+        let packable = st.committing.is_empty()
+            && matches!(&st.slices[..], [s] if s.uploaded == 0 && s.len > 0 && s.len <= max);
+        if !packable {
+            return None;
+        }
+        let (mut slices, mtime, gen) = Self::take_batch(&mut st);
+        Some((slices.pop().expect("one slice"), mtime, gen))
     }
 
     /// Waits, with the state locked as `st`, until no batch taken before batch `gen` is

@@ -91,6 +91,11 @@ const CLOSES_BEHIND: usize = 64;
 /// [`crate::data::DEFERRABLE_BYTES`] each, they hold at most 32 MiB.
 const CLOSES_DEFERRED: usize = 512;
 
+/// Deferred releases due within this of one another start together, so that their small files
+/// share objects (see [`crate::data::DataCtx::commit_packed`]): at most this much earlier than
+/// their delay says.
+pub const CLOSE_BATCH: Duration = Duration::from_millis(250);
+
 /// The default [`VfsOptions::close_delay`]: most temporary files a build, a test suite or a
 /// file server (dbench's load) removes are gone within it.
 pub const CLOSE_DELAY: Duration = Duration::from_secs(2);
@@ -293,6 +298,7 @@ impl TideVfs {
                 running: CLOSES_BEHIND,
                 deferred: CLOSES_DEFERRED,
                 delay: opts.close_delay,
+                batch: CLOSE_BATCH,
             })),
             failures_dir_synced: AtomicU64::new(0),
             controls: DashMap::new(),
@@ -562,17 +568,7 @@ impl TideVfs {
     /// ignores release errors, so a failure to commit is left for the file's next close or
     /// fsync (and logged).
     fn finish_release(&self, ino: Ino) -> Result<()> {
-        // A file that has lost its last name and whose every handle is closed (this one, and
-        // others whose release waits or is under way) can never be read: its writes still in
-        // memory are dropped, not uploaded (a temporary file).
-        let unreadable = self.sustained.contains_key(&ino)
-            && self
-                .open_counts
-                .get(&ino)
-                .is_some_and(|o| o.closed == o.handles);
-        let writer = self.writers.get(&ino).map(|w| w.clone());
-        let discarded = unreadable && writer.is_some_and(|w| w.discard(&self.data));
-        if !discarded {
+        if !self.discard_if_unreadable(ino) {
             if let Err(e) = self.flush_inode(ino, None) {
                 tracing::warn!(ino, error = %e, "flush at release failed");
             }
@@ -607,9 +603,56 @@ impl TideVfs {
         Ok(())
     }
 
+    /// Drops the writes still in memory of a file that has lost its last name and whose
+    /// every handle is closed (including those whose release waits or is under way): it can
+    /// never be read again (a temporary file). Whether nothing is left to commit.
+    fn discard_if_unreadable(&self, ino: Ino) -> bool {
+        let unreadable = self.sustained.contains_key(&ino)
+            && self
+                .open_counts
+                .get(&ino)
+                .is_some_and(|o| o.closed == o.handles);
+        let writer = self.writers.get(&ino).map(|w| w.clone());
+        unreadable && writer.is_some_and(|w| w.discard(&self.data))
+    }
+
     /// Runs [`TideVfs::finish_release`] for each of `due` on the runtime's blocking pool
-    /// (here, if the VFS is being dropped), ending each ticket after it.
+    /// (here, if the VFS is being dropped), ending each ticket after it. Several releases
+    /// first commit their small files packed together ([`DataCtx::commit_packed`]), in one
+    /// task, before each finishes on its own.
     fn finish_releases(&self, due: closing::Due) {
+        match self.me.upgrade() {
+            Some(vfs) if due.len() > 1 => {
+                self.data.rt.spawn_blocking(move || {
+                    vfs.commit_packed(&due);
+                    vfs.finish_each_release(due);
+                });
+            }
+            _ => self.finish_each_release(due),
+        }
+    }
+
+    /// Commits the small files of `due` packed together; the rest is left to their releases.
+    fn commit_packed(&self, due: &closing::Due) {
+        let _s = tracing::debug_span!("release_packed", files = due.len()).entered();
+        let mut files: Vec<(Ino, Arc<FileWriter>)> = Vec::with_capacity(due.len());
+        for (ino, _) in due {
+            if files.iter().any(|(i, _)| i == ino) || self.discard_if_unreadable(*ino) {
+                continue;
+            }
+            if let Some(w) = self.writers.get(ino) {
+                files.push((*ino, w.clone()));
+            }
+        }
+        for (ino, e) in self.data.commit_packed(&files) {
+            tracing::warn!(ino, error = %e, "packed commit at release failed");
+            // As `lost_writes_if_err`: the kernel's pages of the file hold unstored data.
+            self.seen_versions.remove(&ino);
+        }
+    }
+
+    /// [`TideVfs::finish_release`] of each of `due`, each as its own task.
+    fn finish_each_release(&self, due: closing::Due) {
         for (ino, ticket) in due {
             let finish = move |vfs: &TideVfs| {
                 let _ticket = ticket;

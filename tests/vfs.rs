@@ -470,6 +470,7 @@ fn close_behind_small_files_commit_after_a_delay_and_removed_ones_never_upload()
     let closed = std::time::Instant::now();
     let small: Vec<&[u8]> = vec![b"kept", b"gone", b"old", b"new"];
     let inos = f.write_files(&small, 3, 10_000);
+    let spread = closed.elapsed();
     let large = f.write_files(&[&b"large"[..]], 4, 100_000)[0];
     f.vfs.unlink(CTX, ROOT_INO, b"gone").unwrap();
     let flags = RenameFlags::default();
@@ -493,7 +494,9 @@ fn close_behind_small_files_commit_after_a_delay_and_removed_ones_never_upload()
     }
     let kept = f.vfs.lookup(CTX, ROOT_INO, b"kept").unwrap();
     assert_eq!(kept.length, 10_000);
-    // Past the delay, with nothing asking: the two files left are stored, one object each.
+    // Past the delay, with nothing asking: the two files left are stored, in one object
+    // together as they came due together (one each if this machine closed them further
+    // apart than the batch window).
     let deadline = closed + delay + Duration::from_secs(10);
     while [inos[0], inos[3]]
         .iter()
@@ -504,7 +507,12 @@ fn close_behind_small_files_commit_after_a_delay_and_removed_ones_never_upload()
     }
     assert!(closed.elapsed() >= delay);
     f.vfs.fsyncdir(ROOT_INO).unwrap();
-    assert_eq!(f.store.puts(), 4);
+    let puts = if spread < tidefs::vfs::CLOSE_BATCH {
+        3
+    } else {
+        4
+    };
+    assert_eq!(f.store.puts(), puts);
     for name in [&b"kept"[..], b"old"] {
         let a = f.vfs.lookup(CTX, ROOT_INO, name).unwrap();
         let fh = f.vfs.open(CTX, a.ino, libc::O_RDONLY).unwrap().fh;
@@ -520,7 +528,7 @@ fn close_behind_small_files_commit_after_a_delay_and_removed_ones_never_upload()
     f.vfs.release(kept.ino, fh).unwrap();
     f.vfs.release(kept.ino, fh2).unwrap();
     f.vfs.fsyncdir(ROOT_INO).unwrap();
-    assert_eq!(f.store.puts(), 5);
+    assert_eq!(f.store.puts(), puts + 1);
     assert_eq!(data.meta.read_chunk(kept.ino, 0).unwrap().len(), 2);
     // A temporary file written through one handle and opened through another, both closed,
     // then removed: every handle of it is closed, so neither release uploads it.
@@ -535,7 +543,95 @@ fn close_behind_small_files_commit_after_a_delay_and_removed_ones_never_upload()
     f.vfs.fsyncdir(ROOT_INO).unwrap();
     // (Unless this machine was too slow to remove it within the delay.)
     if removed_in_time {
-        assert_eq!(f.store.puts(), 5);
+        assert_eq!(f.store.puts(), puts + 1);
+    }
+}
+
+/// Small files closed together are stored packed: as many as fit in 1 MiB share one object,
+/// which one PUT stores and one transaction commits for all of them. Each reads back its own
+/// bytes, also from the store alone, and the object is deleted only with its last file.
+#[test]
+fn close_behind_packs_small_files_closed_together_into_shared_objects() {
+    let opts = VfsOptions {
+        close_behind: true,
+        ..VfsOptions::default()
+    };
+    let f = fixture_with(4 << 20, 64 << 20, opts);
+    let data = f.vfs.data();
+    let closed = std::time::Instant::now();
+    // 120 files of 10,000 bytes: 104 fit in 1 MiB, the other 16 go in a second object.
+    let names: Vec<Vec<u8>> = (0..120).map(|i| format!("f{i}").into_bytes()).collect();
+    let inos: Vec<u64> = names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let (a, fh) = f.vfs.create(CTX, ROOT_INO, name, 0o644, 0).unwrap();
+            f.vfs.write(a.ino, fh, 0, &[i as u8; 10_000]).unwrap();
+            f.vfs.release(a.ino, fh).unwrap();
+            a.ino
+        })
+        .collect();
+    // The directory's fsync takes every waiting release at once (none came due by itself).
+    let in_time = closed.elapsed() < tidefs::vfs::CLOSE_DELAY;
+    f.vfs.fsyncdir(ROOT_INO).unwrap();
+    let slices: Vec<tidefs_meta::Slice> = inos
+        .iter()
+        .map(|&ino| match &data.meta.read_chunk(ino, 0).unwrap()[..] {
+            [s] => *s,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    if in_time {
+        assert_eq!(f.store.puts(), 2);
+        let mut objects: Vec<(u64, u32)> = slices.iter().map(|s| (s.id, s.size)).collect();
+        objects.dedup();
+        assert_eq!(objects.len(), 2, "{objects:?}");
+        assert_eq!((objects[0].1, objects[1].1), (1_040_000, 160_000));
+    }
+    for s in &slices {
+        assert_eq!((s.len, s.pos, s.off % 10_000), (10_000, 0, 0), "{s:?}");
+    }
+    let read_back = |i: usize| {
+        let fh = f.vfs.open(CTX, inos[i], libc::O_RDONLY).unwrap().fh;
+        let back = f.vfs.read(inos[i], fh, 0, 20_000).unwrap();
+        assert!(
+            back.len() == 10_000 && back.iter().all(|&b| b == i as u8),
+            "file {i}"
+        );
+        f.vfs.release(inos[i], fh).unwrap();
+    };
+    (0..inos.len()).for_each(read_back);
+    // Every file but the last of the first object removed: that object stays, the second goes.
+    let last = slices.iter().rposition(|s| s.id == slices[0].id).unwrap();
+    for (i, name) in names.iter().enumerate() {
+        if i != last {
+            f.vfs.unlink(CTX, ROOT_INO, name).unwrap();
+        }
+    }
+    tidefs::vfs::delete_freed(&data).unwrap();
+    let key = |s: &tidefs_meta::Slice| data.layout.block_key(s.id, 0, s.size);
+    let exists = |k: &str| f._rt.block_on(f.store.head(k)).is_ok();
+    assert!(exists(&key(&slices[last])));
+    assert!(!exists(&key(&slices[119])));
+    // The survivor reads its own bytes from the store alone (no cache to lean on).
+    f._rt.block_on(data.cache.discard(vec![key(&slices[last])]));
+    read_back(last);
+    f.vfs.unlink(CTX, ROOT_INO, &names[last]).unwrap();
+    tidefs::vfs::delete_freed(&data).unwrap();
+    assert!(!exists(&key(&slices[last])));
+    assert!(data.meta.pending_deletions(0, 10).unwrap().is_empty());
+    // A pack that cannot be stored fails each of its files, none half-committed, and each
+    // file's next user hears of it once.
+    f.store.fail_puts(1000);
+    let lost = f.write_files(&[&b"x"[..], b"y"], 1, 100);
+    assert_eq!(errno(f.vfs.fsyncdir(ROOT_INO)), libc::EIO);
+    f.store.fail_puts(0);
+    for ino in lost {
+        assert_eq!(f.vfs.getattr(ino).unwrap().length, 0);
+        let fh = f.vfs.open(CTX, ino, libc::O_RDWR).unwrap().fh;
+        assert_eq!(errno(f.vfs.flush(ino, fh)), libc::EIO);
+        f.vfs.flush(ino, fh).unwrap();
+        f.vfs.release(ino, fh).unwrap();
     }
 }
 
