@@ -573,7 +573,8 @@ impl DataCtx {
         // Each piece's bytes: from a cache layer if one holds them (the disk layer reads just
         // the piece, on this thread: `block_on` runs here, never on a runtime worker), else
         // from the whole block, fetched once for every reader; or, for a random read of a
-        // block not read before, just the piece.
+        // block not read before, or a small file's part of a packed object, just the piece
+        // (the second file read from a pack fetches it whole, for its neighbours).
         let mut fetched = self.rt.block_on(async {
             let fetches = pieces.iter().map(|p| async move {
                 let Some((key, len, in_block)) = &p.block else {
@@ -583,7 +584,10 @@ impl DataCtx {
                 if let Some(bytes) = self.cache.get_range(key, range.clone()).await {
                     return Ok(Some(bytes));
                 }
-                if pattern == ReadPattern::Random && p.len < *len && self.first_touch(key) {
+                if (pattern == ReadPattern::Random || p.narrow)
+                    && p.len < *len
+                    && self.first_touch(key)
+                {
                     return self.block_range(key, range).await.map(Some);
                 }
                 let block = self.block(key, *len).await?;
@@ -703,6 +707,7 @@ impl DataCtx {
                     file_off,
                     len: span.len,
                     block: None,
+                    narrow: false,
                 }),
                 Source::Data { slice, data_off } => {
                     let mut done = 0;
@@ -717,6 +722,7 @@ impl DataCtx {
                             file_off: file_off + done as u64,
                             len: n,
                             block: Some((key, blen, in_block)),
+                            narrow: u64::from(slice.len) * 4 <= u64::from(blen),
                         });
                         done += n;
                     }
@@ -773,6 +779,9 @@ struct Piece {
     file_off: u64,
     len: u32,
     block: Option<(String, u32, u32)>,
+    /// The file shows at most a quarter of the block (one of the small files of a packed
+    /// object): a first miss fetches just the piece, as for a random read.
+    narrow: bool,
 }
 
 /// Pending bytes past this move into a block buffer of the pool.
@@ -798,8 +807,8 @@ fn append(buf: &mut Vec<u8>, bytes: &[u8], pool: &BufferPool) {
 /// [`FileWriter::is_small_and_in_memory`]: small files, whose commits can wait in numbers.
 pub const DEFERRABLE_BYTES: usize = POOLED_SLICE_MIN;
 
-/// Most bytes of one packed object ([`DataCtx::commit_packed`]): a read that misses the
-/// cache fetches it whole, as it would a block.
+/// Most bytes of one packed object ([`DataCtx::commit_packed`]), which stays whole while any
+/// of its files references it.
 pub const PACK_BYTES: u32 = 1 << 20;
 
 /// A slice being written: bytes `[0, uploaded)` are in flight to the store as whole blocks,
