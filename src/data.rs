@@ -389,10 +389,12 @@ impl DataCtx {
         let mut failed = Vec::new();
         let mut rest = &taken[..];
         while !rest.is_empty() {
-            // As many files as fit, and always one.
+            // As many files as fit, and always one (at most PACK_FILES: one Redis script
+            // takes a few values per file, and a script's arguments are limited).
             let mut bytes = 0;
             let n = rest
                 .iter()
+                .take(PACK_FILES)
                 .take_while(|(_, _, (s, ..))| {
                     bytes += s.len;
                     bytes <= max
@@ -810,6 +812,9 @@ pub const DEFERRABLE_BYTES: usize = POOLED_SLICE_MIN;
 /// Most bytes of one packed object ([`DataCtx::commit_packed`]), which stays whole while any
 /// of its files references it.
 pub const PACK_BYTES: u32 = 1 << 20;
+
+/// Most files in one packed object.
+pub const PACK_FILES: usize = 256;
 
 /// A slice being written: bytes `[0, uploaded)` are in flight to the store as whole blocks,
 /// bytes `[uploaded, len)` are in `buf`, which holds less than a block.
