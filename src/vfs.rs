@@ -91,9 +91,9 @@ const CLOSES_BEHIND: usize = 64;
 /// [`crate::data::DEFERRABLE_BYTES`] each, they hold at most 32 MiB.
 const CLOSES_DEFERRED: usize = 512;
 
-/// Deferred releases due within this of one another start together, so that their small files
-/// share objects (see [`crate::data::DataCtx::commit_packed`]): at most this much earlier than
-/// their delay says.
+/// Deferred releases due within this of the moment the first due one is taken start with it,
+/// so that their small files share objects (see [`crate::data::DataCtx::commit_packed`]): at
+/// most this much earlier than their delay says.
 pub const CLOSE_BATCH: Duration = Duration::from_millis(250);
 
 /// The default [`VfsOptions::close_delay`]: most temporary files a build, a test suite or a
