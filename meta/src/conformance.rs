@@ -828,8 +828,8 @@ pub fn limits_are_enforced(m: &dyn Meta) {
 
 /// Several files written in one call may share a slice (a packed object): each reads its own
 /// part, the slice is listed once, and its objects are queued for deletion only when the last
-/// file drops it, whichever way (unlink, overwrite, truncate). A call with a bad file changes
-/// nothing.
+/// file drops it, whichever way (unlink, overwrite, truncate, compaction). A call with a bad
+/// file, or with one file twice, changes nothing.
 pub fn packed_slices_are_freed_with_their_last_file(m: &dyn Meta) {
     formatted(m);
     let files: Vec<Attr> = ["a", "b", "c", "d"]
@@ -873,22 +873,30 @@ pub fn packed_slices_are_freed_with_their_last_file(m: &dyn Meta) {
         [(pack, 400)]
     );
     let queued = || m.pending_deletions(0, 10).unwrap();
-    // Unlinked, overwritten, truncated away: others still reference it.
-    m.unlink(ROOT_INO, b"a", 1, &closed).unwrap();
-    let over = m.next_slice_ids(1).unwrap();
     let chunk = |slice| [ChunkSlice { chunk: 0, slice }];
+    // Compacted away from one file: the others still reference it.
+    let patch = m.next_slice_ids(2).unwrap();
+    m.write_slices(files[0].ino, &chunk(data_slice(patch, 0, 10)), mtime)
+        .unwrap();
+    let merged = data_slice(patch + 1, 0, 100);
+    let replaced = [part(0), data_slice(patch, 0, 10)];
+    assert!(m.compact_chunk(files[0].ino, 0, &replaced, merged).unwrap());
+    assert_eq!(m.read_chunk(files[0].ino, 0).unwrap(), vec![merged]);
+    let freed = |id, size| FreedSlice { id, size };
+    assert_eq!(queued(), vec![freed(patch, 10)]);
+    // Unlinked (the compacted file), overwritten, truncated away: others still reference it.
+    m.unlink(ROOT_INO, b"a", 1, &closed).unwrap();
+    assert_eq!(queued(), vec![freed(patch, 10), freed(patch + 1, 100)]);
+    let over = m.next_slice_ids(1).unwrap();
     m.write_slices(files[1].ino, &chunk(data_slice(over, 0, 100)), mtime)
         .unwrap();
     m.truncate(files[2].ino, 0, mtime).unwrap();
-    assert_eq!(queued(), vec![]);
+    assert_eq!(queued(), vec![freed(patch, 10), freed(patch + 1, 100)]);
     assert_eq!(m.read_chunk(files[3].ino, 0).unwrap(), vec![part(3)]);
     m.unlink(ROOT_INO, b"d", 1, &closed).unwrap();
     assert_eq!(
         queued(),
-        vec![FreedSlice {
-            id: pack,
-            size: 400
-        }]
+        vec![freed(pack, 400), freed(patch, 10), freed(patch + 1, 100)]
     );
     assert_eq!(
         m.referenced_slices(0, 100).unwrap(),
@@ -908,6 +916,15 @@ pub fn packed_slices_are_freed_with_their_last_file(m: &dyn Meta) {
         mtime,
     });
     assert_eq!(err(m.write_files(&bad)), libc::EINVAL);
+    assert_eq!(m.getattr(e.ino).unwrap().length, 0);
+    assert!(m.read_chunk(e.ino, 0).unwrap().is_empty());
+    // So does a file given twice: each file's reference to a shared slice counts once.
+    let twice = [e.ino, e.ino].map(|ino| FileWrite {
+        ino,
+        slices: chunk(data_slice(next, 0, 10)).to_vec(),
+        mtime,
+    });
+    assert_eq!(err(m.write_files(&twice)), libc::EINVAL);
     assert_eq!(m.getattr(e.ino).unwrap().length, 0);
     assert!(m.read_chunk(e.ino, 0).unwrap().is_empty());
     assert_eq!(m.write_files(&[]).unwrap(), vec![]);

@@ -128,6 +128,7 @@ pub trait Meta: Send + Sync {
     /// [`Meta::write_slices`] for several files in one transaction: all of them, in the order
     /// given, or none. Files may share a slice id (a packed object holding several small
     /// files): a slice's objects go to the deletion queue only when no file references it.
+    /// An inode given twice fails the call with [`MetaError::Invalid`].
     fn write_files(&self, files: &[FileWrite]) -> Result<Vec<Attr>>;
     /// Replaces `replaced`, the first slices of chunk `chunk` of file `ino` in the order
     /// [`Meta::read_chunk`] gave them, by `new`, which holds the same bytes and is durable;

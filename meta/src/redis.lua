@@ -743,26 +743,26 @@ end
 
 -- Arguments: for each file, its inode, mtime (two values), number of slices, then the
 -- slices as for write_slices. Every check comes before the first change (a script that fails
--- part way keeps what it did), so the files are written all or none.
+-- part way keeps what it did), so the files are written all or none. A file given twice fails
+-- the call (refs holds one member per file and slice).
 function ops.write_files(now, ...)
   local args = { ... }
-  local files, delta, i = {}, 0, 1
+  local files, seen, delta, i = {}, {}, 0, 1
   while i <= #args do
     local n = tonumber(args[i + 3])
     local a = must_file(args[i])
+    if seen[args[i]] then fail('EINVAL') end
+    seen[args[i]] = true
     local pieces, fin = parse_pieces(args, i + 4, i + 3 + 6 * n, a.length)
     delta = delta + round_space(fin) - round_space(a.length)
-    files[#files + 1] = { ino = args[i], ms = args[i + 1], mn = args[i + 2], from = i + 4,
-      to = i + 3 + 6 * n }
+    files[#files + 1] = { a = a, pieces = pieces, fin = fin, ms = args[i + 1],
+      mn = args[i + 2] }
     i = i + 4 + 6 * n
   end
   check_space(delta)
   local out = {}
   for _, f in ipairs(files) do
-    -- Read again: a file given twice sees its first write.
-    local a = must_node(f.ino)
-    local pieces, fin = parse_pieces(args, f.from, f.to, a.length)
-    out[#out + 1] = apply_write(a, pieces, fin, f.ms, f.mn)
+    out[#out + 1] = apply_write(f.a, f.pieces, f.fin, f.ms, f.mn)
   end
   return out
 end

@@ -949,6 +949,9 @@ impl Meta for RedisMeta {
         if files.is_empty() {
             return Ok(Vec::new());
         }
+        if repeats_an_inode(files) {
+            return Err(MetaError::Invalid);
+        }
         let mut call = Call::new("write_files");
         for f in files {
             call.arg(f.ino).time(Some(f.mtime)).arg(f.slices.len());

@@ -1020,7 +1020,6 @@ impl SqliteMeta {
         Ok(!in_trash(dir) && self.limits(tx)?.trash_days > 0)
     }
 
-    /// Fails with [`MetaError::NoSpace`] if growing usage by `delta` bytes passes the capacity.
     /// [`Meta::write_slices`] within transaction `tx`.
     fn write_file_slices(
         &self,
@@ -1056,6 +1055,7 @@ impl SqliteMeta {
         Ok(a)
     }
 
+    /// Fails with [`MetaError::NoSpace`] if growing usage by `delta` bytes passes the capacity.
     fn check_space(&self, tx: &Connection, delta: i64) -> Result<()> {
         let capacity = self.limits(tx)?.capacity;
         if delta > 0 && capacity > 0 && counter(tx, "used_space")? + delta > capacity as i64 {
@@ -1861,6 +1861,9 @@ impl Meta for SqliteMeta {
     }
 
     fn write_files(&self, files: &[FileWrite]) -> Result<Vec<Attr>> {
+        if repeats_an_inode(files) {
+            return Err(MetaError::Invalid);
+        }
         self.write(|tx| {
             files
                 .iter()

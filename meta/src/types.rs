@@ -300,6 +300,14 @@ pub struct FileWrite {
     pub mtime: Timestamp,
 }
 
+/// Whether `files` names one inode twice, which [`crate::Meta::write_files`] refuses: a file's
+/// references to a shared slice are counted per file.
+pub(crate) fn repeats_an_inode(files: &[FileWrite]) -> bool {
+    let mut inos: Vec<Ino> = files.iter().map(|f| f.ino).collect();
+    inos.sort_unstable();
+    inos.windows(2).any(|w| w[0] == w[1])
+}
+
 /// A slice waiting to be committed into chunk `chunk` of a file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ChunkSlice {
