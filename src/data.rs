@@ -19,7 +19,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use tidefs_cache::BlockCache;
 use tidefs_cache::BufferPool;
 use tidefs_fuse::ReadData;
-use tidefs_meta::{ChunkSlice, FileWrite, Ino, Meta, Slice, Timestamp};
+use tidefs_meta::{ChunkSlice, FileKind, FileWrite, Ino, Meta, MetaError, Slice, Timestamp};
 use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
 
@@ -378,15 +378,17 @@ impl DataCtx {
     /// [`FileWriter::take_packable`]), goes into an object of at most [`PACK_BYTES`] with
     /// others, stored with one PUT and committed for all of them in one transaction
     /// ([`Meta::write_files`]), so that no file's reference can be freed before another's is
-    /// written. Other files are left as they are. Returns the files whose commit failed (the
-    /// failure also reaches their handles, as any commit failure does).
+    /// written. Every pack's PUT starts before the first commit. A file found freed (or no
+    /// longer a regular file) at its pack's commit fails alone: the others are committed
+    /// without it. Other files are left as they are. Returns the files whose commit failed
+    /// (the failure also reaches their handles, as any commit failure does).
     pub fn commit_packed(&self, files: &[(Ino, Arc<FileWriter>)]) -> Vec<(Ino, String)> {
         let max = PACK_BYTES.min(self.layout.block_size());
         let taken: Vec<_> = files
             .iter()
             .filter_map(|(ino, w)| w.take_packable(max).map(|t| (*ino, w, t)))
             .collect();
-        let mut failed = Vec::new();
+        let mut stored = Vec::new();
         let mut rest = &taken[..];
         while !rest.is_empty() {
             // As many files as fit, and always one (at most PACK_FILES: one Redis script
@@ -407,10 +409,14 @@ impl DataCtx {
                 .iter()
                 .map(|(ino, _, (s, m, _))| (*ino, s, *m))
                 .collect();
-            let result = self.commit_pack(&members);
-            for (ino, w, (.., gen)) in pack {
-                drop(w.end_batch(self, *gen, true, result.as_ref().err()));
-                if let Err(e) = &result {
+            stored.push((pack, self.store_pack(&members)));
+        }
+        let mut failed = Vec::new();
+        for (pack, pack_stored) in stored {
+            let results = self.commit_pack(pack_stored, pack.len());
+            for ((ino, w, (.., gen)), result) in pack.iter().zip(results) {
+                drop(w.end_batch(self, *gen, true, result.as_deref()));
+                if let Some(e) = result {
                     failed.push((*ino, e.to_string()));
                 }
             }
@@ -418,8 +424,11 @@ impl DataCtx {
         failed
     }
 
-    /// Stores `members`' slices as one object and commits each file's part of it.
-    fn commit_pack(&self, members: &[(Ino, &PendingSlice, Timestamp)]) -> Result<(), FsError> {
+    /// Starts storing `members`' slices as one object: what each file's commit will say.
+    fn store_pack(
+        &self,
+        members: &[(Ino, &PendingSlice, Timestamp)],
+    ) -> Result<StoredPack, FsError> {
         let size: u32 = members.iter().map(|(_, s, _)| s.len).sum();
         let id = match self.next_slice_id() {
             Ok(id) => id,
@@ -450,16 +459,70 @@ impl DataCtx {
             });
         }
         let key = self.layout.block_key(id, 0, size);
-        self.wait_uploads(vec![self.upload(key, Bytes::from(object))])?;
-        let written = self.meta.write_files(&writes);
+        Ok(StoredPack {
+            writes,
+            upload: self.upload(key, Bytes::from(object)),
+        })
+    }
+
+    /// Waits for `stored`'s object and commits its `n` files: each file's failure, in order.
+    /// When the commit fails because a file was freed or is no regular file (another mount
+    /// removed it), the others are committed again without it, once; its part of the object
+    /// then stays unused.
+    fn commit_pack(
+        &self,
+        stored: Result<StoredPack, FsError>,
+        n: usize,
+    ) -> Vec<Option<Arc<FsError>>> {
+        let all = |e: FsError| vec![Some(Arc::new(e)); n];
+        let StoredPack { writes, upload } = match stored {
+            Ok(pack) => pack,
+            Err(e) => return all(e),
+        };
+        if let Err(e) = self.wait_uploads(vec![upload]) {
+            return all(e);
+        }
+        let mut failures = vec![None; n];
+        let mut members: Vec<usize> = (0..n).collect();
+        let mut written = self.meta.write_files(&writes).map(drop);
+        if matches!(written, Err(MetaError::NotFound | MetaError::Invalid)) {
+            let (kept, gone): (Vec<usize>, Vec<usize>) =
+                members.iter().partition(|&&i| self.is_file(writes[i].ino));
+            if !kept.is_empty() && !gone.is_empty() {
+                let others: Vec<FileWrite> = kept.iter().map(|&i| writes[i].clone()).collect();
+                let first =
+                    std::mem::replace(&mut written, self.meta.write_files(&others).map(drop));
+                if let Err(e) = first {
+                    let e = Arc::new(FsError::Meta(e));
+                    for i in gone {
+                        failures[i] = Some(e.clone());
+                    }
+                }
+                members = kept;
+            }
+        }
         for w in &writes {
             self.invalidate(w.ino);
         }
-        written?;
-        for w in &writes {
-            self.hint_compaction(w.ino, w.slices[0].chunk);
+        match written {
+            Ok(_) => {
+                for &i in &members {
+                    self.hint_compaction(writes[i].ino, writes[i].slices[0].chunk);
+                }
+            }
+            Err(e) => {
+                let e = Arc::new(FsError::Meta(e));
+                for &i in &members {
+                    failures[i] = Some(e.clone());
+                }
+            }
         }
-        Ok(())
+        failures
+    }
+
+    /// Whether `ino` is (still) a regular file.
+    fn is_file(&self, ino: Ino) -> bool {
+        matches!(self.meta.getattr(ino), Ok(a) if a.kind == FileKind::File)
     }
 
     /// Fetches block `key` of `len` bytes through the cache; concurrent callers share a fetch.
@@ -808,6 +871,12 @@ fn append(buf: &mut Vec<u8>, bytes: &[u8], pool: &BufferPool) {
 /// Most bytes of buffers a file's pending writes may hold for
 /// [`FileWriter::is_small_and_in_memory`]: small files, whose commits can wait in numbers.
 pub const DEFERRABLE_BYTES: usize = POOLED_SLICE_MIN;
+
+/// A packed object whose upload has started, and the commit that will reference it.
+struct StoredPack {
+    writes: Vec<FileWrite>,
+    upload: JoinHandle<Result<(), StoreError>>,
+}
 
 /// Most bytes of one packed object ([`DataCtx::commit_packed`]), which stays whole while any
 /// of its files references it.

@@ -637,6 +637,31 @@ fn close_behind_packs_small_files_closed_together_into_shared_objects() {
         f.vfs.flush(ino, fh).unwrap();
         f.vfs.release(ino, fh).unwrap();
     }
+    // A file that another mount frees while its pack is stored fails alone: the others are
+    // committed, referencing the object already stored.
+    let puts = f.store.puts();
+    let closed = std::time::Instant::now();
+    let inos = f.write_files(&[&b"p"[..], b"q", b"r"], 9, 100);
+    data.meta.unlink(ROOT_INO, b"q", 0, &|_| false).unwrap();
+    if closed.elapsed() < tidefs::vfs::CLOSE_DELAY {
+        assert_eq!(errno(f.vfs.fsyncdir(ROOT_INO)), libc::EIO);
+        assert_eq!(f.store.puts(), puts + 1);
+        assert_eq!(errno(f.vfs.getattr(inos[1])), libc::ENOENT);
+        let slices: Vec<_> = [inos[0], inos[2]]
+            .iter()
+            .map(|&ino| data.meta.read_chunk(ino, 0).unwrap()[0])
+            .collect();
+        assert_eq!(slices[0].id, slices[1].id);
+        assert_eq!(
+            (slices[0].off, slices[1].off, slices[1].size),
+            (0, 200, 300)
+        );
+        for ino in [inos[0], inos[2]] {
+            let fh = f.vfs.open(CTX, ino, libc::O_RDONLY).unwrap().fh;
+            assert_eq!(f.vfs.read(ino, fh, 0, 1000).unwrap(), vec![9u8; 100]);
+            f.vfs.release(ino, fh).unwrap();
+        }
+    }
 }
 
 /// Deleting a file's objects also removes its blocks from the disk cache, so that the blocks
