@@ -28,7 +28,7 @@ BEFORE_CLEANUP=unmount_juicefs
 if [ -n "$JFS" ]; then
     juicefs format "sqlite3://$T/jfs.db" bench --storage minio \
         --bucket "http://127.0.0.1:$PORT/jfs" --access-key ak --secret-key sk \
-        --block-size 4096 --trash-days 0 >/dev/null 2>&1
+        --block-size 4096 --trash-days 0 >"$T/jformat" 2>&1 || { cat "$T/jformat" >&2; exit 1; }
 fi
 
 mount_juicefs() {
@@ -74,6 +74,18 @@ ceiling() {
         --small-objects 16 --access-key ak --secret-key sk --drop-caches)
     PUT=$(echo "$out" | awk -F'|' '/put 4 MiB/ {print $6 + 0}')
     GET=$(echo "$out" | awk -F'|' '/get 4 MiB/ {print $6 + 0}')
+    if [ "${PUT:-0}" = 0 ] || [ "${GET:-0}" = 0 ]; then
+        echo "could not read the ceiling from tidefs objbench:" >&2; echo "$out" >&2; exit 1
+    fi
+}
+# drained DIR: waits (at most a minute) until the bucket directory DIR of the server holds
+# less than 8 MiB, so that the deletions a removed file queued do not run into the next
+# measurement.
+drained() {
+    for _ in $(seq 600); do
+        [ "$(du -sm "$1" | cut -f1)" -lt 8 ] && return
+        sleep 0.1
+    done
 }
 
 echo "| run | MiB/s | of ceiling | mount | server | dd | idle | bound |"
@@ -87,13 +99,13 @@ for r in $(seq "$RUNS"); do
     measure "tidefs cold read $r" "$GET" dd if="$T/mnt/f" of=/dev/null bs=1M
     cold tidefs; mount_tidefs --cache-dir memory --cache-size 160
     measure "tidefs cold read, memory cache $r" "$GET" dd if="$T/mnt/f" of=/dev/null bs=1M
-    rm "$T/mnt/f"; "$B" umount "$T/mnt"
+    rm "$T/mnt/f"; drained "$T/s3/bench"; "$B" umount "$T/mnt"
     if [ -n "$JFS" ]; then
         mount_juicefs
         measure "JuiceFS write $r" "$PUT" dd if=/dev/zero of="$T/jmnt/f" bs=1M count="$MIB" conv=fsync
         cold juicefs; mount_juicefs
         measure "JuiceFS cold read $r" "$GET" dd if="$T/jmnt/f" of=/dev/null bs=1M
-        rm "$T/jmnt/f"; juicefs umount "$T/jmnt"
+        rm "$T/jmnt/f"; drained "$T/s3/jfs"; juicefs umount "$T/jmnt"
     fi
     sleep 2
 done

@@ -11,7 +11,7 @@ mkdir -p "$T/s3/bench" "$T/mnt"
 "$S3S" --host 127.0.0.1 --port "$PORT" --access-key ak --secret-key sk "$T/s3" >/dev/null 2>&1 &
 SP=$!
 cleanup() {
-    [ -n "${BEFORE_CLEANUP:-}" ] && "$BEFORE_CLEANUP"
+    [ -z "${BEFORE_CLEANUP:-}" ] || "$BEFORE_CLEANUP" || true
     "$B" umount "$T/mnt" 2>/dev/null || true
     sleep 1
     kill "$SP" 2>/dev/null || true
@@ -21,7 +21,7 @@ cleanup() {
 trap cleanup EXIT
 sleep 0.5
 "$B" format "sqlite3://$T/m.db" bench --storage s3 --bucket "http://127.0.0.1:$PORT/bench" \
-    --access-key ak --secret-key sk --store-secret >/dev/null
+    --access-key ak --secret-key sk --store-secret --trash-days 0 >/dev/null
 MP=
 mount_tidefs() {
     "$B" mount "sqlite3://$T/m.db" "$T/mnt" "$@" 2>>"$T/log" >/dev/null &

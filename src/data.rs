@@ -378,18 +378,19 @@ impl DataCtx {
     /// [`FileWriter::take_packable`]), goes into an object of at most [`PACK_BYTES`] with
     /// others, stored with one PUT and committed for all of them in one transaction
     /// ([`Meta::write_files`]), so that no file's reference can be freed before another's is
-    /// written. Every pack's PUT starts before the first commit. A file found freed (or no
-    /// longer a regular file) at its pack's commit fails alone: the others are committed
-    /// without it. Other files are left as they are. Returns the files whose commit failed
+    /// written. Every pack's PUT starts before the first commit, and each file's buffer is
+    /// dropped once its pack holds a copy. A file found freed (or no longer a regular file)
+    /// at its pack's commit fails alone: the others are committed without it. Other files
+    /// are left as they are. Returns the files whose commit failed
     /// (the failure also reaches their handles, as any commit failure does).
     pub fn commit_packed(&self, files: &[(Ino, Arc<FileWriter>)]) -> Vec<(Ino, String)> {
         let max = PACK_BYTES.min(self.layout.block_size());
-        let taken: Vec<_> = files
+        let mut taken: Vec<_> = files
             .iter()
             .filter_map(|(ino, w)| w.take_packable(max).map(|t| (*ino, w, t)))
             .collect();
         let mut stored = Vec::new();
-        let mut rest = &taken[..];
+        let mut rest = &mut taken[..];
         while !rest.is_empty() {
             // As many files as fit, and always one (at most PACK_FILES: one Redis script
             // takes a few values per file, and a script's arguments are limited).
@@ -403,13 +404,19 @@ impl DataCtx {
                 })
                 .count()
                 .max(1);
-            let (pack, after) = rest.split_at(n);
+            let (pack, after) = std::mem::take(&mut rest).split_at_mut(n);
             rest = after;
             let members: Vec<_> = pack
                 .iter()
                 .map(|(ino, _, (s, m, _))| (*ino, s, *m))
                 .collect();
-            stored.push((pack, self.store_pack(&members)));
+            let pack_stored = self.store_pack(&members);
+            // The object holds the bytes now, and reads of them wait for the commit (see
+            // `FileWriter::take_batch`): the files' own buffers can go.
+            for (_, _, (s, ..)) in pack.iter_mut() {
+                s.buf = Vec::new();
+            }
+            stored.push((&*pack, pack_stored));
         }
         let mut failed = Vec::new();
         for (pack, pack_stored) in stored {
@@ -461,21 +468,27 @@ impl DataCtx {
         let key = self.layout.block_key(id, 0, size);
         Ok(StoredPack {
             writes,
-            upload: self.upload(key, Bytes::from(object)),
+            upload: self.upload(key.clone(), Bytes::from(object)),
+            key,
         })
     }
 
     /// Waits for `stored`'s object and commits its `n` files: each file's failure, in order.
     /// When the commit fails because a file was freed or is no regular file (another mount
     /// removed it), the others are committed again without it, once; its part of the object
-    /// then stays unused.
+    /// then stays unused. An object that no file could reference (the metadata engine refused
+    /// every commit, so none took effect) is deleted again.
     fn commit_pack(
         &self,
         stored: Result<StoredPack, FsError>,
         n: usize,
     ) -> Vec<Option<Arc<FsError>>> {
         let all = |e: FsError| vec![Some(Arc::new(e)); n];
-        let StoredPack { writes, upload } = match stored {
+        let StoredPack {
+            writes,
+            upload,
+            key,
+        } = match stored {
             Ok(pack) => pack,
             Err(e) => return all(e),
         };
@@ -486,8 +499,8 @@ impl DataCtx {
         let mut members: Vec<usize> = (0..n).collect();
         let mut written = self.meta.write_files(&writes).map(drop);
         if matches!(written, Err(MetaError::NotFound | MetaError::Invalid)) {
-            let (kept, gone): (Vec<usize>, Vec<usize>) =
-                members.iter().partition(|&&i| self.is_file(writes[i].ino));
+            let (gone, kept): (Vec<usize>, Vec<usize>) =
+                members.iter().partition(|&&i| self.is_gone(writes[i].ino));
             if !kept.is_empty() && !gone.is_empty() {
                 let others: Vec<FileWrite> = kept.iter().map(|&i| writes[i].clone()).collect();
                 let first =
@@ -511,6 +524,11 @@ impl DataCtx {
                 }
             }
             Err(e) => {
+                // An engine failure may hide a commit that went through: the object stays
+                // (for `tidefs gc`, if nothing references it). A refusal changed nothing.
+                if !matches!(e, MetaError::Engine(_)) {
+                    self.delete_unreferenced(key);
+                }
                 let e = Arc::new(FsError::Meta(e));
                 for &i in &members {
                     failures[i] = Some(e.clone());
@@ -520,9 +538,23 @@ impl DataCtx {
         failures
     }
 
-    /// Whether `ino` is (still) a regular file.
-    fn is_file(&self, ino: Ino) -> bool {
-        matches!(self.meta.getattr(ino), Ok(a) if a.kind == FileKind::File)
+    /// Whether `ino` is freed or no longer a regular file (another mount removed it); not
+    /// when its attributes cannot be read for another reason.
+    fn is_gone(&self, ino: Ino) -> bool {
+        match self.meta.getattr(ino) {
+            Ok(a) => a.kind != FileKind::File,
+            Err(e) => matches!(e, MetaError::NotFound),
+        }
+    }
+
+    /// Deletes object `key`, stored but referenced by no file, and its cached copy; if the
+    /// delete fails, `tidefs gc` finds the object later.
+    fn delete_unreferenced(&self, key: String) {
+        let keys = vec![key];
+        if let Some((key, e)) = self.rt.block_on(self.store.delete_batch(&keys)).pop() {
+            tracing::warn!(key, error = %e, "deleting an object no file references failed");
+        }
+        self.rt.block_on(self.cache.discard(keys));
     }
 
     /// Fetches block `key` of `len` bytes through the cache; concurrent callers share a fetch.
@@ -876,6 +908,7 @@ pub const DEFERRABLE_BYTES: usize = POOLED_SLICE_MIN;
 struct StoredPack {
     writes: Vec<FileWrite>,
     upload: JoinHandle<Result<(), StoreError>>,
+    key: String,
 }
 
 /// Most bytes of one packed object ([`DataCtx::commit_packed`]), which stays whole while any

@@ -551,13 +551,15 @@ fn close_behind_small_files_commit_after_a_delay_and_removed_ones_never_upload()
 /// deleted only with its last file.
 #[test]
 fn close_behind_packs_small_files_closed_together_into_shared_objects() {
+    // Long enough that no release comes due by itself: each directory fsync below takes the
+    // waiting ones together, however slow the machine.
     let opts = VfsOptions {
         close_behind: true,
+        close_delay: Duration::from_secs(600),
         ..VfsOptions::default()
     };
     let f = fixture_with(4 << 20, 64 << 20, opts);
     let data = f.vfs.data();
-    let closed = std::time::Instant::now();
     // 120 files of 10,000 bytes: 104 fit in 1 MiB, the other 16 go in a second object.
     let names: Vec<Vec<u8>> = (0..120).map(|i| format!("f{i}").into_bytes()).collect();
     let inos: Vec<u64> = names
@@ -570,8 +572,7 @@ fn close_behind_packs_small_files_closed_together_into_shared_objects() {
             a.ino
         })
         .collect();
-    // The directory's fsync takes every waiting release at once (none came due by itself).
-    let in_time = closed.elapsed() < tidefs::vfs::CLOSE_DELAY;
+    // The directory's fsync takes every waiting release at once.
     f.vfs.fsyncdir(ROOT_INO).unwrap();
     let slices: Vec<tidefs_meta::Slice> = inos
         .iter()
@@ -580,13 +581,11 @@ fn close_behind_packs_small_files_closed_together_into_shared_objects() {
             other => panic!("{other:?}"),
         })
         .collect();
-    if in_time {
-        assert_eq!(f.store.puts(), 2);
-        let mut objects: Vec<(u64, u32)> = slices.iter().map(|s| (s.id, s.size)).collect();
-        objects.dedup();
-        assert_eq!(objects.len(), 2, "{objects:?}");
-        assert_eq!((objects[0].1, objects[1].1), (1_040_000, 160_000));
-    }
+    assert_eq!(f.store.puts(), 2);
+    let mut objects: Vec<(u64, u32)> = slices.iter().map(|s| (s.id, s.size)).collect();
+    objects.dedup();
+    assert_eq!(objects.len(), 2, "{objects:?}");
+    assert_eq!((objects[0].1, objects[1].1), (1_040_000, 160_000));
     for s in &slices {
         assert_eq!((s.len, s.pos, s.off % 10_000), (10_000, 0, 0), "{s:?}");
     }
@@ -602,9 +601,7 @@ fn close_behind_packs_small_files_closed_together_into_shared_objects() {
     (0..inos.len()).for_each(read_back);
     // A pack's first file read fetched just its own bytes; the second, the whole pack,
     // which then served the rest.
-    if in_time {
-        assert_eq!(f.store.got_bytes(), 10_000 + 1_040_000 + 10_000 + 160_000);
-    }
+    assert_eq!(f.store.got_bytes(), 10_000 + 1_040_000 + 10_000 + 160_000);
     // Every file but the last of the first object removed: that object stays, the second goes.
     let last = slices.iter().rposition(|s| s.id == slices[0].id).unwrap();
     for (i, name) in names.iter().enumerate() {
@@ -640,28 +637,34 @@ fn close_behind_packs_small_files_closed_together_into_shared_objects() {
     // A file that another mount frees while its pack is stored fails alone: the others are
     // committed, referencing the object already stored.
     let puts = f.store.puts();
-    let closed = std::time::Instant::now();
+    let objects = || f.store_objects(&data.layout.prefix()).len();
+    let stored = objects();
     let inos = f.write_files(&[&b"p"[..], b"q", b"r"], 9, 100);
     data.meta.unlink(ROOT_INO, b"q", 0, &|_| false).unwrap();
-    if closed.elapsed() < tidefs::vfs::CLOSE_DELAY {
-        assert_eq!(errno(f.vfs.fsyncdir(ROOT_INO)), libc::EIO);
-        assert_eq!(f.store.puts(), puts + 1);
-        assert_eq!(errno(f.vfs.getattr(inos[1])), libc::ENOENT);
-        let slices: Vec<_> = [inos[0], inos[2]]
-            .iter()
-            .map(|&ino| data.meta.read_chunk(ino, 0).unwrap()[0])
-            .collect();
-        assert_eq!(slices[0].id, slices[1].id);
-        assert_eq!(
-            (slices[0].off, slices[1].off, slices[1].size),
-            (0, 200, 300)
-        );
-        for ino in [inos[0], inos[2]] {
-            let fh = f.vfs.open(CTX, ino, libc::O_RDONLY).unwrap().fh;
-            assert_eq!(f.vfs.read(ino, fh, 0, 1000).unwrap(), vec![9u8; 100]);
-            f.vfs.release(ino, fh).unwrap();
-        }
+    assert_eq!(errno(f.vfs.fsyncdir(ROOT_INO)), libc::EIO);
+    assert_eq!((f.store.puts(), objects()), (puts + 1, stored + 1));
+    assert_eq!(errno(f.vfs.getattr(inos[1])), libc::ENOENT);
+    let slices: Vec<_> = [inos[0], inos[2]]
+        .iter()
+        .map(|&ino| data.meta.read_chunk(ino, 0).unwrap()[0])
+        .collect();
+    assert_eq!(slices[0].id, slices[1].id);
+    assert_eq!(
+        (slices[0].off, slices[1].off, slices[1].size),
+        (0, 200, 300)
+    );
+    for ino in [inos[0], inos[2]] {
+        let fh = f.vfs.open(CTX, ino, libc::O_RDONLY).unwrap().fh;
+        assert_eq!(f.vfs.read(ino, fh, 0, 1000).unwrap(), vec![9u8; 100]);
+        f.vfs.release(ino, fh).unwrap();
     }
+    // When every file of a pack is gone, no file can reference its object: it is deleted.
+    f.write_files(&[&b"s"[..], b"t"], 9, 100);
+    for name in [b"s", b"t"] {
+        data.meta.unlink(ROOT_INO, name, 0, &|_| false).unwrap();
+    }
+    assert_eq!(errno(f.vfs.fsyncdir(ROOT_INO)), libc::EIO);
+    assert_eq!((f.store.puts(), objects()), (puts + 2, stored + 1));
 }
 
 /// Deleting a file's objects also removes its blocks from the disk cache, so that the blocks

@@ -751,6 +751,7 @@ function ops.write_files(now, ...)
   while i <= #args do
     local n = tonumber(args[i + 3])
     local a = must_file(args[i])
+    -- (The client refuses this before sending; the script keeps its own guard.)
     if seen[args[i]] then fail('EINVAL') end
     seen[args[i]] = true
     local pieces, fin = parse_pieces(args, i + 4, i + 3 + 6 * n, a.length)
