@@ -83,7 +83,7 @@ ceiling() {
 # measurement.
 drained() {
     for _ in $(seq 600); do
-        [ "$(du -sm "$1" | cut -f1)" -lt 8 ] && return
+        [ "$(du -sm "$1" 2>/dev/null | cut -f1)" -lt 8 ] && return
         sleep 0.1
     done
 }
