@@ -498,21 +498,20 @@ impl DataCtx {
         let mut failures = vec![None; n];
         let mut members: Vec<usize> = (0..n).collect();
         let mut written = self.meta.write_files(&writes).map(drop);
-        if matches!(written, Err(MetaError::NotFound | MetaError::Invalid)) {
+        if let Err(e @ (MetaError::NotFound | MetaError::Invalid)) = written {
             let (gone, kept): (Vec<usize>, Vec<usize>) =
                 members.iter().partition(|&&i| self.is_gone(writes[i].ino));
-            if !kept.is_empty() && !gone.is_empty() {
-                let others: Vec<FileWrite> = kept.iter().map(|&i| writes[i].clone()).collect();
-                let first =
-                    std::mem::replace(&mut written, self.meta.write_files(&others).map(drop));
-                if let Err(e) = first {
-                    let e = Arc::new(FsError::Meta(e));
-                    for i in gone {
-                        failures[i] = Some(e.clone());
-                    }
+            written = if gone.is_empty() || kept.is_empty() {
+                Err(e)
+            } else {
+                let e = Arc::new(FsError::Meta(e));
+                for &i in &gone {
+                    failures[i] = Some(e.clone());
                 }
+                let others: Vec<FileWrite> = kept.iter().map(|&i| writes[i].clone()).collect();
                 members = kept;
-            }
+                self.meta.write_files(&others).map(drop)
+            };
         }
         for w in &writes {
             self.invalidate(w.ino);

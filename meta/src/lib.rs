@@ -132,8 +132,8 @@ pub trait Meta: Send + Sync {
     fn write_files(&self, files: &[FileWrite]) -> Result<Vec<Attr>>;
     /// Replaces `replaced`, the first slices of chunk `chunk` of file `ino` in the order
     /// [`Meta::read_chunk`] gave them, by `new`, which holds the same bytes and is durable;
-    /// the replaced slices go to the deletion queue once no file references them. If the chunk changed meanwhile so that
-    /// the swap could change what reads see (a replaced slice is gone or cut short, or a
+    /// the replaced slices go to the deletion queue once no file references them. If the
+    /// chunk changed meanwhile so that the swap could change what reads see (a replaced slice is gone or cut short, or a
     /// slice not replaced now applies before one that is), it changes nothing, queues `new`
     /// for deletion instead and returns false. Length and times do not change.
     fn compact_chunk(&self, ino: Ino, chunk: u32, replaced: &[Slice], new: Slice) -> Result<bool>;
